@@ -1,0 +1,26 @@
+# The project's front door: `make run` and `make test` work on a fresh Debian 12 machine
+# with Python 3.11, cmake and a C++ compiler (see .ci/run for the apt packages).
+.PHONY: setup run test test-fast test-real lint bench
+
+setup:
+	bash packaging/setup.sh
+
+run: setup
+	.venv/bin/llmd serve -c config.yaml
+
+# Fake-backend tests in parallel (2 workers), then the few real llama-server tests serially.
+test: setup
+	.venv/bin/python -m pytest -q -n 2 -m "not real"
+	.venv/bin/python -m pytest -q -m real -p no:xdist
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -n 2 -m "not real"
+
+test-real: setup
+	.venv/bin/python -m pytest -q -m real -p no:xdist
+
+lint:
+	.venv/bin/ruff check .
+
+bench: setup
+	.venv/bin/python bench/relay_bench.py

@@ -1,0 +1,3 @@
+"""llmd: the LLM API daemon."""
+
+__version__ = "0.1.0"

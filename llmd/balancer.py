@@ -1,0 +1,130 @@
+"""Choose a replica for a request: prefix affinity with bounded load, or least-loaded, or
+round-robin.
+
+Prefix affinity, and why it is keyed on raw bytes: a conversation's next turn re-sends
+the whole history, serialized the same way by the same client, so the raw JSON bytes of
+``messages`` (or ``prompt``) of turn N are a prefix of turn N+1's. We cut those bytes
+into fixed blocks and chain-hash them (h_i = hash(h_{i-1}, block_i)), as vLLM's prefix
+cache does with token blocks. A per-model index maps each block hash to the replica that
+last received it (LRU-bounded). The longest run of matching blocks names the replica that
+most likely still holds the prompt in llama.cpp's cache. The routing key therefore never
+changes as turns are added, and no JSON is decoded to compute it.
+
+The match is taken when it covers at least ``affinity_min_match`` of the prompt (SGLang's
+cache-aware router uses ~50%) and that replica has a free slot and is within its fair
+share (``load_factor`` x mean in-flight, "bounded load"); otherwise the least-loaded
+replica, ties broken by rendezvous hash of the first block so new conversations spread
+evenly and deterministically.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .replica import Replica
+
+BLOCK_BYTES = 128
+MAX_INDEX_BLOCKS = 200_000  # ~ 25 MB of prompts remembered per model; oldest forgotten first
+
+
+@dataclass(slots=True)
+class Choice:
+    replica: Replica
+    affinity: str  # "hit" (prefix match used), "fallback" (match existed but not used), "miss", "none"
+
+
+def block_hashes(prefix: bytes) -> list[int]:
+    hashes: list[int] = []
+    h = 0
+    n = len(prefix) // BLOCK_BYTES  # only whole blocks: a partial tail changes next turn
+    for i in range(n):
+        h = hash((h, prefix[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]))
+        hashes.append(h)
+    return hashes
+
+
+class Balancer:
+    def __init__(self, strategy: str, min_match: float = 0.5, load_factor: float = 1.25) -> None:
+        self.strategy = strategy
+        self.min_match = min_match
+        self.load_factor = load_factor
+        self._rr = 0
+        self._index: OrderedDict[int, str] = OrderedDict()  # block hash -> replica name
+
+    def configure(self, strategy: str, min_match: float, load_factor: float) -> None:
+        self.strategy, self.min_match, self.load_factor = strategy, min_match, load_factor
+
+    def choose(
+        self, replicas: Sequence[Replica], hashes: Sequence[int], exclude: frozenset[str] = frozenset()
+    ) -> Choice | None:
+        """A routable replica with a free slot, or None when all are busy (caller queues)."""
+        candidates = [r for r in replicas if r.routable and r.free_slots > 0 and r.name not in exclude]
+        if not candidates and not any(r.routable for r in replicas):
+            # Panic mode (as Envoy does): when every ready replica is ejected for failures,
+            # ejection is ignored; answering from a flaky replica beats queuing until timeout.
+            candidates = [r for r in replicas if r.accepting and r.free_slots > 0 and r.name not in exclude]
+        if not candidates:
+            return None
+        if self.strategy == "round-robin":
+            self._rr += 1
+            return Choice(candidates[self._rr % len(candidates)], "none")
+        if self.strategy == "least-loaded" or not hashes:
+            return Choice(self._least_loaded(candidates, hashes), "none")
+
+        target, depth = self._longest_match(hashes)
+        total_in_flight = sum(r.in_flight for r in replicas if r.routable)
+        n_routable = sum(1 for r in replicas if r.routable) or 1
+        fair = self.load_factor * (total_in_flight + 1) / n_routable
+        if target is not None and depth >= self.min_match * len(hashes):
+            for r in candidates:
+                if r.name == target:
+                    if r.in_flight + 1 <= max(fair, 1.0) and not r.overloaded_backend:
+                        return Choice(r, "hit")
+                    break
+            return Choice(self._least_loaded(candidates, hashes), "fallback")
+        return Choice(self._least_loaded(candidates, hashes), "miss")
+
+    def record(self, replica: Replica, hashes: Sequence[int]) -> None:
+        """Remember that ``replica`` now holds this prompt (call after choosing it)."""
+        if self.strategy != "prefix-affinity":
+            return
+        idx = self._index
+        name = replica.name
+        for h in hashes:
+            idx[h] = name
+            idx.move_to_end(h)
+        while len(idx) > MAX_INDEX_BLOCKS:
+            idx.popitem(last=False)
+
+    def forget(self, replica_name: str) -> None:
+        """A restarted replica lost its cache: drop what we believed it held."""
+        for h in [h for h, n in self._index.items() if n == replica_name]:
+            del self._index[h]
+
+    def _longest_match(self, hashes: Sequence[int]) -> tuple[str | None, int]:
+        idx = self._index
+        best: str | None = None
+        depth = 0
+        for i, h in enumerate(hashes):
+            name = idx.get(h)
+            if name is None:
+                break  # chained hashes: nothing deeper can match
+            best, depth = name, i + 1
+        return best, depth
+
+    @staticmethod
+    def _least_loaded(candidates: list[Replica], hashes: Sequence[int]) -> Replica:
+        # Load = share of slots in use (replicas may differ in slots), then the backend's own
+        # waiting queue; ties go to a rendezvous hash so equal replicas share new prompts evenly.
+        seed = hashes[0] if hashes else 0
+
+        def key(r: Replica) -> tuple[float, float, int]:
+            return (
+                r.in_flight / r.slots,
+                r.backend_metrics.get("waiting", 0.0) + r.backend_metrics.get("kv_cache_usage", 0.0),
+                hash((seed, r.name)),
+            )
+
+        return min(candidates, key=key)

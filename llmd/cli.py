@@ -1,0 +1,175 @@
+"""The ``llmd`` command: serve, check, keys, usage, status, version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import __version__
+from . import config as config_mod
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", help="config file (default: ./config.yaml, then /etc/llm-api/config.yaml)"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+
+    try:
+        path = config_mod.find(args.config)
+        return serve(path)
+    except config_mod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(e, file=sys.stderr)
+        print(f"{e.source}: {len(e.errors)} error(s); config is invalid", file=sys.stderr)
+        return 1
+    replicas = sum(m.replicas if m.backend != "openai" else len(m.urls) for m in cfg.models.values())
+    auth = f"{len(cfg.keys)} key(s)" if cfg.keys else "no keys (open, loopback only)"
+    print(
+        f"{cfg.source}: ok: {len(cfg.models)} model(s), {replicas} replica(s), {len(cfg.tiers)} tier(s), "
+        f"{auth}, listening on {cfg.server.host}:{cfg.server.port}"
+    )
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"llmd {__version__}")
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from .auth import hash_secret, new_secret
+
+    secret = new_secret()
+    print(f"# secret for key {args.id!r} (shown once; give it to its owner, store it nowhere else):")
+    print(secret)
+    print("# add to config.yaml under keys:")
+    print(f"  - id: {args.id}")
+    if args.tier:
+        print(f"    tier: {args.tier}")
+    print(f"    sha256: {hash_secret(secret)}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .usage import format_report, report_file
+
+    path = args.db
+    if path is None:
+        try:
+            path = config_mod.load(args.config).usage.path
+        except config_mod.ConfigError as e:
+            print(e, file=sys.stderr)
+            return 1
+    if not os.path.exists(path):
+        print(f"no usage database at {path}", file=sys.stderr)
+        return 1
+    rows = report_file(path, month=args.month, key=args.key, model=args.model)
+    print(format_report(rows, args.format))
+    return 0
+
+
+def _admin_get(args: argparse.Namespace, route: str) -> object:
+    url = args.url
+    if url is None:
+        try:
+            cfg = config_mod.load(args.config)
+            host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+            url = f"http://{host}:{cfg.server.port}"
+        except config_mod.ConfigError:
+            url = "http://127.0.0.1:8000"
+    req = urllib.request.Request(url.rstrip("/") + route)
+    key = args.key or os.environ.get("LLMD_ADMIN_KEY")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        st = _admin_get(args, "/admin/status")
+    except urllib.error.HTTPError as e:
+        print(f"llmd answered {e.code}: {e.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"cannot reach llmd: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    assert isinstance(st, dict)
+    cols = ("replica", "state", "pid", "port", "cpus", "slots", "in_flight", "restarts")
+    rows = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in st["replicas"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    queues = st.get("queues") or {}
+    if any(queues.values()):
+        print("queued: " + ", ".join(f"{m}={n}" for m, n in queues.items() if n))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmd", description="LLM API daemon")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon")
+    _config_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate a config file and list every error")
+    _config_arg(p)
+    p.add_argument("file", nargs="?", help="config file (same as -c)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("keys", help="manage API keys")
+    ks = p.add_subparsers(dest="keys_cmd", required=True)
+    pn = ks.add_parser("new", help="print a new secret and its config entry")
+    pn.add_argument("id")
+    pn.add_argument("--tier")
+    pn.set_defaults(func=cmd_keys_new)
+
+    p = sub.add_parser("usage", help="token usage per key and model, from the SQLite ledger")
+    _config_arg(p)
+    p.add_argument("--db", help="usage database (default: usage.path of the config)")
+    p.add_argument("--month", help="YYYY-MM (default: all months)")
+    p.add_argument("--key")
+    p.add_argument("--model")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("status", help="replica states of a running llmd (GET /admin/status)")
+    _config_arg(p)
+    p.add_argument("--url", help="llmd's base URL (default: from the config)")
+    p.add_argument("--key", help="admin key (default: $LLMD_ADMIN_KEY)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    args = ap.parse_args(argv)
+    if getattr(args, "file", None):
+        args.config = args.file
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The daemon's life cycle: start, serve, reload on SIGHUP, drain and stop on SIGTERM/SIGINT.
+
+Signal handlers only set events; the work happens in ``Daemon.run``'s loop, one thing at a
+time, so reloads are serialized and a reload never races a shutdown.
+
+Shutdown order, all phases sharing one deadline (``server.drain_seconds``):
+  1. stop accepting (listening socket closed), readiness goes 503;
+  2. let in-flight requests, streams included, finish (aiohttp's graceful shutdown);
+  3. flush the usage ledger;
+  4. stop the children (SIGTERM the group, wait, SIGKILL, reap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from . import config as config_mod
+from . import log as log_mod
+from .app import create_app
+from .config import Config, ConfigError
+from .notify import Notifier
+from .runtime import Services
+
+log = logging.getLogger("llmd")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.services = Services(cfg)
+        # unset=True: children must not inherit NOTIFY_SOCKET and talk to systemd as llmd.
+        self.notifier = Notifier.from_env(unset=True)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.port: int | None = None
+        self._runner: web.AppRunner
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+
+    async def start(self) -> bool:
+        """Start services and listen. False (after cleaning up) when the address is taken."""
+        srv = self.cfg.server
+        await self.services.start()
+        app = create_app(self.services)
+        self._runner = runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,  # a client that goes away cancels its upstream request
+            shutdown_timeout=srv.drain_seconds,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, srv.host, srv.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            log.error("cannot listen", extra={"host": srv.host, "port": srv.port, "error": str(e)})
+            await self.services.close(asyncio.get_running_loop().time() + 10)
+            await runner.cleanup()
+            return False
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else srv.port
+        log.info("listening", extra={"host": srv.host, "port": self.port, "config": str(self.config_path)})
+        self.notifier.ready()
+        self._tasks = [asyncio.create_task(self.notifier.run_watchdog()), asyncio.create_task(self._status_loop())]
+        return True
+
+    async def stop(self) -> None:
+        """Drain and stop; every phase shares one deadline."""
+        loop = asyncio.get_running_loop()
+        self.notifier.stopping()
+        drain = self.services.runtime.cfg.server.drain_seconds
+        deadline = loop.time() + drain
+        log.info("stopping: draining in-flight requests", extra={"drain_seconds": drain})
+        self.services.draining = True
+        await self._runner.cleanup()  # stops listening, waits for in-flight handlers up to drain_seconds
+        for t in self._tasks:
+            t.cancel()
+        await self.services.close(max(deadline, loop.time() + 5))
+        log.info("stopped")
+
+    async def run(self) -> int:
+        self._signals(asyncio.get_running_loop())
+        if not await self.start():
+            return 1
+        try:
+            while not self._stop.is_set():
+                stop_wait = asyncio.create_task(self._stop.wait())
+                reload_wait = asyncio.create_task(self._reload.wait())
+                await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                reload_wait.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self.reload()
+        finally:
+            await self.stop()
+        return 0
+
+    async def reload(self) -> bool:
+        """Read, validate, swap. Any error: log every one, keep the old config serving."""
+        metrics = self.services.metrics
+        try:
+            cfg = config_mod.load(self.config_path)
+        except ConfigError as e:
+            for err in e.errors:
+                log.error("reload refused: %s", err, extra={"config": e.source})
+            metrics.reloads.labels("error").inc()
+            return False
+        self.notifier.reloading()
+        try:
+            await self.services.ledger.flush()
+            await self.services.reload(cfg)
+        except Exception:
+            log.exception("reload failed while applying; the previous runtime keeps serving")
+            metrics.reloads.labels("error").inc()
+            self.notifier.ready()
+            return False
+        log_mod.setup(cfg.server.log_level, cfg.server.log_format)
+        if (cfg.server.host, cfg.server.port) != (self.cfg.server.host, self.cfg.server.port):
+            log.warning("server.host/port changes need a restart; still listening on the old address")
+        self.cfg = cfg
+        metrics.reloads.labels("ok").inc()
+        log.info("reloaded", extra={"config": str(self.config_path), "models": list(cfg.models)})
+        self.notifier.ready()
+        self._status()
+        return True
+
+    def _status(self) -> None:
+        reps = self.services.supervisor.status() if self.services.supervisor else []
+        ready = sum(1 for r in reps if r["state"] == "ready")
+        in_flight = sum(int(r["in_flight"] or 0) for r in reps)  # type: ignore[call-overload]
+        self.notifier.status(f"{ready}/{len(reps)} replicas ready, {in_flight} in flight")
+
+    async def _status_loop(self) -> None:
+        while True:
+            self._status()
+            await asyncio.sleep(5)
+
+
+def serve(config_path: Path) -> int:
+    cfg = config_mod.load(config_path)
+    log_mod.setup(cfg.server.log_level, cfg.server.log_format)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(Daemon(cfg, config_path).run())

@@ -1,0 +1,282 @@
+"""Forward one request to one replica over the shared ClientSession and relay the answer.
+
+Non-stream answers are relayed with the upstream's status and bytes, untouched. Streams
+are relayed event by event as they arrive (no buffering beyond one partial event), with
+two jobs done on the way: note the time of the first token, and read the upstream's usage
+(llmd asks for ``stream_options.include_usage`` when the client did not, and then drops
+that usage-only chunk, so the client sees exactly what the upstream would have sent it).
+
+Failures before the first byte reached the client raise ``UpstreamFailed`` (the caller may
+retry on another replica); after it, the client gets an SSE error event and the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import TimeoutsConfig
+from .errors import ApiError, sse_error_event, upstream_timeout, upstream_unreachable
+from .replica import Replica
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: _Details | None = None
+
+
+class _Timings(msgspec.Struct):
+    cache_n: int = 0
+    prompt_n: int = 0
+    predicted_n: int = 0
+
+
+class _Body(msgspec.Struct):
+    usage: Usage | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: Usage | None = None
+    timings: _Timings | None = None  # llama-server's, on its last chunk even without include_usage
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+DONE = b"data: [DONE]"
+# The first chat chunk announces the role and carries no token (llama-server: null, vLLM: "").
+ROLE_ONLY = (b'"delta":{"role":"assistant","content":null}', b'"delta":{"role":"assistant","content":""}')
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "server", "date"}
+
+
+@dataclass
+class Exchange:
+    """What happened on the wire; the handler turns it into a usage row, metrics and a log line."""
+
+    replica: str = ""
+    status: int = 0
+    outcome: str = "ok"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    usage_seen: bool = False
+    token_method: str = "upstream"
+    chunks: int = 0  # token-bearing stream events relayed (one generated token each on llama-server/vLLM)
+    t_start: float = 0.0  # time.monotonic() when the request arrived; ttft counts from here
+    ttft_s: float | None = None
+    upstream_s: float = 0.0  # time spent waiting on the upstream (connect, headers, body reads)
+    client_bytes: int = 0
+    first_byte_sent: bool = False
+
+    def take_usage(self, u: Usage) -> None:
+        self.usage_seen = True
+        self.prompt_tokens = u.prompt_tokens or 0
+        self.completion_tokens = u.completion_tokens or 0
+        if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
+            self.cached_tokens = u.prompt_tokens_details.cached_tokens
+
+
+class UpstreamFailed(Exception):
+    """Nothing reached the client yet. ``retryable``: another replica may answer instead.
+    ``response``: the upstream's own answer (e.g. its 503) to relay if no retry is left."""
+
+    def __init__(self, error: ApiError, retryable: bool, response: web.Response | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retryable = retryable
+        self.response = response
+
+
+class Relay:
+    def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig) -> None:
+        self.session = session
+        self.timeouts = timeouts
+
+    async def forward(
+        self,
+        request: web.Request,
+        replica: Replica,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        response_headers: dict[str, str],
+        hide_usage: bool,
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        ex.replica = replica.name
+        loop = asyncio.get_running_loop()
+        t = self.timeouts
+        start = loop.time()
+        deadline = start + t.total_s
+        try:
+            async with asyncio.timeout(min(t.first_byte_s, t.total_s)):
+                resp = await self.session.post(
+                    replica.url + path,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, connect=t.connect_s),
+                )
+        except TimeoutError:
+            ex.upstream_s += loop.time() - start
+            raise UpstreamFailed(upstream_timeout(f"no response from {replica.name} within {t.first_byte_s:g}s"), False)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+            ex.upstream_s += loop.time() - start
+            raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
+        ex.upstream_s += loop.time() - start
+        try:
+            ex.status = resp.status
+            ctype = resp.headers.get("Content-Type", "")
+            if resp.status != 200 or not ctype.startswith("text/event-stream"):
+                return await self._whole(resp, replica, ex, deadline, response_headers)
+            return await self._stream(request, resp, ex, deadline, response_headers, hide_usage)
+        finally:
+            resp.release()
+
+    async def _whole(
+        self,
+        resp: aiohttp.ClientResponse,
+        replica: Replica,
+        ex: Exchange,
+        deadline: float,
+        response_headers: dict[str, str],
+    ) -> web.Response:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await resp.read()
+        except TimeoutError:
+            raise UpstreamFailed(upstream_timeout(f"{replica.name} did not finish in time"), False) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+            raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
+        finally:
+            ex.upstream_s += loop.time() - t0
+        headers = CIMultiDict(response_headers)
+        for k, v in resp.headers.items():
+            if k.lower() not in HOP_HEADERS and k.lower() not in ("x-request-id",):
+                headers.setdefault(k, v)
+        out = web.Response(status=resp.status, body=data, headers=headers)
+        if resp.status in (502, 503):
+            # The replica itself is failing (loading, overloaded, crashed worker): another may answer.
+            raise UpstreamFailed(
+                ApiError(resp.status, f"{replica.name} answered {resp.status}", type="upstream_error"), True, out
+            )
+        if resp.status == 200 and b'"usage"' in data:
+            try:
+                u = _decode_body(data).usage
+            except msgspec.DecodeError:
+                u = None
+            if u is not None:
+                ex.take_usage(u)
+        ex.outcome = "ok" if resp.status < 400 else "upstream_error"
+        ex.client_bytes = len(data)
+        return out
+
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        ex: Exchange,
+        deadline: float,
+        response_headers: dict[str, str],
+        hide_usage: bool,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        out = web.StreamResponse(status=200)
+        out.headers.update(response_headers)
+        out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        out.headers["Cache-Control"] = "no-cache"
+        out.headers["X-Accel-Buffering"] = "no"  # nginx must not buffer SSE
+        await out.prepare(request)
+        ex.first_byte_sent = True
+        started = ex.t_start or time.monotonic()
+        buf = b""
+        try:
+            async with asyncio.timeout_at(deadline):
+                reader = resp.content
+                while True:
+                    t0 = loop.time()
+                    data = await reader.readany()
+                    ex.upstream_s += loop.time() - t0
+                    if not data:
+                        break
+                    if b"\r" in data:
+                        data = data.replace(b"\r\n", b"\n")
+                    buf += data
+                    if b"\n\n" not in buf:
+                        continue
+                    *events, buf = buf.split(b"\n\n")
+                    relay = self._events(events, ex, hide_usage, started)
+                    if relay:
+                        await out.write(relay)
+                        ex.client_bytes += len(relay)
+            if buf.strip():
+                relay = self._events([buf], ex, hide_usage, started)
+                if relay:
+                    await out.write(relay)
+        except TimeoutError:
+            ex.outcome = "timeout"
+            await _try_write(out, sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s")))
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            # The replica died mid-stream (e.g. kill -9): tell the client in-band, then end.
+            ex.outcome = "upstream_error"
+            await _try_write(out, sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}")))
+        except ConnectionResetError:
+            ex.outcome = "client_abort"  # the client went away; leaving here closes the upstream
+            return out
+        if ex.outcome == "ok" or ex.outcome == "timeout" or ex.outcome == "upstream_error":
+            try:
+                await out.write_eof()
+            except ConnectionResetError:
+                ex.outcome = "client_abort"
+        return out
+
+    @staticmethod
+    def _events(events: list[bytes], ex: Exchange, hide_usage: bool, started: float) -> bytes:
+        parts: list[bytes] = []
+        for ev in events:
+            if not ev:
+                continue
+            if ev.startswith(b"data: ") and not ev.startswith(DONE):
+                payload = ev[6:]
+                if b'"usage"' in payload or b'"timings"' in payload:
+                    try:
+                        chunk = _decode_chunk(payload)
+                    except msgspec.DecodeError:
+                        chunk = None
+                    if chunk is not None:
+                        if chunk.usage is not None:
+                            ex.take_usage(chunk.usage)
+                            if hide_usage and not chunk.choices:
+                                continue  # the client did not ask for it; llmd did
+                        elif chunk.timings is not None and not ex.usage_seen:
+                            ex.prompt_tokens = chunk.timings.prompt_n + chunk.timings.cache_n
+                            ex.completion_tokens = chunk.timings.predicted_n
+                            ex.cached_tokens = chunk.timings.cache_n
+                            ex.usage_seen = True
+                if b'"finish_reason":null' in payload and not any(r in payload for r in ROLE_ONLY):
+                    ex.chunks += 1
+                    if ex.ttft_s is None:
+                        ex.ttft_s = time.monotonic() - started
+            parts.append(ev)
+            parts.append(b"\n\n")
+        return b"".join(parts)
+
+
+async def _try_write(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except ConnectionResetError:
+        pass

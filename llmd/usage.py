@@ -1,0 +1,685 @@
+"""The usage ledger: one SQLite row per request plus a monthly rollup, written behind the requests.
+
+The request path only calls :meth:`Ledger.record`, which appends to an in-memory queue and
+never touches SQLite. A flusher task writes the queue every ``usage.flush_ms`` in one
+transaction: the rows into ``requests`` and, in the same transaction, one UPSERT per
+(key, month, model) into ``monthly``, so the rollup always equals the sum of the rows.
+Reports and the limiter's monthly quota counters read only ``monthly`` (a few rows per key).
+
+When the disk fails (full, locked, file removed, read-only), llmd keeps serving: the rows go
+back to the front of the queue, at most ``usage.max_pending_rows`` are kept (the oldest beyond
+that are dropped and counted), and the write is retried with backoff on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import csv
+import enum
+import io
+import logging
+import re
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import msgspec
+
+from llmd.config import UsageConfig
+
+log = logging.getLogger("llmd.usage")
+
+BUSY_TIMEOUT_MS = 5000  # wait this long for another writer (a maintenance script) before failing a flush
+MAX_BACKOFF_S = 5.0  # the longest wait between two failed writes; bounds recovery time after a disk heals
+TICK_MAX_ROWS = 10_000  # rows per transaction from the flusher, so a backlog never stalls the event loop
+LOG_EVERY_S = 30.0  # repeated drop/error warnings are summarised at most this often
+CLOSE_ATTEMPTS = 3  # final flush tries on close before rows are declared lost
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    CLIENT_ABORT = "client_abort"
+    UPSTREAM_ERROR = "upstream_error"
+    REJECTED_RATE = "rejected_rate"
+    REJECTED_QUOTA = "rejected_quota"
+    TIMEOUT = "timeout"
+    REJECTED_QUEUE = "rejected_queue"
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """One request that reached the limits (admitted or refused; ``status``/``outcome`` say which)."""
+
+    ts: float  # unix seconds when the request arrived; its UTC month is the rollup's month
+    request_id: str
+    key_id: str
+    tier: str
+    model: str  # the configured model name (not an alias)
+    replica: str  # "" when no replica was chosen (refused before the balancer)
+    route: str
+    status: int
+    stream: bool
+    outcome: str  # an Outcome value
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    client_ip: str = ""
+    token_method: str = "upstream"  # how tokens were counted: upstream usage | tokenize | estimate
+
+
+class ReportRow(msgspec.Struct, kw_only=True):
+    month: str
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    errors: int  # rows whose outcome is not "ok"
+
+
+class LedgerError(Exception):
+    """The ledger's database cannot be opened or read (writes never raise; they retry)."""
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+# Forward migrations: MIGRATIONS[i] takes a database from user_version i to i + 1. Append a new
+# tuple to change the schema (e.g. ("ALTER TABLE requests ADD COLUMN ...",)); never edit a step
+# that has shipped, because existing files already ran it.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            month TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            model TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            route TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            stream INTEGER NOT NULL,
+            outcome TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            ttft_ms REAL,
+            duration_ms REAL NOT NULL DEFAULT 0,
+            client_ip TEXT NOT NULL DEFAULT '',
+            token_method TEXT NOT NULL DEFAULT 'upstream'
+        )""",
+        # For ad-hoc queries by ops ("this key's requests in May"); llmd itself reads `monthly`.
+        "CREATE INDEX requests_month_key ON requests (month, key_id)",
+        """CREATE TABLE monthly (
+            key_id TEXT NOT NULL,
+            month TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, month, model)
+        ) WITHOUT ROWID""",
+        # The primary key serves "one key's month"; this serves "everyone's month" in key order.
+        "CREATE INDEX monthly_month ON monthly (month, key_id, model)",
+    ),
+)
+
+_REQUEST_COLUMNS = (
+    "ts",
+    "month",
+    "request_id",
+    "key_id",
+    "tier",
+    "model",
+    "replica",
+    "route",
+    "status",
+    "stream",
+    "outcome",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "ttft_ms",
+    "duration_ms",
+    "client_ip",
+    "token_method",
+)
+INSERT_REQUEST_SQL = (
+    f"INSERT INTO requests ({', '.join(_REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(_REQUEST_COLUMNS))})"
+)
+UPSERT_MONTHLY_SQL = """
+INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key_id, month, model) DO UPDATE SET
+    requests = requests + excluded.requests,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    cached_tokens = cached_tokens + excluded.cached_tokens,
+    errors = errors + excluded.errors
+"""
+MONTH_TOTALS_SQL = (
+    "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM monthly WHERE month = ? GROUP BY key_id"
+)
+
+_MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def report_query(month: str, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
+    """The SQL and parameters of a report; every variant is an index search on ``monthly``."""
+    where, params = ["month = ?"], [month]
+    if key is not None:
+        where.append("key_id = ?")
+        params.append(key)
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    sql = (
+        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors "
+        f"FROM monthly WHERE {' AND '.join(where)} ORDER BY key_id, model"
+    )
+    return sql, params
+
+
+def _report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
+    return [
+        ReportRow(
+            month=month,
+            key_id=key_id,
+            model=model,
+            requests=requests,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            cached_tokens=cached,
+            errors=errors,
+        )
+        for month, key_id, model, requests, prompt, completion, cached, errors in rows
+    ]
+
+
+def current_month(ts: float | None = None) -> str:
+    """``YYYY-MM`` of ``ts`` (default: now) in UTC, the month quotas and reports use."""
+    t = time.gmtime(time.time() if ts is None else ts)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+
+def month_start(month: str) -> float:
+    """Unix time of the first second of ``month`` (UTC); handy for quota resets and tests."""
+    year, mon = _check_month(month).split("-")
+    return float(calendar.timegm((int(year), int(mon), 1, 0, 0, 0)))
+
+
+def _check_month(month: str) -> str:
+    if not _MONTH_RE.match(month):
+        raise ValueError(f"month must look like 2025-01, got {month!r}")
+    return month
+
+
+def _row_params(row: UsageRow) -> tuple[Any, ...]:
+    """The INSERT parameters of a row, coerced so that a malformed row fails here, alone,
+    rather than failing the whole batch in SQLite on every retry."""
+    t = time.gmtime(row.ts)
+    ttft = None if row.ttft_ms is None else float(row.ttft_ms)
+    return (
+        float(row.ts),
+        f"{t.tm_year:04d}-{t.tm_mon:02d}",
+        str(row.request_id),
+        str(row.key_id),
+        str(row.tier),
+        str(row.model),
+        str(row.replica),
+        str(row.route),
+        int(row.status),
+        int(bool(row.stream)),
+        str(row.outcome),
+        int(row.prompt_tokens),
+        int(row.completion_tokens),
+        int(row.cached_tokens),
+        ttft,
+        float(row.duration_ms),
+        str(row.client_ip),
+        str(row.token_method),
+    )
+
+
+def _rollup(params: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One UPSERT tuple per (key, month, model) in the batch."""
+    acc: dict[tuple[str, str, str], list[int]] = {}
+    for p in params:
+        # indexes follow _REQUEST_COLUMNS
+        k = (p[3], p[1], p[5])
+        a = acc.get(k)
+        if a is None:
+            a = acc[k] = [0, 0, 0, 0, 0]
+        a[0] += 1
+        a[1] += p[11]
+        a[2] += p[12]
+        a[3] += p[13]
+        a[4] += p[10] != Outcome.OK
+    return [(*k, *a) for k, a in acc.items()]
+
+
+class _Throttle:
+    """Says when a repeated warning may be logged again; counts what happened in between."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last = float("-inf")
+        self.since_last = 0
+
+    def hit(self, n: int = 1) -> bool:
+        self.since_last += n
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        return True
+
+    def reset(self) -> int:
+        n, self.since_last = self.since_last, 0
+        return n
+
+
+class Ledger:
+    """Write-behind usage ledger over one SQLite file (see the module docstring).
+
+    Life cycle: ``await open()`` (creates/migrates the file, starts the flusher; raises
+    LedgerError if the file cannot be opened at all) -> ``record()`` from any request ->
+    ``await flush()`` on SIGTERM/SIGHUP -> ``await close()``.
+
+    Metrics: ``pending_rows``, ``dropped_rows``, ``write_errors``, ``rows_written``, ``flushes``
+    and ``healthy`` can be read at any time; ``on_flush(rows, seconds)``, ``on_flush_error(exc)``
+    and ``on_drop(n)`` are called, if set, as things happen (exceptions in them are logged).
+    """
+
+    def __init__(self, cfg: UsageConfig, *, tick_max_rows: int = TICK_MAX_ROWS) -> None:
+        self.path = cfg.path
+        self.interval_s = cfg.flush_ms / 1000
+        self.max_pending_rows = cfg.max_pending_rows
+        self.tick_max_rows = tick_max_rows
+        self.on_flush: Callable[[int, float], None] | None = None
+        self.on_flush_error: Callable[[BaseException], None] | None = None
+        self.on_drop: Callable[[int], None] | None = None
+        self._queue: deque[UsageRow] = deque()
+        self._in_flight = 0  # rows taken from the queue by the write in progress
+        self._db: aiosqlite.Connection | None = None
+        # One transaction or read at a time on the connection, so a read never sees a
+        # half-written batch and the in-flight rows are either committed or back in the queue.
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._dropped = 0
+        self._write_errors = 0
+        self._failures_in_a_row = 0
+        self._rows_written = 0
+        self._flushes = 0
+        self._drop_log = _Throttle()
+        self._error_log = _Throttle()
+
+    # --- counters -------------------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows recorded but not yet committed (queued or in the write in progress)."""
+        return len(self._queue) + self._in_flight
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows lost since start: over max_pending_rows, malformed, or recorded after close."""
+        return self._dropped
+
+    @property
+    def write_errors(self) -> int:
+        """Failed write transactions since start (each retry that fails counts)."""
+        return self._write_errors
+
+    @property
+    def rows_written(self) -> int:
+        return self._rows_written
+
+    @property
+    def flushes(self) -> int:
+        """Committed write transactions since start."""
+        return self._flushes
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last write failed (rows are accumulating in memory)."""
+        return self._failures_in_a_row == 0
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._task is not None:
+            return
+        await self._connection()
+        self._task = asyncio.create_task(self._run(), name="llmd-usage-flusher")
+        log.info("usage ledger %s open (flush every %g ms)", self.path, self.interval_s * 1000)
+
+    async def close(self) -> None:
+        """Stop the flusher, write everything still pending, close the file."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        for attempt in range(CLOSE_ATTEMPTS):
+            if await self.flush():
+                break
+            if attempt + 1 < CLOSE_ATTEMPTS:
+                await asyncio.sleep(0.2 * (attempt + 1))
+        # Rows recorded from here on have nowhere to go: record() counts them as dropped.
+        self._closed = True
+        if self._queue:
+            lost = len(self._queue)
+            self._queue.clear()
+            self._dropped += lost
+            log.error(
+                "usage ledger %s: %d rows could not be written before close and are lost", self.path, lost
+            )
+        await self._drop_connection()
+
+    # --- the request path -----------------------------------------------------------------
+
+    def record(self, row: UsageRow) -> None:
+        """Queue one row. O(1), no I/O; drops the oldest pending row when the queue is full."""
+        if self._closed:
+            self._note_drop(1, "recorded after the ledger was closed")
+            return
+        if len(self._queue) >= self.max_pending_rows:
+            self._queue.popleft()
+            self._note_drop(1, f"more than usage.max_pending_rows={self.max_pending_rows} waiting")
+        self._queue.append(row)
+
+    # --- writing --------------------------------------------------------------------------
+
+    async def flush(self) -> bool:
+        """Write everything pending now in one transaction. True if it all reached the disk.
+
+        Waits for a write already in progress first. A cancelled caller (a shutdown deadline)
+        does not abandon the transaction: it runs to its end and its rows are either committed
+        or back in the queue.
+        """
+        # Rows a failed flusher write put back just before us are in the queue again: covered.
+        return await asyncio.shield(self._write(None))
+
+    async def _run(self) -> None:
+        while True:
+            delay = self.interval_s
+            if self._failures_in_a_row:
+                delay = min(max(self.interval_s, 0.05) * 2**self._failures_in_a_row, MAX_BACKOFF_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return  # close() does the final flush
+            if self._queue:
+                await asyncio.shield(self._write(self.tick_max_rows))
+
+    async def _write(self, limit: int | None) -> bool:
+        """Take up to ``limit`` queued rows (all if None) and commit them in one transaction."""
+        async with self._lock:
+            n = len(self._queue) if limit is None else min(limit, len(self._queue))
+            if n == 0:
+                return True
+            batch = [self._queue.popleft() for _ in range(n)]
+            params: list[tuple[Any, ...]] = []
+            rows: list[UsageRow] = []
+            for row in batch:
+                try:
+                    params.append(_row_params(row))
+                    rows.append(row)
+                except (TypeError, ValueError, OverflowError, OSError) as e:
+                    log.error("usage ledger: dropping malformed row %r: %s", row, e)
+                    self._note_drop(1, "malformed")
+            self._in_flight = len(rows)
+            t0 = time.perf_counter()
+            try:
+                db = await self._connection()
+                await db.execute("BEGIN IMMEDIATE")
+                await db.executemany(INSERT_REQUEST_SQL, params)
+                await db.executemany(UPSERT_MONTHLY_SQL, _rollup(params))
+                await db.execute("COMMIT")
+            except Exception as e:
+                # Closing the connection rolls the transaction back; the next try opens afresh,
+                # which is what a removed or replaced file needs.
+                await self._drop_connection()
+                self._in_flight = 0
+                self._requeue(rows)
+                self._note_write_error(e, len(rows))
+                return False
+            self._in_flight = 0
+        elapsed = time.perf_counter() - t0
+        self._flushes += 1
+        self._rows_written += len(rows)
+        if self._failures_in_a_row:
+            log.warning(
+                "usage ledger %s: writes recovered after %d failed attempts (%d rows written now)",
+                self.path,
+                self._failures_in_a_row,
+                len(rows),
+            )
+            self._failures_in_a_row = 0
+            self._error_log.reset()
+        self._call(self.on_flush, len(rows), elapsed)
+        return True
+
+    def _requeue(self, rows: list[UsageRow]) -> None:
+        """Put a failed batch back in front of what arrived meanwhile, keeping the newest rows."""
+        self._queue.extendleft(reversed(rows))
+        over = len(self._queue) - self.max_pending_rows
+        if over > 0:
+            for _ in range(over):
+                self._queue.popleft()
+            self._note_drop(over, f"more than usage.max_pending_rows={self.max_pending_rows} waiting")
+
+    def _note_drop(self, n: int, why: str) -> None:
+        self._dropped += n
+        if self._drop_log.hit(n):
+            log.warning(
+                "usage ledger %s: dropped %d rows (%s); %d dropped since start",
+                self.path,
+                self._drop_log.reset(),
+                why,
+                self._dropped,
+            )
+        self._call(self.on_drop, n)
+
+    def _note_write_error(self, e: BaseException, n: int) -> None:
+        self._write_errors += 1
+        self._failures_in_a_row += 1
+        if self._error_log.hit():
+            log.error(
+                "usage ledger %s: cannot write %d rows: %s (%d failed writes; %d rows pending). "
+                "Still serving; retrying with backoff",
+                self.path,
+                n,
+                e,
+                self._error_log.reset(),
+                self.pending_rows,
+            )
+        self._call(self.on_flush_error, e)
+
+    @staticmethod
+    def _call(hook: Callable[..., None] | None, *args: Any) -> None:
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("usage ledger: metrics hook %r failed", hook)
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def month_totals(self, month: str) -> dict[str, int]:
+        """key_id -> prompt + completion tokens in ``month``, including rows not yet written,
+        so a limiter rebuilt on reload starts from exactly what was served."""
+        _check_month(month)
+        async with self._lock:
+            rows = await self._read(MONTH_TOTALS_SQL, [month])
+            totals = {key_id: int(total or 0) for key_id, total in rows}
+            for row in self._queue:
+                if current_month(row.ts) == month:
+                    totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
+        return totals
+
+    async def report(
+        self, month: str | None = None, key: str | None = None, model: str | None = None
+    ) -> list[ReportRow]:
+        """Per (key, model) totals of ``month`` (default: this month) from the committed rollup."""
+        sql, params = report_query(_check_month(month or current_month()), key, model)
+        async with self._lock:
+            return _report_rows(await self._read(sql, params))
+
+    async def _read(self, sql: str, params: list[str]) -> list[Any]:
+        try:
+            db = await self._connection()
+            async with db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as e:
+            await self._drop_connection()
+            raise LedgerError(f"usage ledger {self.path}: {e}") from e
+
+    # --- the connection -------------------------------------------------------------------
+
+    async def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            self._db = await self._connect()
+        return self._db
+
+    async def _connect(self) -> aiosqlite.Connection:
+        try:
+            if self.path != ":memory:":
+                await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the write lock
+            # is taken (and busy_timeout applies) at the start of a batch, never half-way.
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise LedgerError(f"usage ledger {self.path}: cannot open: {e}") from e
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            async with db.execute("PRAGMA journal_mode = WAL") as cur:
+                mode = await cur.fetchone()
+            if self.path != ":memory:" and (mode is None or str(mode[0]).lower() != "wal"):
+                log.warning(
+                    "usage ledger %s: journal_mode is %s, not wal; readers may block writes",
+                    self.path,
+                    mode and mode[0],
+                )
+            # NORMAL in WAL mode: a power cut may lose the last batches, never corrupt the file.
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await _migrate(db, self.path)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                await db.close()
+            if isinstance(e, sqlite3.Error):
+                raise LedgerError(f"usage ledger {self.path}: {e}") from e
+            raise
+        return db
+
+    async def _drop_connection(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                await db.close()
+
+
+async def _user_version(db: aiosqlite.Connection) -> int:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _migrate(db: aiosqlite.Connection, path: str) -> None:
+    """Bring the file to len(MIGRATIONS), all steps in one transaction (all or nothing)."""
+    target = len(MIGRATIONS)
+    if await _user_version(db) == target:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = await _user_version(db)
+        if version > target:
+            raise LedgerError(
+                f"usage ledger {path}: schema version {version} is newer than this llmd's ({target}); "
+                "upgrade llmd or point usage.path at another file"
+            )
+        for v in range(version, target):
+            for stmt in MIGRATIONS[v]:
+                await db.execute(stmt)
+        await db.execute(f"PRAGMA user_version = {target}")
+        await db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await db.execute("ROLLBACK")
+        raise
+    if version < target:
+        log.info("usage ledger %s: schema migrated from version %d to %d", path, version, target)
+
+
+# --- reading from another process (`llmd usage`) ------------------------------------------------
+
+
+def report_file(
+    path: str, month: str | None = None, key: str | None = None, model: str | None = None
+) -> list[ReportRow]:
+    """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LedgerError(f"usage ledger {path}: no such file")
+    sql, params = report_query(_check_month(month or current_month()), key, model)
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        ) as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                return []  # created but never migrated: nothing recorded yet
+            return _report_rows(db.execute(sql, params).fetchall())
+    except sqlite3.Error as e:
+        raise LedgerError(f"usage ledger {path}: {e}") from e
+
+
+_REPORT_FIELDS = tuple(f.name for f in msgspec.structs.fields(ReportRow))
+
+
+def format_report(rows: Sequence[ReportRow], fmt: Literal["table", "csv", "json"] = "table") -> str:
+    if fmt == "json":
+        return msgspec.json.format(msgspec.json.encode(list(rows)), indent=2).decode() + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(_REPORT_FIELDS)
+        w.writerows(msgspec.structs.astuple(r) for r in rows)
+        return buf.getvalue()
+    if fmt != "table":
+        raise ValueError(f"format must be table, csv or json, got {fmt!r}")
+    header = ("MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS")
+    lines: list[tuple[str, ...]] = [header]
+    lines += [tuple(str(v) for v in msgspec.structs.astuple(r)) for r in rows]
+    if len(rows) > 1:
+        sums = [sum(getattr(r, f) for r in rows) for f in _REPORT_FIELDS[3:]]
+        lines.append(("", "total", "", *map(str, sums)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    # Names left-aligned, numbers right-aligned so that digits line up.
+    out = [
+        "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    ]
+    if not rows:
+        out.append("(no usage recorded)")
+    return "\n".join(out) + "\n"

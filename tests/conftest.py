@@ -1,0 +1,104 @@
+"""Shared fixtures: fake backends as real child processes, llmd itself on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmd import config as config_mod  # noqa: E402
+from llmd.daemon import Daemon  # noqa: E402
+from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Llmd:
+    daemon: Daemon
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.daemon.port}"
+
+    @property
+    def services(self):  # noqa: ANN201 - the Services object, for white-box assertions
+        return self.daemon.services
+
+
+def write_config(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def base_config(tmp_path: Path, models: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "drain_seconds": 5, "log_format": "json"},
+        "usage": {"path": str(tmp_path / "usage.sqlite3"), "flush_ms": 20},
+        "models": models,
+        "routing": {"retries": 2, "queue_timeout_s": 5, "timeouts": {"connect_s": 2, "first_byte_s": 10, "total_s": 30}},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k] = {**doc[k], **v}
+        else:
+            doc[k] = v
+    return doc
+
+
+@contextlib.asynccontextmanager
+async def run_llmd(path: Path) -> AsyncIterator[Llmd]:
+    """llmd in this process (same code path as `llmd serve`, minus signal handlers)."""
+    cfg = config_mod.load(path)
+    daemon = Daemon(cfg, path)
+    assert await daemon.start()
+    try:
+        yield Llmd(daemon, path)
+    finally:
+        await daemon.stop()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProc]:
+    """One fake llama-server with 4 slots, used as a remote `openai` upstream."""
+    proc = await start_fake(FAKE_LLAMA, "-np", "4", "--metrics", "--embeddings")
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+@pytest.fixture
+def llmd_for(tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[Llmd]]:
+    """llmd_for(fakes, **sections): llmd with model 'm' (alias 'gpt-4o-mini') relayed to the fakes."""
+
+    def make(fakes: FakeProc | list[FakeProc], model_extra: dict[str, Any] | None = None, **sections: Any):
+        fl = fakes if isinstance(fakes, list) else [fakes]
+        model = {"backend": "openai", "urls": [f.url + "/v1" for f in fl], "aliases": ["gpt-4o-mini"], "slots": 4}
+        model.update(model_extra or {})
+        doc = base_config(tmp_path, {"m": model}, **sections)
+        return run_llmd(write_config(tmp_path / "config.yaml", doc))
+
+    return make
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(step_s)
+
+
+os.environ.setdefault("OPENAI_LOG", "warning")

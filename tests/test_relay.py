@@ -1,0 +1,259 @@
+"""The relay through llmd with the official openai SDK against the fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import wait_for
+from tests.fakeproc import FakeProc
+
+
+def client(url: str, **kw: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-unused", max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+async def test_chat_non_stream_via_sdk(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        r = await c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hello there"}], max_tokens=5
+        )
+        assert r.choices[0].message.content == "t0 t1 t2 t3 t4"
+        assert r.usage is not None and r.usage.completion_tokens == 5
+        st = await fake.stats()
+        assert st["last_body"]["model"] == "m"
+        assert st["last_headers"].get("X-Request-ID") or st["last_headers"].get("x-request-id")
+
+
+async def test_streamed_chat_hides_the_usage_chunk_llmd_asked_for(fake: FakeProc, llmd_for) -> None:
+    """1. A client streams without include_usage. 2. llmd asks upstream for it (to count
+    tokens) 3. but the client sees no usage chunk; 4. the ledger has the exact numbers."""
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        chunks = [
+            ch
+            async for ch in await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "one two three"}], max_tokens=4, stream=True
+            )
+        ]
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == "t0 t1 t2 t3"
+        assert all(ch.usage is None for ch in chunks)
+        assert all(ch.choices for ch in chunks)
+        st = await fake.stats()
+        assert st["last_body"]["stream_options"] == {"include_usage": True}
+        await llmd.services.ledger.flush()
+        rows = await llmd.services.ledger.report()
+        assert rows[0].completion_tokens == 4 and rows[0].prompt_tokens > 0
+
+
+async def test_streamed_chat_with_include_usage_is_relayed_as_is(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        chunks = [
+            ch
+            async for ch in await c.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "one two three"}],
+                max_tokens=3,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 3
+
+
+async def test_completions_embeddings_and_models_via_sdk(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        comp = await c.completions.create(model="gpt-4o-mini", prompt="once upon a time", max_tokens=3)
+        assert comp.choices[0].text and comp.usage is not None and comp.usage.completion_tokens == 3
+        # The alias is mapped to the upstream's name; every other field passes through.
+        st = await fake.stats()
+        assert st["last_body"]["model"] == "m" and st["last_body"]["max_tokens"] == 3
+        emb = await c.embeddings.create(model="m", input=["a b", "c"])
+        assert len(emb.data) == 2 and len(emb.data[0].embedding) == 640
+        assert emb.usage.prompt_tokens > 0
+        models = await c.models.list()
+        assert sorted(m.id for m in models.data) == ["gpt-4o-mini", "m"]
+        one = await c.models.retrieve("gpt-4o-mini")
+        assert one.id == "gpt-4o-mini"
+
+
+async def test_unknown_fields_and_tools_pass_through_untouched(fake: FakeProc, llmd_for) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+              "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        r = await c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "weather in Paris?"}],
+            tools=tools,  # type: ignore[arg-type]
+            seed=7,
+            extra_body={"fake": {"tool_call": True}, "x_custom": {"a": [1, 2]}},
+        )
+        assert r.choices[0].finish_reason == "tool_calls"
+        call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+        assert call.function.name == "get_weather"
+        body = (await fake.stats())["last_body"]
+        assert body["tools"] == tools and body["seed"] == 7 and body["x_custom"] == {"a": [1, 2]}
+
+
+async def test_body_that_needs_no_change_is_forwarded_byte_for_byte(fake: FakeProc, llmd_for) -> None:
+    raw = b'{"model":"m",  "messages":[{"role":"user","content":"hi"}],"max_tokens":2, "zzz":  1.50}'
+    async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
+        async with s.post(llmd.url + "/v1/chat/completions", data=raw,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+        st = await fake.stats()
+        assert st.get("last_raw", raw.decode()) == raw.decode()
+        assert st["last_body"]["zzz"] == 1.50
+
+
+async def test_first_event_arrives_before_the_upstream_has_finished(fake: FakeProc, llmd_for) -> None:
+    """1. The fake streams 5 tokens, 400 ms apart. 2. The client gets the first content event
+    well before the last token is even generated (no buffering in llmd)."""
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        t0 = time.monotonic()
+        stream = await c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
+            extra_body={"fake": {"token_delay_ms": 400}},
+        )
+        first_at = None
+        async for ch in stream:
+            if ch.choices and ch.choices[0].delta.content and first_at is None:
+                first_at = time.monotonic() - t0
+        total = time.monotonic() - t0
+        assert first_at is not None and total > 1.6
+        assert first_at < total - 1.0, (first_at, total)
+
+
+async def test_sse_headers(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
+        async with s.post(llmd.url + "/v1/chat/completions", json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.headers["X-Accel-Buffering"] == "no"
+            body = await r.read()
+        assert body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_error_types_raised_by_the_sdk(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake, server={"max_body_bytes": 2000}) as llmd:
+        c = client(llmd.url)
+        with pytest.raises(openai.NotFoundError) as nf:
+            await c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        assert nf.value.code == "model_not_found" and nf.value.body["param"] == "model"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as br:
+            await c.chat.completions.create(model="m", messages="not a list")  # type: ignore[arg-type]
+        assert br.value.body["param"] == "messages"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as bt:
+            await c.chat.completions.create(model="m", messages=[], max_tokens="many")  # type: ignore[arg-type]
+        assert bt.value.body["param"] == "max_tokens"  # type: ignore[index]
+        with pytest.raises(openai.APIStatusError) as big:
+            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
+        assert big.value.status_code == 413
+        # An upstream error is relayed with its status and body.
+        with pytest.raises(openai.InternalServerError) as ue:
+            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                            extra_body={"fake": {"status": 500, "message": "boom"}})
+        assert "boom" in str(ue.value)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(llmd.url + "/v1/chat/completions", data=b"{nope") as r:
+                assert r.status == 400
+                err = (await r.json())["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["code"] == "invalid_json"
+                assert r.headers["x-request-id"]
+            async with s.get(llmd.url + "/v2/whatever", headers={"X-Request-ID": "abc-123"}) as r:
+                assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+                assert r.headers["x-request-id"] == "abc-123"
+
+
+async def test_upstream_unreachable_is_502_and_timeout_is_504(fake: FakeProc, llmd_for, tmp_path) -> None:
+    from tests.fakeproc import free_port
+
+    dead = free_port()
+    async with llmd_for(fake, model_extra={"urls": [f"http://127.0.0.1:{dead}/v1"]}) as llmd:
+        c = client(llmd.url)
+        with pytest.raises(openai.APIStatusError) as e:
+            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 502
+    async with llmd_for(fake, routing={"timeouts": {"connect_s": 1, "first_byte_s": 0.5, "total_s": 5}}) as llmd:
+        c = client(llmd.url)
+        with pytest.raises(openai.APIStatusError) as e:
+            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                            extra_body={"fake": {"hang": True}})
+        assert e.value.status_code == 504
+
+
+async def test_client_disconnect_cancels_the_upstream_request(fake: FakeProc, llmd_for) -> None:
+    """1. A streamed request, tokens 200 ms apart. 2. The client reads one event and hangs up.
+    3. The fake sees its request cancelled (not run to the end) and nothing stays in flight."""
+    async with llmd_for(fake) as llmd:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(llmd.url + "/v1/chat/completions", json={
+                "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 50, "fake": {"token_delay_ms": 200}}) as r:
+                await r.content.readline()
+        stats: dict = {}
+
+        async def settled() -> bool:
+            stats.update(await fake.stats())
+            return stats["in_flight"] == 0
+
+        for _ in range(100):
+            if await settled():
+                break
+            await asyncio.sleep(0.05)
+        assert stats["in_flight"] == 0 and stats["cancelled"] >= 1
+        await wait_for(lambda: llmd.services.pools["m"].admission.depth == 0)
+        assert all(r.in_flight == 0 for r in llmd.services.supervisor.replicas("m"))
+        await llmd.services.ledger.flush()
+        rows = await llmd.services.ledger.report()
+        assert rows[0].errors == 1  # outcome client_abort
+
+
+async def test_request_id_is_returned_and_forwarded(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
+        async with s.post(llmd.url + "/v1/chat/completions", headers={"X-Request-ID": "req-42"},
+                          json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.headers["X-Request-ID"] == "req-42"
+        hdrs = {k.lower(): v for k, v in (await fake.stats())["last_headers"].items()}
+        assert hdrs["x-request-id"] == "req-42"
+        async with s.get(llmd.url + "/v1/models") as r:
+            assert len(r.headers["X-Request-ID"]) == 32
+
+
+async def test_cors_allow_list(fake: FakeProc, llmd_for) -> None:
+    async with llmd_for(fake, server={"cors_origins": ["https://ide.example"]}) as llmd, aiohttp.ClientSession() as s:
+        pre = {"Origin": "https://ide.example", "Access-Control-Request-Method": "POST"}
+        async with s.options(llmd.url + "/v1/chat/completions", headers=pre) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://ide.example"
+        async with s.options(llmd.url + "/v1/chat/completions", headers={**pre, "Origin": "https://evil.example"}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        async with s.get(llmd.url + "/v1/models", headers={"Origin": "https://evil.example"}) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_access_log_is_one_json_line_without_bodies(fake: FakeProc, llmd_for, caplog) -> None:
+    caplog.set_level("INFO", logger="llmd.access")
+    async with llmd_for(fake) as llmd:
+        c = client(llmd.url)
+        await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "secret words"}])
+    recs = [r for r in caplog.records if r.name == "llmd.access"]
+    assert len(recs) == 1
+    from llmd.log import JsonFormatter
+
+    line = json.loads(JsonFormatter().format(recs[0]))
+    for k in ("time", "request_id", "method", "path", "model", "status", "duration_ms", "bytes"):
+        assert k in line, k
+    assert "secret words" not in json.dumps(line)
