@@ -148,7 +148,8 @@ class RoutingConfig(_Section, kw_only=True, forbid_unknown_fields=True):
 
 
 class Config(_Section, kw_only=True, forbid_unknown_fields=True):
-    models: dict[str, ModelConfig]
+    # Empty is valid (a fresh package install serves nothing until ops add a model).
+    models: dict[str, ModelConfig] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
@@ -330,8 +331,6 @@ def _check(cfg: Config, errors: list[str]) -> None:
         if o != "*" and not re.match(r"^https?://[^/]+$", o):
             errors.append(f"server.cors_origins[{i}]: expected an origin like https://host[:port], got {o!r}")
 
-    if not cfg.models:
-        errors.append("models: at least one model is required")
     seen_names: dict[str, str] = {}
     for name, m in cfg.models.items():
         p = f"models.{name}"

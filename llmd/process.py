@@ -142,15 +142,6 @@ class ManagedProcess:
             # Shielded: a caller that gives up waiting must not cancel the reaping.
             await asyncio.shield(self._task)
 
-    async def wait_ready(self, timeout_s: float) -> bool:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout_s
-        while self.replica.state is not ReplicaState.READY:
-            if loop.time() >= end or self.stopping:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
     # --- the owner task ------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -165,6 +156,12 @@ class ManagedProcess:
                     # Stable for as long as the longest backoff: the failure streak is over.
                     if loop.time() - ready_at >= self.spec.restart_max_delay_s:
                         self._failures = 0
+                    if outcome in ("crashed", "unhealthy"):
+                        # READY -> UNHEALTHY
+                        self._set_state(ReplicaState.UNHEALTHY)
+                        # A crashed child's group is only swept; a hung one gets SIGTERM first.
+                        grace = self.spec.stop_timeout_s if outcome == "unhealthy" else 0.0
+                        await self._terminate(loop.time() + grace)
                 if outcome == "stop":
                     break
                 delay = min(self.spec.restart_delay_s * 2**self._failures, self.spec.restart_max_delay_s)
@@ -240,7 +237,8 @@ class ManagedProcess:
             start_new_session=True,  # own process group: stop signals reach its helpers too
             preexec_fn=_child_setup(os.getpid(), spec.cpus),
         )
-        self.spec = spec
+        # Only the port: update() may have brought new settings while this spawned.
+        self.spec = msgspec.structs.replace(self.spec, port=spec.port)
         self._proc = proc
         self._exit = asyncio.ensure_future(proc.wait())
         assert proc.stdout is not None and proc.stderr is not None
@@ -275,7 +273,8 @@ class ManagedProcess:
                                return_when=asyncio.FIRST_COMPLETED)
 
     async def _watch(self, stop_waiter: asyncio.Future[object]) -> str:
-        """While READY: health and metrics every health_interval_s. 'failed' or 'stop'."""
+        """While READY: health and metrics every health_interval_s, until 'crashed' (the child
+        exited), 'unhealthy' (health_failures checks in a row failed) or 'stop'."""
         assert self._exit is not None
         failed_checks = 0
         while True:
@@ -288,10 +287,7 @@ class ManagedProcess:
                 log.error("%s: %s; last output:\n%s", self.replica.name,
                           _describe_exit(self._exit.result()), "\n".join(self._tail),
                           extra={"replica": self.replica.name})
-                # READY -> UNHEALTHY (crashed)
-                self._set_state(ReplicaState.UNHEALTHY)
-                await self._terminate(asyncio.get_running_loop().time())
-                return "failed"
+                return "crashed"
             status = await self._probe(spec, timeout_s=max(1.0, min(5.0, spec.health_interval_s)))
             if status == 200:
                 failed_checks = 0
@@ -307,10 +303,7 @@ class ManagedProcess:
                         status if status is not None else "no answer", failed_checks,
                         spec.health_failures, extra={"replica": self.replica.name})
             if failed_checks >= spec.health_failures:
-                # READY -> UNHEALTHY (stopped answering)
-                self._set_state(ReplicaState.UNHEALTHY)
-                await self._terminate(asyncio.get_running_loop().time() + spec.stop_timeout_s)
-                return "failed"
+                return "unhealthy"
 
     # --- HTTP ----------------------------------------------------------------------------------
 

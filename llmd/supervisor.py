@@ -229,7 +229,8 @@ class Supervisor:
         """Every supervised replica's state change passes here before the owner's listener."""
         key = self._key_of(replica)
         pending = self._pending.get(key) if key is not None else None
-        if pending is not None and pending.replica is replica and replica.state is ReplicaState.READY:
+        ready = replica.state is ReplicaState.READY and not self._closed
+        if pending is not None and pending.replica is replica and ready:
             # Switch before telling the listener, so that replicas(model) already lists it
             # when the admission queue looks for a replica to dispatch to.
             name, index = pending.key

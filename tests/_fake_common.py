@@ -16,7 +16,8 @@ function of the request and its flags, so tests can predict every byte:
   finish_reason is ``"length"``, or ``"stop"`` for response_format/``fake.text`` answers.
 * Prompt cache: the last 16 prompts of the process are remembered; a request's cached tokens are
   the longest common token prefix with any of them, at most ``prompt_tokens - 1`` (the real
-  servers always evaluate the last prompt token).
+  servers always evaluate the last prompt token). Any two chat prompts share their leading
+  ``<|im_start|>``, so a replica that has served any chat reports at least 1 cached token.
 * Embeddings: a unit vector seeded from sha256 of the input text.
 
 Per-request behaviour is steered by an extra body object ``"fake": {...}`` (see ``Controls``); a
@@ -444,6 +445,7 @@ class Stats:
     by_path: Counter[str] = field(default_factory=Counter)
     last_headers: dict[str, str] = field(default_factory=dict)
     last_body: Any = None
+    last_raw: str = ""  # the body exactly as received, to check byte-for-byte forwarding
     bodies: deque[Any] = field(default_factory=lambda: deque(maxlen=50))
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -574,6 +576,11 @@ class FakeServer:
 
     def log_listening(self) -> None: ...
 
+    def log_bind_error(self, exc: OSError) -> None:
+        # uvicorn's wording (vLLM's front end)
+        print(f"ERROR:    [Errno {exc.errno}] error while attempting to bind on address ({self.host!r}, {self.port}): "
+              f"{(exc.strerror or str(exc)).lower()}", file=sys.stderr, flush=True)
+
     def log_ready(self) -> None: ...
 
     # ---- plumbing ----
@@ -615,9 +622,10 @@ class FakeServer:
             stats.requests += 1
             stats.by_path[request.path] += 1
             stats.last_headers = dict(request.headers)
+            stats.last_raw = (await request.read()).decode(errors="replace")
             body = await self.read_json(request)
             if isinstance(body, web.Response):
-                stats.last_body = (await request.read()).decode(errors="replace")
+                stats.last_body = stats.last_raw
                 stats.bodies.append(stats.last_body)
                 stats.errors += 1
                 return body
@@ -840,6 +848,7 @@ class FakeServer:
             "completion_tokens": s.completion_tokens,
             "last_headers": s.last_headers,
             "last_body": s.last_body,
+            "last_raw": s.last_raw,
             "bodies": list(s.bodies),
         }
 
@@ -867,24 +876,33 @@ class FakeServer:
         if self.opts["exit_after_s"] is not None:
             loop.call_later(self.opts["exit_after_s"], crash, 1, "--exit-after-s elapsed")
 
+        # Both servers bind their port first, so a taken port fails at once. llama-server then
+        # listens while it loads; vLLM only listens once its engine is up (connections are
+        # refused until then).
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            self.log_bind_error(exc)
+            os._exit(1)
         runner = web.AppRunner(self.app, handle_signals=False, handler_cancellation=True,
                                access_log=None, shutdown_timeout=0.2)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.SockSite(runner, sock)
         if self.listen_while_loading:
             await site.start()
             self.log_listening()
-            await asyncio.sleep(self.opts["load_delay_s"])
+        # "Loading" must not delay a SIGTERM: supervisors stop replicas that are still starting.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.opts["load_delay_s"])
+        if not stop.is_set():
             self.ready = True
+            if not self.listen_while_loading:
+                await site.start()
+                self.log_listening()
             self.log_ready()
-        else:
-            # vLLM builds its engine before it starts uvicorn: connections are refused until then.
-            await asyncio.sleep(self.opts["load_delay_s"])
-            self.ready = True
-            await site.start()
-            self.log_listening()
-            self.log_ready()
-        await stop.wait()
+            await stop.wait()
         print(f"{self.name}: shutting down", file=sys.stderr, flush=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runner.cleanup(), timeout=1.0)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from _fake_common import (
+    DEFAULT_MAX_TOKENS,
     FAKE_DEFAULTS,
     FAKE_FLAGS,
     Controls,
@@ -293,6 +294,11 @@ class LlamaServer(FakeServer):
         log("main: loading model")
         log(f"srv    load_model: loading model '{self.opts['model']}'")
 
+    def log_bind_error(self, exc: OSError) -> None:
+        log(f"srv    start: couldn't bind HTTP server socket, hostname: {self.host}, port: {self.port}: "
+            f"{exc.strerror}")
+        log("main: exiting due to HTTP server error")
+
     def log_ready(self) -> None:
         log("main: model loaded")
         log(f"main: server is listening on http://{self.host}:{self.port} - starting the main loop")
@@ -411,7 +417,8 @@ class LlamaServer(FakeServer):
             value = body.get(key)
             if isinstance(value, int) and value >= 0:
                 return value
-        return self.opts["n_predict"] if self.opts["n_predict"] >= 0 else 8
+        # the real default (-1) generates until EOS or a full context; tests want short answers
+        return self.opts["n_predict"] if self.opts["n_predict"] >= 0 else DEFAULT_MAX_TOKENS
 
     def new_job(self, prompt: list[str], body: dict[str, Any]) -> Job:
         if len(prompt) >= self.n_ctx_slot:

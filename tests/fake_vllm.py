@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 from _fake_common import (
+    DEFAULT_MAX_TOKENS,
     FAKE_DEFAULTS,
     FAKE_FLAGS,
     Controls,
@@ -469,7 +470,9 @@ class VllmServer(FakeServer):
                      f"context length is {limit} tokens and your request has {len(prompt)} input tokens "
                      f"({requested} > {limit} - {len(prompt)}). (parameter=max_tokens, value={requested})",
                 error_type="BadRequestError", extra={"param": "max_tokens"})
-        n = requested if isinstance(requested, int) and requested >= 0 else min(8, limit - len(prompt))
+        # the real default is the rest of the context; tests want short answers
+        default = min(DEFAULT_MAX_TOKENS, limit - len(prompt))
+        n = requested if isinstance(requested, int) and requested >= 0 else default
         return Job(self.next_task_id(), prompt, n_predict=n)
 
     def stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import signal
+import socket
 import time
 from typing import Any
 
@@ -457,3 +458,37 @@ async def test_vllm_tool_calls_need_auto_tool_choice_flags() -> None:
     assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
     assert message["tool_calls"][0]["id"].startswith("chatcmpl-tool-")
 
+
+
+async def test_vllm_prompt_tokens_details_count_whole_blocks() -> None:
+    """With --enable-prompt-tokens-details a repeated 9-token prompt reuses 8 tokens (the
+    last is always recomputed); --block-size 4 rounds that to two whole blocks."""
+    prompt = {"model": "m", "prompt": "a b c d e f g h i", "max_tokens": 1}
+    async with await start_fake(FAKE_VLLM, "m", *FAST, "--enable-prompt-tokens-details", "--block-size", "4") as fake:
+        _, first = await post(fake, "/v1/completions", prompt)
+        _, again = await post(fake, "/v1/completions", prompt)
+        _, streamed = await stream(fake, "/v1/completions", {**prompt, "stream": True,
+                                                             "stream_options": {"include_usage": True}})
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 8}
+    assert streamed[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 8}
+
+
+@pytest.mark.parametrize(("script", "needle"), [(FAKE_LLAMA, "couldn't bind"), (FAKE_VLLM, "address already in use")])
+async def test_a_taken_port_fails_at_once_with_the_real_message(script: Any, needle: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        fake = await start_fake(script, "m", port=taken.getsockname()[1], wait_healthy=False)
+        assert await fake.wait_exit(5) == 1
+        await fake.stop()
+    assert any(needle in line for line in fake.output)
+
+
+@pytest.mark.parametrize("script", [FAKE_LLAMA, FAKE_VLLM])
+async def test_sigterm_while_loading_exits_at_once(script: Any) -> None:
+    fake = await start_fake(script, "m", "--load-delay-s", "30", wait_healthy=False)
+    await fake.wait_for_output("vLLM API server version" if script == FAKE_VLLM else "loading model")
+    started = time.monotonic()
+    assert await fake.stop(timeout_s=3) == 0
+    assert time.monotonic() - started < 2
