@@ -80,6 +80,7 @@ class Admission:
 
     def _grant(self, choice: Choice, key_id: str, hashes: Sequence[int]) -> Choice:
         choice.replica.in_flight += 1
+        choice.replica.served += 1
         self._in_service[key_id] = self._in_service.get(key_id, 0) + 1
         self.balancer.record(choice.replica, hashes)
         return choice

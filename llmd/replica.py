@@ -30,6 +30,7 @@ class Replica:
     slots: int = 1  # concurrent requests it serves at once
     state: ReplicaState = ReplicaState.STOPPED
     in_flight: int = 0
+    served: int = 0  # requests given to it since llmd started (all its processes)
     # Passive health: consecutive relay failures; at the routing threshold it is ejected
     # (skipped) until its health check passes again or ejected_until passes (remote).
     failures: int = 0
@@ -87,6 +88,7 @@ class Replica:
             "gpus": self.gpus,
             "slots": self.slots,
             "in_flight": self.in_flight,
+            "served": self.served,
             "restarts": self.restarts,
             "draining": self.draining,
             "ejected": not self.routable and self.state is ReplicaState.READY and not self.draining,

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -106,6 +107,8 @@ class Supervisor:
 
         Raises LaunchError, changing nothing, when a model cannot be launched.
         """
+        if self._closed:
+            return
         wanted = self._wanted(new_cfg)  # may raise: before any change
         self._cfg = new_cfg
         for key, (model, spec) in wanted.items():
@@ -227,10 +230,8 @@ class Supervisor:
 
     def _proc_changed(self, replica: Replica) -> None:
         """Every supervised replica's state change passes here before the owner's listener."""
-        key = self._key_of(replica)
-        pending = self._pending.get(key) if key is not None else None
-        ready = replica.state is ReplicaState.READY and not self._closed
-        if pending is not None and pending.replica is replica and ready:
+        pending = next((m for m in self._pending.values() if m.replica is replica), None)
+        if pending is not None and replica.state is ReplicaState.READY and not self._closed:
             # Switch before telling the listener, so that replicas(model) already lists it
             # when the admission queue looks for a replica to dispatch to.
             name, index = pending.key
@@ -243,12 +244,6 @@ class Supervisor:
                 self._retire(old)
             return
         self._notify(replica)
-
-    def _key_of(self, replica: Replica) -> Key | None:
-        for key, m in self._pending.items():
-            if m.replica is replica:
-                return key
-        return None
 
     def _retire(self, member: _Member) -> asyncio.Task[None]:
         """Take it out of rotation now; stop it once drained (background)."""
@@ -285,16 +280,18 @@ class Supervisor:
 
     @staticmethod
     def _overlaps(old: _Member, new: _Member) -> bool:
+        """Would running both at once compete for the same CPUs or GPU memory?"""
         a, b = old.replica, new.replica
         if a.cpus is not None and b.cpus is not None and set(a.cpus) & set(b.cpus):
             return True
-        if a.backend != "vllm" or b.backend != "vllm" or (a.gpus is None and b.gpus is None):
-            return False  # no GPU sets to compare
-        # A vLLM given no GPU set sees every GPU of the host.
-        return a.gpus is None or b.gpus is None or bool(set(a.gpus) & set(b.gpus))
+        if a.backend == b.backend == "vllm":
+            # A vLLM given no GPU set sees every GPU of the host, and claims most of the
+            # memory of those it uses: the new one would fail to load beside the old.
+            return a.gpus is None or b.gpus is None or bool(set(a.gpus) & set(b.gpus))
+        return False
 
-    def _spawn_task(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

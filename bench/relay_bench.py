@@ -1,0 +1,754 @@
+"""Relay overhead benchmark: a fast mock upstream, direct vs. through llmd (vs. nginx), driven by wrk.
+
+    .venv/bin/python bench/relay_bench.py            # ~2.5 min: 2 rounds x 5 s per run
+    .venv/bin/python bench/relay_bench.py --quick    # ~35 s: 1 round x 2 s per run
+
+Needs ``wrk`` (Debian: ``apt-get install -y wrk``) and, for the nginx reference hop, ``nginx``
+(skipped with a note when absent, or with --no-nginx). See bench/README.md for what each
+number means and how to read it.
+
+Processes (each its own session, so Ctrl-C reaches only this script, which then stops them all):
+
+* mock upstream: this file run as ``relay_bench.py _mock`` -- a raw uvloop Protocol that answers
+  POST /v1/chat/completions with a fixed body, or a fixed 8-event SSE stream when the request
+  has ``"stream": true`` (plus the usage chunk when ``include_usage`` is asked, like llama-server);
+* llmd: ``python -m llmd serve -c <tmp>/llmd.yaml`` (backend openai -> mock), and a second one
+  with ``server.metrics: false`` for the metrics on/off comparison;
+* nginx: a plain keep-alive proxy hop in front of the mock, the "what a C proxy costs" yardstick;
+* wrk: the load generator, one thread, closed loop with N connections.
+
+CPU pinning (when there are >= 2 CPUs): wrk, the mock and this script on CPU 0; llmd / nginx on
+CPU 1. The proxy under test thus has a core to itself and never competes with the load it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MODEL = "bench"
+
+# --- reference figures from the issue ------------------------------------------------------------
+
+LITELLM_RPS_C1 = (65, 72)
+LITELLM_ADDED_P50_MS_C1 = 14.0
+LITELLM_RPS_C16 = 76.0
+LITELLM_CPU_MS = (10.0, 15.0)
+NGINX_CPU_MS_REF = 0.05
+TARGET_CPU_MS = 0.3  # 6x nginx's 0.05 ms
+TARGET_ADDED_P50_MS = 0.3
+TARGET_RPS_C16 = 30 * LITELLM_RPS_C16  # 2280 req/s
+TARGET_RSS_MB = 60.0
+TARGET_METRICS_RATIO = 0.95  # metrics on within 5% of metrics off
+
+# --- the request and the fixed answers -------------------------------------------------------------
+
+# A typical small IDE-plugin request: system + user message, a few sampling fields.
+REQUEST = {
+    "model": MODEL,
+    "messages": [
+        {"role": "system", "content": "You are a helpful coding assistant. Answer briefly."},
+        {"role": "user", "content": "Write a Python function that reverses a string, with a docstring."},
+    ],
+    "max_tokens": 64,
+    "temperature": 0.2,
+}
+
+
+def request_body(stream: bool) -> bytes:
+    doc = {**REQUEST, "stream": True} if stream else REQUEST
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _completion_body() -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-bench0000000000000000000000",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": MODEL,
+            "system_fingerprint": "b0-bench",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {
+                        "role": "assistant",
+                        "content": 'def reverse(s: str) -> str:\n    """Return s reversed."""\n    return s[::-1]\n',
+                    },
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 38,
+                "completion_tokens": 24,
+                "total_tokens": 62,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _chunk(delta: dict[str, Any], finish: str | None, usage: dict[str, int] | None = None) -> bytes:
+    doc: dict[str, Any] = {
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "system_fingerprint": "b0-bench",
+        "choices": [] if usage else [{"index": 0, "finish_reason": finish, "delta": delta}],
+    }
+    if usage:
+        doc["usage"] = usage
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _stream_events(include_usage: bool) -> list[bytes]:
+    """llama-server's shape: a role-only chunk, 6 token chunks, a finish chunk (8 events), then the
+    usage-only chunk when asked for, then [DONE]."""
+    events = [_chunk({"role": "assistant", "content": None}, None)]
+    events += [_chunk({"content": piece}, None) for piece in ("def", " reverse", "(s", "):", " return", " s[::-1]")]
+    events.append(_chunk({}, "stop"))
+    if include_usage:
+        events.append(_chunk({}, None, {"prompt_tokens": 38, "completion_tokens": 6, "total_tokens": 44}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+STREAM_EVENTS = 8  # token-bearing and framing events a client sees, [DONE] not counted
+
+
+# --- the mock upstream (runs in its own process: `relay_bench.py _mock`) ----------------------------
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def run_mock(host: str, port: int) -> None:
+    """A deliberately minimal HTTP/1.1 server: no framework, precomputed responses, keep-alive.
+    It must cost far less per request than any proxy in front of it, or it would be what we
+    measure. Supports Content-Length request bodies only (wrk, aiohttp and nginx all send one)."""
+    import uvloop
+
+    body = _completion_body()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    sse_head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    # One HTTP chunk per SSE event and one write per chunk: the proxy sees (close to) the
+    # event-by-event arrival pattern of a real server instead of one coalesced blob.
+    sse_plain = [_http_chunk(e) for e in _stream_events(False)] + [b"0\r\n\r\n"]
+    sse_usage = [_http_chunk(e) for e in _stream_events(True)] + [b"0\r\n\r\n"]
+    health = b'{"status":"ok"}'
+    ok_health = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(health),
+        health,
+    )
+    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    unsupported = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    class Mock(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = b""
+            self.transport: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # uvloop's TCPTransport is not an asyncio.Transport subclass, only API-compatible.
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            t = self.transport
+            assert t is not None
+            buf = self.buf + data if self.buf else data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buf[:end].lower()
+                if b"transfer-encoding:" in head:
+                    t.write(unsupported)
+                    t.close()
+                    return
+                length = 0
+                i = head.find(b"\r\ncontent-length:")
+                if i >= 0:
+                    j = head.find(b"\r\n", i + 2)
+                    length = int(head[i + 17 : j if j >= 0 else len(head)])
+                total = end + 4 + length
+                if len(buf) < total:
+                    break
+                req = buf[end + 4 : total]
+                buf = buf[total:]
+                line = head[: head.find(b"\r\n")]
+                if line.startswith(b"post /v1/chat/completions"):
+                    if b'"stream":true' in req or b'"stream": true' in req:
+                        t.write(sse_head)
+                        for piece in sse_usage if b'"include_usage":true' in req else sse_plain:
+                            t.write(piece)
+                    else:
+                        t.write(ok)
+                elif line.startswith((b"get /health", b"get /v1/models")):
+                    t.write(ok_health)
+                else:
+                    t.write(not_found)
+                if b"\r\nconnection: close" in head:
+                    t.close()
+                    return
+            self.buf = buf
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Mock, host, port, backlog=1024, reuse_address=True)
+        bound = server.sockets[0].getsockname()[1]
+        print(f"MOCK_PORT {bound}", flush=True)  # the parent reads the port from here
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        server.close()
+
+    uvloop.run(main())
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
+    """(load side, proxy side). None: do not pin (one CPU only)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, {cpus[1]}
+
+
+def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+    # preexec_fn: the affinity is set before exec, so every thread the child ever starts
+    # (llmd's aiosqlite thread, nginx's worker) inherits it. This script is single-threaded.
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+class Procs:
+    """Every child this script starts; ``stop_all`` runs on exit, error and Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], cpus: set[int] | None, **kw: Any) -> subprocess.Popen[bytes]:
+        # start_new_session: Ctrl-C in the terminal reaches only us; we stop the children in order.
+        p = subprocess.Popen(argv, start_new_session=True, preexec_fn=_pinned(cpus), **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in reversed(list(self.procs)):
+            self.stop(p)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of pid and its live descendants, plus the reaped children's (cutime+cstime).
+    Descendants matter for nginx (the worker does the work, the master only waits)."""
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # fields[0] is field 3 (state); utime..cstime are fields 14..17.
+        total += sum(int(x) for x in fields[11:15]) / CLK_TCK
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB."""
+    vals: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            vals[k] = int(v.split()[0]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def http_get(port: int, path: str, timeout_s: float = 1.0) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def http_post(port: int, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_until(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], log: Path | None,
+               timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}" + (f"; its log:\n{_tail(log)}" if log else ""))
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if cond():
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} not ready after {timeout_s:g}s" + (f"; its log:\n{_tail(log)}" if log else ""))
+        time.sleep(0.05)
+
+
+def _tail(path: Path | None, n: int = 30) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
+class Target:
+    name: str  # direct | llmd | llmd-nometrics | nginx
+    port: int
+    proc: subprocess.Popen[bytes] | None  # the process whose CPU counts as the hop's (None: direct)
+
+
+def start_mock(procs: Procs, cpus: set[int] | None, tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes], int]:
+    if upstream == "fake":
+        # tests/fake_backend.py: the llama-server look-alike the tests use (aiohttp, simulated
+        # slots and tokens). Kept as an option to show why the raw mock is the default.
+        from socket import socket
+
+        with socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = tmp / "fake.log"
+        p = procs.start(
+            [PYTHON, str(ROOT / "tests" / "fake_backend.py"), "--host", "127.0.0.1", "--port", str(port),
+             "-np", "256", "-n", "6", "--load-delay-s", "0"],
+            cpus, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: http_get(port, "/health") == 200, "fake_backend", p, log)
+        return p, port
+    p = procs.start([PYTHON, __file__, "_mock"], cpus, stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    line = p.stdout.readline().decode()
+    if not line.startswith("MOCK_PORT "):
+        raise SystemExit(f"mock did not start: {line!r}")
+    port = int(line.split()[1])
+    wait_until(lambda: http_get(port, "/health") == 200, "mock", p, None)
+    return p, port
+
+
+def start_llmd(procs: Procs, cpus: set[int] | None, tmp: Path, name: str, upstream_port: int, metrics: bool) -> Target:
+    d = tmp / name
+    d.mkdir()
+    config = d / "llmd.yaml"
+    # JSON so the config is exact without a YAML dependency here (YAML is a superset of JSON).
+    config.write_text(json.dumps({
+        "server": {"host": "127.0.0.1", "port": 0, "log_format": "json", "drain_seconds": 1, "metrics": metrics},
+        "usage": {"path": str(d / "usage.sqlite3")},
+        "models": {MODEL: {"backend": "openai", "urls": [f"http://127.0.0.1:{upstream_port}/v1"], "slots": 256}},
+        "routing": {"strategy": "least-loaded", "max_queue": 1024},
+    }, indent=2))
+    log = d / "llmd.log"  # the access log goes to stderr with everything else: a file, like journald
+    p = procs.start([PYTHON, "-m", "llmd", "serve", "-c", str(config)], cpus, cwd=ROOT,
+                    stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    port = 0
+
+    def listening() -> bool:
+        nonlocal port
+        m = re.search(r'"msg":"listening".*?"port":(\d+)', log.read_text(errors="replace"))
+        if m:
+            port = int(m.group(1))
+        return port != 0 and http_get(port, "/readyz") == 200
+
+    wait_until(listening, name, p, log)
+    return Target(name, port, p)
+
+
+def start_nginx(procs: Procs, cpus: set[int] | None, tmp: Path, upstream_port: int) -> Target | None:
+    exe = shutil.which("nginx") or next((x for x in ("/usr/sbin/nginx",) if Path(x).exists()), None)
+    if exe is None:
+        return None
+    from socket import socket
+
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tmp / "nginx"
+    d.mkdir()
+    # As plain as nginx/llm-api.conf's proxy part, without TLS: upstream keep-alive, HTTP/1.1,
+    # no response buffering (SSE), one worker (llmd is one process too), an access log per request.
+    (d / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    access_log {d}/access.log;
+    upstream mock {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+""")
+    log = d / "error.log"
+    p = procs.start([exe, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(log)], cpus,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("wb"))
+    wait_until(lambda: http_get(port, "/health") == 200, "nginx", p, d / "stderr.log")
+    return Target("nginx", port, p)
+
+
+def sanity_check(targets: list[Target]) -> None:
+    """Every hop must return what the mock returns: same status, same SSE event count (llmd asks
+    the mock for usage and must hide that chunk again), or the comparison would be meaningless."""
+    for t in targets:
+        status, body = http_post(t.port, request_body(False))
+        if status != 200 or b'"usage"' not in body:
+            raise SystemExit(f"{t.name}: non-stream answered {status}: {body[:300]!r}")
+        status, body = http_post(t.port, request_body(True))
+        events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ") and e != b"data: [DONE]"]
+        if status != 200 or len(events) != STREAM_EVENTS or not body.rstrip().endswith(b"data: [DONE]"):
+            raise SystemExit(f"{t.name}: stream answered {status} with {len(events)} events: {body[:300]!r}")
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Shape:
+    stream: bool
+    conns: int
+
+    @property
+    def label(self) -> str:
+        return f"{'stream' if self.stream else 'non-stream'} c={self.conns}"
+
+
+@dataclass
+class Run:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    hop_cpu_s: float
+    mock_cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Agg:
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return sum(r.requests for r in self.runs) / sum(r.seconds for r in self.runs)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(r.p50_ms for r in self.runs)
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(r.p99_ms for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+    def cpu_ms_per_req(self, hop: bool = True) -> float:
+        cpu = sum(r.hop_cpu_s if hop else r.mock_cpu_s for r in self.runs)
+        return 1000 * cpu / max(1, sum(r.requests for r in self.runs))
+
+
+def wrk(wrk_exe: str, procs: Procs, cpus: set[int] | None, script: Path, port: int, conns: int,
+        seconds: float, hop: subprocess.Popen[bytes] | None, mock: subprocess.Popen[bytes]) -> Run:
+    hop_cpu0 = cpu_seconds(hop.pid) if hop else 0.0
+    mock_cpu0 = cpu_seconds(mock.pid)
+    argv = [wrk_exe, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(script),
+            f"http://127.0.0.1:{port}/v1/chat/completions"]
+    p = procs.start(argv, cpus, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate()
+    procs.procs.remove(p)
+    hop_cpu = (cpu_seconds(hop.pid) - hop_cpu0) if hop else 0.0
+    mock_cpu = cpu_seconds(mock.pid) - mock_cpu0
+    m = re.search(rb"BENCH_JSON (\{.*\})", out)
+    if p.returncode != 0 or m is None:
+        raise SystemExit(f"wrk failed ({p.returncode}):\n{out.decode(errors='replace')}")
+    r = json.loads(m.group(1))
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return Run(r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1000, r["p99_us"] / 1000, errors, hop_cpu, mock_cpu)
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tuple[float, float],
+           rss_idle: float, args: argparse.Namespace, cpus: tuple[set[int] | None, set[int] | None]) -> str:
+    has_nginx = any(k[0] == "nginx" for k in results)
+    lines = [
+        f"## llmd relay benchmark ({args.rounds} round(s) x {args.duration:g} s per run, upstream: {args.upstream})",
+        "",
+        f"machine: {os.cpu_count()} CPUs; "
+        + (f"wrk + mock on CPU {sorted(cpus[0])[0]}, llmd / nginx on CPU {sorted(cpus[1])[0]}"
+           if cpus[0] and cpus[1] else "no pinning (one CPU)"),
+        "",
+        "| shape | direct RPS | llmd RPS | ratio | direct p50/p99 ms | llmd p50/p99 ms | added p50 ms "
+        "| llmd CPU ms/req | mock CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in shapes:
+        d, l_ = results[("direct", s)], results[("llmd", s)]
+        lines.append(
+            f"| {s.label} | {d.rps:,.0f} | {l_.rps:,.0f} | {l_.rps / d.rps:.2f} | {d.p50:.2f} / {d.p99:.2f} "
+            f"| {l_.p50:.2f} / {l_.p99:.2f} | {l_.p50 - d.p50:+.2f} | {l_.cpu_ms_per_req():.3f} "
+            f"| {d.cpu_ms_per_req(hop=False):.3f} |"
+        )
+    if has_nginx:
+        lines += [
+            "",
+            "nginx 1 worker as a plain keep-alive proxy hop in front of the same mock (same rounds):",
+            "",
+            "| shape | nginx RPS | nginx p50/p99 ms | added p50 ms | nginx CPU ms/req | llmd/nginx CPU |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for s in shapes:
+            d, n, l_ = results[("direct", s)], results[("nginx", s)], results[("llmd", s)]
+            lines.append(
+                f"| {s.label} | {n.rps:,.0f} | {n.p50:.2f} / {n.p99:.2f} | {n.p50 - d.p50:+.2f} "
+                f"| {n.cpu_ms_per_req():.3f} | {l_.cpu_ms_per_req() / max(1e-9, n.cpu_ms_per_req()):.1f}x |"
+            )
+    errors = {f"{k[0]} {k[1].label}": v.errors for k, v in results.items() if v.errors}
+    if errors:
+        lines += ["", f"**errors (non-2xx, timeouts, socket errors)**: {errors}"]
+
+    c1, c16 = Shape(False, 1), Shape(False, 16)
+    on, off = results[("llmd", c16)], results[("llmd-nometrics", c16)]
+    ratio = on.rps / off.rps
+    added_c1 = results[("llmd", c1)].p50 - results[("direct", c1)].p50
+    cpu_c16 = on.cpu_ms_per_req()
+    lines += [
+        "",
+        f"metrics on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio {ratio:.3f} "
+        f"(CPU {on.cpu_ms_per_req():.3f} vs {off.cpu_ms_per_req():.3f} ms/req)",
+        f"llmd RSS after load: {rss[0]:.1f} MB (peak VmHWM {rss[1]:.1f} MB; {rss_idle:.1f} MB idle before load)",
+        "",
+        "Reference (from the issue, other machine): LiteLLM proxy, 1 worker: "
+        f"{LITELLM_RPS_C1[0]}-{LITELLM_RPS_C1[1]} req/s at c=1 (+{LITELLM_ADDED_P50_MS_C1:g} ms p50 over direct), "
+        f"{LITELLM_RPS_C16:g} req/s at c=16, {LITELLM_CPU_MS[0]:g}-{LITELLM_CPU_MS[1]:g} ms CPU/request; "
+        f"nginx as a plain hop: {NGINX_CPU_MS_REF} ms CPU/request.",
+        "",
+        "Targets:",
+        f"- {verdict(cpu_c16 <= TARGET_CPU_MS)} llmd CPU per request (non-stream c=16) <= {TARGET_CPU_MS} ms "
+        f"(6x nginx's {NGINX_CPU_MS_REF}): {cpu_c16:.3f} ms",
+    ]
+    if has_nginx:
+        n_cpu = results[("nginx", c16)].cpu_ms_per_req()
+        lines.append(
+            f"- {verdict(cpu_c16 <= 6 * n_cpu)} same-machine: llmd CPU <= 6x nginx's measured {n_cpu:.3f} ms "
+            f"(= {6 * n_cpu:.3f} ms): {cpu_c16 / max(1e-9, n_cpu):.1f}x"
+        )
+    lines += [
+        f"- {verdict(added_c1 <= TARGET_ADDED_P50_MS)} added p50 at c=1 <= {TARGET_ADDED_P50_MS} ms: {added_c1:.3f} ms",
+        f"- {verdict(on.rps >= TARGET_RPS_C16)} throughput at c=16 >= 30x LiteLLM's {LITELLM_RPS_C16:g} "
+        f"(= {TARGET_RPS_C16:g} req/s): {on.rps:,.0f} req/s ({on.rps / LITELLM_RPS_C16:.0f}x)",
+        f"- {verdict(rss[0] <= TARGET_RSS_MB)} RSS after load <= {TARGET_RSS_MB:g} MB: {rss[0]:.1f} MB",
+        f"- {verdict(ratio >= TARGET_METRICS_RATIO)} metrics on within 5% of off (c=16): ratio {ratio:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 round x 2 s per run (~35 s in all)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 2; --quick 1)")
+    ap.add_argument("--duration", type=float, help="seconds per wrk run (default 5; --quick 2)")
+    ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference hop")
+    ap.add_argument("--upstream", choices=("mock", "fake"), default="mock",
+                    help="mock: the raw uvloop server in this file; fake: tests/fake_backend.py")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, ledgers)")
+    args = ap.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+
+    wrk_exe = shutil.which("wrk")
+    if wrk_exe is None:
+        print("relay_bench: wrk not found. Install it: apt-get install -y wrk (Debian/Ubuntu), "
+              "or build https://github.com/wg/wrk and put it on PATH.", file=sys.stderr)
+        return 2
+
+    load_cpus, hop_cpus = _cpu_sets()
+    if load_cpus is not None:
+        os.sched_setaffinity(0, load_cpus)  # this script shares the load side; it mostly sleeps
+    procs = Procs()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # run the finally below: children are stopped, not orphaned
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = Path(tempfile.mkdtemp(prefix="llmd-bench-"))
+    t_begin = time.monotonic()
+    try:
+        mock, mock_port = start_mock(procs, load_cpus, tmp, args.upstream)
+        targets = [Target("direct", mock_port, None),
+                   start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, metrics=True),
+                   start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, metrics=False)]
+        if not args.no_nginx:
+            ng = start_nginx(procs, hop_cpus, tmp, mock_port)
+            if ng is None:
+                print("note: nginx not found, skipping the nginx reference hop", file=sys.stderr)
+            else:
+                targets.append(ng)
+        by_name = {t.name: t for t in targets}
+        sanity_check(targets)
+        llmd = by_name["llmd"]
+        assert llmd.proc is not None
+        rss_idle = rss_mb(llmd.proc.pid)[0]
+
+        scripts = {}
+        for stream in (False, True):
+            scripts[stream] = tmp / f"{'stream' if stream else 'plain'}.lua"
+            scripts[stream].write_text(WRK_LUA.format(body=request_body(stream).decode()))
+
+        shapes = [Shape(False, 1), Shape(False, 16), Shape(False, 64), Shape(True, 16)]
+        plan: list[tuple[Shape, list[str]]] = []
+        for s in shapes:
+            names = ["direct", "llmd"] + (["nginx"] if "nginx" in by_name else [])
+            if s == Shape(False, 16):
+                names.append("llmd-nometrics")  # the metrics on/off pair runs interleaved as well
+            plan.append((s, names))
+
+        # Warm-up (not measured): connection pools, allocator arenas, lazily built label children.
+        for t in targets:
+            wrk(wrk_exe, procs, load_cpus, scripts[False], t.port, 16, 1, t.proc, mock)
+
+        results: dict[tuple[str, Shape], Agg] = {}
+        total_runs = args.rounds * sum(len(n) for _, n in plan)
+        done = 0
+        for rnd in range(args.rounds):
+            for s, names in plan:
+                # Alternate the order each round so neither side always runs right after the other.
+                for name in names if rnd % 2 == 0 else reversed(names):
+                    t = by_name[name]
+                    run = wrk(wrk_exe, procs, load_cpus, scripts[s.stream], t.port, s.conns, args.duration,
+                              t.proc, mock)
+                    results.setdefault((name, s), Agg()).runs.append(run)
+                    done += 1
+                    print(f"[{done}/{total_runs}] round {rnd + 1} {s.label:<16} {name:<15} {run.rps:9,.0f} req/s "
+                          f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:6.2f} ms "
+                          f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req", file=sys.stderr)
+        rss = rss_mb(llmd.proc.pid)
+        print(report(results, shapes, rss, rss_idle, args, (load_cpus, hop_cpus)))
+        print(f"\n(total {time.monotonic() - t_begin:.0f} s; temp dir {tmp}"
+              f"{' kept' if args.keep else ' removed'})")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; stopping children", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "_mock":
+        run_mock("127.0.0.1", 0)
+        sys.exit(0)
+    sys.exit(main())
