@@ -59,8 +59,10 @@ class Admission:
         balancer: Balancer,
         max_queue: int,
         queue_timeout_s: float,
+        order: str = "fair",
     ) -> None:
         self.model = model
+        self.order = order
         self._replicas = replicas
         self.balancer = balancer
         self.max_queue = max_queue
@@ -75,8 +77,8 @@ class Admission:
     def depth(self) -> int:
         return len(self._waiters)
 
-    def configure(self, max_queue: int, queue_timeout_s: float) -> None:
-        self.max_queue, self.queue_timeout_s = max_queue, queue_timeout_s
+    def configure(self, max_queue: int, queue_timeout_s: float, order: str = "fair") -> None:
+        self.max_queue, self.queue_timeout_s, self.order = max_queue, queue_timeout_s, order
 
     def _grant(self, choice: Choice, key_id: str, hashes: Sequence[int]) -> Choice:
         choice.replica.in_flight += 1
@@ -151,6 +153,8 @@ class Admission:
             w.future.set_result(self._grant(choice, w.key_id, w.hashes))
 
     def _rank(self, w: _Waiter, now: float) -> tuple[int, float, int]:
+        if self.order == "fifo":
+            return (0, 0.0, w.seq)
         # Service received recently plus what the key holds right now (each slot held counts
         # as if it had run half a half-life), so a key with many in flight yields to one with few.
         held = self._in_service.get(w.key_id, 0) * SERVICE_HALF_LIFE_S / 2

@@ -138,6 +138,8 @@ class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
 
 class RoutingConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     strategy: Literal["prefix-affinity", "least-loaded", "round-robin"] = "prefix-affinity"
+    # fair: tier priority, then least recent service per key; fifo: arrival order (for comparison).
+    admission: Literal["fair", "fifo"] = "fair"
     max_queue: NonNegInt = 256
     queue_timeout_s: PositiveFloat = 30.0
     retries: NonNegInt = 2
@@ -448,6 +450,9 @@ def parse(text: str, source: str = "<string>", base: Path | None = None) -> Conf
     cfg = _convert_struct(raw, Config, "", errors)
     if cfg is not None:
         _check(cfg, errors)
+        from .launchers import validate as validate_launch  # late: launchers imports this module
+
+        errors.extend(validate_launch(cfg))
     if errors or cfg is None:
         raise ConfigError(source, errors or ["invalid config"])
     cfg.source = source

@@ -57,10 +57,17 @@ class Metrics:
             "llmd_replica_backend", "A replica's own load signals scraped from its /metrics",
             ["model", "replica", "signal"], registry=r,
         )
-        self.usage_pending = Gauge("llmd_usage_pending_rows", "Usage rows not yet written", registry=r)
-        self.usage_dropped = Gauge(
-            "llmd_usage_dropped_rows_total", "Usage rows dropped because the ledger could not write", registry=r
+        self.replica_slots = Gauge(
+            "llmd_replica_slots", "Concurrent requests a replica serves", ["model", "replica"], registry=r
         )
+        self.replica_in_flight = Gauge(
+            "llmd_replica_in_flight", "Requests a replica is serving now", ["model", "replica"], registry=r
+        )
+        self.usage_pending = Gauge("llmd_usage_pending_rows", "Usage rows not yet written", registry=r)
+        self.usage_dropped = Counter(
+            "llmd_usage_dropped_rows", "Usage rows dropped because the ledger could not write", registry=r
+        )
+        self._dropped_seen = 0
         self.reloads = Counter("llmd_config_reloads", "Config reloads", ["result"], registry=r)
         self.overhead = Histogram(
             "llmd_overhead_seconds", "Time a request spent in llmd itself (total minus upstream)", ["route"],
@@ -147,15 +154,16 @@ class Metrics:
         if r.restarts > seen:
             self.replica_restarts.labels(m, r.name).inc(r.restarts - seen)
             self._restarts_seen[r.name] = r.restarts
+        self.replica_slots.labels(m, r.name).set(r.slots)
+        self.replica_in_flight.labels(m, r.name).set(r.in_flight)
         for signal, value in r.backend_metrics.items():
             self.replica_backend.labels(m, r.name, signal).set(value)
 
-    def forget_replica(self, r: Replica) -> None:
-        for state in ReplicaState:
-            try:
-                self.replica_state.remove(self.model(r.model), r.name, state.value)
-            except KeyError:
-                pass
+    def observe_dropped(self, total_dropped: int) -> None:
+        """The ledger counts drops; export the increase since the last scrape as a counter."""
+        if total_dropped > self._dropped_seen:
+            self.usage_dropped.inc(total_dropped - self._dropped_seen)
+            self._dropped_seen = total_dropped
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

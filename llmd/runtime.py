@@ -95,13 +95,13 @@ class Services:
             if pool is None:
                 balancer = Balancer(r.strategy, r.affinity_min_match, r.load_factor)
                 admission = Admission(
-                    name, lambda n=name: self._replicas(n), balancer, r.max_queue, r.queue_timeout_s
+                    name, lambda n=name: self._replicas(n), balancer, r.max_queue, r.queue_timeout_s, r.admission
                 )
                 admission.on_wait = lambda s, n=name: self.metrics.observe_queue(n, self.pools[n].admission.depth, s)
                 self.pools[name] = Pool(admission, balancer)
             else:
                 pool.balancer.configure(r.strategy, r.affinity_min_match, r.load_factor)
-                pool.admission.configure(r.max_queue, r.queue_timeout_s)
+                pool.admission.configure(r.max_queue, r.queue_timeout_s, r.admission)
         for name in list(self.pools):
             if name not in cfg.models:
                 # Removed model: its waiters are told now; in-flight requests finish.
@@ -172,7 +172,7 @@ class Services:
     def refresh_metrics(self) -> None:
         m = self.metrics
         m.usage_pending.set(self.ledger.pending_rows)
-        m.usage_dropped.set(self.ledger.dropped_rows)
+        m.observe_dropped(self.ledger.dropped_rows)
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
             for r in self._replicas(name):

@@ -135,3 +135,22 @@ async def test_cancelled_waiter_leaves_the_queue_and_never_holds_a_slot() -> Non
     assert adm.depth == 0
     adm.release(held.replica, "a", 0.1)
     assert reps[0].in_flight == 0
+
+
+async def test_fifo_admission_serves_in_arrival_order() -> None:
+    reps = replicas(1, slots=1)
+    adm = Admission("m", lambda: reps, Balancer("least-loaded"), max_queue=10, queue_timeout_s=5, order="fifo")
+    first = await adm.acquire("heavy", 1, [])
+    order: list[str] = []
+
+    async def req(key: str, prio: int) -> None:
+        c = await adm.acquire(key, prio, [])
+        order.append(key)
+        await asyncio.sleep(0)
+        adm.release(c.replica, key, 1.0)
+
+    tasks = [asyncio.create_task(req(k, p)) for k, p in (("heavy", 1), ("heavy", 1), ("light", 1), ("vip", 2))]
+    await asyncio.sleep(0)
+    adm.release(first.replica, "heavy", 5.0)
+    await asyncio.gather(*tasks)
+    assert order == ["heavy", "heavy", "light", "vip"]

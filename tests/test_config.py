@@ -154,3 +154,8 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
     table = KeyTable(cfg)
     assert cfg.keys[0].sha256 == hash_secret(secret)
     assert table.principals()[0].key_id == "alice"
+
+
+def test_flags_llmd_sets_itself_are_refused_at_check_time() -> None:
+    errs = errors_of("models:\n  g: {backend: llama-server, model: m.gguf, args: ['--port', '9000']}\n")
+    assert any(e.startswith("models.g.args: --port is set by llmd") for e in errs), errs

@@ -60,7 +60,7 @@ def exercised_metrics() -> Metrics:
     )
     m.observe_replica(replica)
     m.usage_pending.set(3)
-    m.usage_dropped.set(0)
+    m.observe_dropped(1)
     m.reloads.labels("ok").inc()
     m.reloads.labels("error").inc()
     return m
