@@ -231,6 +231,60 @@ def run_mock(host: str, port: int) -> None:
     uvloop.run(main())
 
 
+# --- the aiohttp floor (runs in its own process: `relay_bench.py _floor UPSTREAM_PORT`) ---------------
+
+
+def run_floor(upstream_port: int) -> None:
+    """The least an aiohttp-on-uvloop relay can do: read the body, POST it upstream over one shared
+    ClientSession, relay the answer (streams chunk by chunk). No auth, limits, ledger, metrics or
+    logs. What llmd costs above this is llmd's own code; what this costs is aiohttp's."""
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        session: aiohttp.ClientSession = request.app["session"]
+        body = await request.read()
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as up:
+            if not up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                data = await up.read()
+                return web.Response(body=data, status=up.status, content_type="application/json")
+            out = web.StreamResponse()
+            out.content_type = "text/event-stream"
+            await out.prepare(request)
+            async for chunk in up.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        app.router.add_post("/v1/chat/completions", relay)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        server = getattr(site, "_server", None)
+        assert server is not None and server.sockets
+        print(f"FLOOR_PORT {server.sockets[0].getsockname()[1]}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        await app["session"].close()
+        await runner.cleanup()
+
+    uvloop.run(main())
+
+
 # --- processes -------------------------------------------------------------------------------------
 
 
@@ -397,7 +451,21 @@ def start_mock(procs: Procs, cpus: set[int] | None, tmp: Path, upstream: str) ->
     return p, port
 
 
-def start_llmd(procs: Procs, cpus: set[int] | None, tmp: Path, name: str, upstream_port: int, metrics: bool) -> Target:
+def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int) -> Target:
+    p = procs.start([PYTHON, __file__, "_floor", str(upstream_port)], cpus, stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    line = p.stdout.readline().decode()
+    if not line.startswith("FLOOR_PORT "):
+        raise SystemExit(f"aiohttp floor did not start: {line!r}")
+    port = int(line.split()[1])
+    wait_until(lambda: http_get(port, "/health") == 200, "aiohttp floor", p, None)
+    return Target("aiohttp-floor", port, p)
+
+
+def start_llmd(procs: Procs, cpus: set[int] | None, tmp: Path, name: str, upstream_port: int, metrics: bool,
+               src: Path = ROOT) -> Target:
+    """llmd from ``src`` (this checkout, or a scratch copy for --candidate): ``-m llmd`` imports the
+    package from the working directory before the venv's editable install."""
     d = tmp / name
     d.mkdir()
     config = d / "llmd.yaml"
@@ -409,7 +477,8 @@ def start_llmd(procs: Procs, cpus: set[int] | None, tmp: Path, name: str, upstre
         "routing": {"strategy": "least-loaded", "max_queue": 1024},
     }, indent=2))
     log = d / "llmd.log"  # the access log goes to stderr with everything else: a file, like journald
-    p = procs.start([PYTHON, "-m", "llmd", "serve", "-c", str(config)], cpus, cwd=ROOT,
+    p = procs.start([PYTHON, "-m", "llmd", "serve", "-c", str(config)], cpus, cwd=src,
+                    env={**os.environ, "PYTHONPATH": str(src)},
                     stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     port = 0
 
@@ -597,19 +666,37 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
             f"| {l_.p50:.2f} / {l_.p99:.2f} | {l_.p50 - d.p50:+.2f} | {l_.cpu_ms_per_req():.3f} "
             f"| {d.cpu_ms_per_req(hop=False):.3f} |"
         )
-    if has_nginx:
+    others = [n for n in ("nginx", "aiohttp-floor") if any(k[0] == n for k in results)]
+    if others:
         lines += [
             "",
-            "nginx 1 worker as a plain keep-alive proxy hop in front of the same mock (same rounds):",
+            "Reference hops in front of the same mock, same rounds (nginx: 1 worker, plain keep-alive proxy; "
+            "aiohttp-floor: a bare aiohttp relay with none of llmd's logic):",
             "",
-            "| shape | nginx RPS | nginx p50/p99 ms | added p50 ms | nginx CPU ms/req | llmd/nginx CPU |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| shape | hop | RPS | p50/p99 ms | added p50 ms | CPU ms/req | llmd CPU / hop CPU |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for s in shapes:
-            d, n, l_ = results[("direct", s)], results[("nginx", s)], results[("llmd", s)]
+            for name in others:
+                d, n, l_ = results[("direct", s)], results[(name, s)], results[("llmd", s)]
+                lines.append(
+                    f"| {s.label} | {name} | {n.rps:,.0f} | {n.p50:.2f} / {n.p99:.2f} | {n.p50 - d.p50:+.2f} "
+                    f"| {n.cpu_ms_per_req():.3f} | {l_.cpu_ms_per_req() / max(1e-9, n.cpu_ms_per_req()):.1f}x |"
+                )
+    if any(k[0] == "candidate" for k in results):
+        lines += [
+            "",
+            f"candidate llmd from {args.candidate} vs this checkout's llmd (same rounds, interleaved):",
+            "",
+            "| shape | llmd RPS | candidate RPS | ratio | llmd p50 ms | candidate p50 ms "
+            "| llmd CPU ms/req | candidate CPU ms/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in shapes:
+            l_, c = results[("llmd", s)], results[("candidate", s)]
             lines.append(
-                f"| {s.label} | {n.rps:,.0f} | {n.p50:.2f} / {n.p99:.2f} | {n.p50 - d.p50:+.2f} "
-                f"| {n.cpu_ms_per_req():.3f} | {l_.cpu_ms_per_req() / max(1e-9, n.cpu_ms_per_req()):.1f}x |"
+                f"| {s.label} | {l_.rps:,.0f} | {c.rps:,.0f} | {c.rps / l_.rps:.2f} | {l_.p50:.2f} | {c.p50:.2f} "
+                f"| {l_.cpu_ms_per_req():.3f} | {c.cpu_ms_per_req():.3f} |"
             )
     errors = {f"{k[0]} {k[1].label}": v.errors for k, v in results.items() if v.errors}
     if errors:
@@ -651,6 +738,62 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
     return "\n".join(lines)
 
 
+# --- profile ---------------------------------------------------------------------------------------
+
+
+def profile(out: Path, wrk_exe: str, procs: Procs, cpus: set[int] | None, script: Path, llmd: Target,
+            mock: subprocess.Popen[bytes], seconds: float) -> None:
+    """py-spy (pip install py-spy) samples llmd from the load-side CPU while wrk drives c=16.
+    --nonblocking: llmd is never paused, so the profile costs it (almost) nothing; the numbers of
+    this extra run are not part of the table above."""
+    spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+    if not Path(spy).exists():
+        print(f"\n--profile: py-spy not found; install it: {PYTHON} -m pip install py-spy", file=sys.stderr)
+        return
+    assert llmd.proc is not None
+    dur = max(5, round(seconds)) + 1  # >= ~1,500 samples at 250 Hz
+    p = procs.start([spy, "record", "-p", str(llmd.proc.pid), "-d", str(dur), "-r", "250", "--nonblocking",
+                     "-f", "raw", "-o", str(out)], cpus, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # let py-spy attach before the load starts
+    wrk(wrk_exe, procs, cpus, script, llmd.port, 16, dur - 1, llmd.proc, mock)
+    _, err = p.communicate()
+    procs.procs.remove(p)
+    if not out.exists():
+        print(f"\n--profile: py-spy wrote nothing: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+        return
+    print(f"\n### py-spy profile of llmd, non-stream c=16 (collapsed stacks in {out})\n")
+    print(summarize_profile(out))
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """Self and inclusive shares per function from py-spy's raw (collapsed) output, where each line
+    is ``frame;frame;...;leaf count`` and a frame is ``function (file:line)``."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        # Drop line numbers so one function's lines add up: "handle (aiohttp/web_protocol.py:512)".
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl_n[f] = incl_n.get(f, 0) + count
+    if not total:
+        return "(no samples)"
+    rows = ["| self % | inclusive % | function |", "|---:|---:|---|"]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| {100 * n / total:.1f} | {100 * incl_n[f] / total:.1f} | `{f}` |")
+    rows += ["", "| inclusive % | function (llmd's own) |", "|---:|---|"]
+    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1]):
+        if "(llmd/" in f:
+            rows.append(f"| {100 * n / total:.1f} | `{f}` |")
+    return "\n".join(rows)
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -660,8 +803,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 2; --quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 5; --quick 2)")
     ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference hop")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run a bare aiohttp relay (no llmd logic): what aiohttp itself costs per hop")
     ap.add_argument("--upstream", choices=("mock", "fake"), default="mock",
                     help="mock: the raw uvloop server in this file; fake: tests/fake_backend.py")
+    ap.add_argument("--candidate", type=Path, metavar="DIR",
+                    help="also run llmd from DIR (a scratch copy of the repo with a hot-path change), "
+                         "interleaved with this checkout's, and print the before/after table")
+    ap.add_argument("--profile", type=Path, metavar="OUT",
+                    help="after the rounds, record llmd with py-spy during one non-stream c=16 run: "
+                         "collapsed stacks to OUT, a top-functions summary to stdout")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, ledgers)")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 2)
@@ -689,6 +840,11 @@ def main() -> int:
         targets = [Target("direct", mock_port, None),
                    start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, metrics=True),
                    start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, metrics=False)]
+        if args.floor:
+            targets.append(start_floor(procs, hop_cpus, mock_port))
+        if args.candidate:
+            targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, metrics=True,
+                                      src=args.candidate.resolve()))
         if not args.no_nginx:
             ng = start_nginx(procs, hop_cpus, tmp, mock_port)
             if ng is None:
@@ -709,7 +865,7 @@ def main() -> int:
         shapes = [Shape(False, 1), Shape(False, 16), Shape(False, 64), Shape(True, 16)]
         plan: list[tuple[Shape, list[str]]] = []
         for s in shapes:
-            names = ["direct", "llmd"] + (["nginx"] if "nginx" in by_name else [])
+            names = ["direct", "llmd"] + [n for n in ("candidate", "aiohttp-floor", "nginx") if n in by_name]
             if s == Shape(False, 16):
                 names.append("llmd-nometrics")  # the metrics on/off pair runs interleaved as well
             plan.append((s, names))
@@ -735,6 +891,8 @@ def main() -> int:
                           f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req", file=sys.stderr)
         rss = rss_mb(llmd.proc.pid)
         print(report(results, shapes, rss, rss_idle, args, (load_cpus, hop_cpus)))
+        if args.profile:
+            profile(args.profile, wrk_exe, procs, load_cpus, scripts[False], llmd, mock, args.duration)
         print(f"\n(total {time.monotonic() - t_begin:.0f} s; temp dir {tmp}"
               f"{' kept' if args.keep else ' removed'})")
         return 0
@@ -750,5 +908,8 @@ def main() -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "_mock":
         run_mock("127.0.0.1", 0)
+        sys.exit(0)
+    if len(sys.argv) >= 3 and sys.argv[1] == "_floor":
+        run_floor(int(sys.argv[2]))
         sys.exit(0)
     sys.exit(main())

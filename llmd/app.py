@@ -29,8 +29,8 @@ from . import __version__
 from .auth import Principal
 from .balancer import block_hashes
 from .errors import ApiError, bad_request, model_not_found, not_found_route
-from .limits import RateLimited
-from .relay import Exchange, UpstreamFailed
+from .limits import Grant, RateLimited
+from .relay import Exchange, UpstreamFailed, count_prompt_tokens
 from .runtime import Runtime, Services
 from .usage import UsageRow
 
@@ -188,12 +188,16 @@ async def inference(request: web.Request) -> web.StreamResponse:
     ctx.model, ctx.stream = model, bool(env.stream)
     mcfg = rt.cfg.models[model]
 
-    reserve = rt.limiter.reserve_for(principal, _estimate_prompt_tokens(env), env.max_completion_tokens or env.max_tokens)
+    reserve = rt.limiter.reserve_for(
+        principal, _estimate_prompt_tokens(env), env.max_completion_tokens or env.max_tokens
+    )
     try:
         grant = rt.limiter.admit(principal, reserve)  # 4. limits
     except ApiError as e:
         outcome = "rejected_quota" if e.type == "insufficient_quota" else "rejected_rate"
-        services.metrics.observe_rate_limited(principal.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens")
+        services.metrics.observe_rate_limited(
+            principal.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens"
+        )
         _record(services, ctx, request, e.status, outcome, Exchange())
         e.headers.update(rt.limiter.headers(principal))
         raise
@@ -201,8 +205,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
     ex = Exchange(t_start=ctx.start)
     ctx.exchange = ex
     status = 0
+    upstream_model = mcfg.upstream_model or model
+    out_body = body
     try:
-        upstream_model = mcfg.upstream_model or model
         out_body, hide_usage = _upstream_body(body, env, upstream_model)
         prefix = env.messages if route == "chat" else env.prompt if route == "completions" else b""
         hashes = block_hashes(bytes(prefix)) if prefix and rt.cfg.routing.strategy == "prefix-affinity" else []
@@ -211,14 +216,31 @@ async def inference(request: web.Request) -> web.StreamResponse:
             headers["Authorization"] = f"Bearer {services.upstream_keys.get(mcfg.api_key_env, '')}"
         response_headers = {"X-Request-ID": ctx.request_id, **rt.limiter.headers(principal)}
         resp = await _relay_with_retries(
-            request, services, rt, principal, model, upstream_path, out_body, headers, response_headers, hide_usage, hashes, ex
+            request,
+            services,
+            rt,
+            principal,
+            model,
+            upstream_path,
+            out_body,
+            headers,
+            response_headers,
+            hide_usage,
+            hashes,
+            ex,
         )
         status = resp.status
         return resp
     except ApiError as e:
         status = e.status
         if ex.outcome == "ok":
-            ex.outcome = "timeout" if e.status == 504 else "rejected_queue" if e.status == 503 and not ex.replica else "upstream_error"
+            ex.outcome = (
+                "timeout"
+                if e.status == 504
+                else "rejected_queue"
+                if e.status == 503 and not ex.replica
+                else "upstream_error"
+            )
         raise
     except asyncio.CancelledError:
         ex.outcome = "client_abort"
@@ -226,19 +248,54 @@ async def inference(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         if ex.outcome == "client_abort" and not ex.usage_seen:
-            # The stream was cut before the upstream's usage arrived: count what was relayed,
-            # one token per streamed chunk, and estimate the prompt (stated in the row).
+            # The client left before the upstream's usage arrived: count what was relayed (one
+            # token per streamed chunk) and ask the replica to tokenize the prompt, off the
+            # request path; the row, the limits and the metrics settle when that answers.
             ex.completion_tokens = ex.chunks
-            ex.prompt_tokens = ex.prompt_tokens or _estimate_prompt_tokens(env)
-            ex.token_method = "stream_chunks"
-        used = ex.prompt_tokens + ex.completion_tokens
-        grant.release(used)
-        if ex.status == 0:
-            ex.status = status
-        _record(services, ctx, request, status or ex.status, ex.outcome, ex)
-        services.metrics.observe_tokens(model, principal.key_id, ex.prompt_tokens, ex.completion_tokens)
-        if ex.ttft_s is not None:
-            services.metrics.observe_ttft(model, ex.ttft_s)
+            ex.prompt_tokens = _estimate_prompt_tokens(env)
+            ex.token_method = "stream_chunks+estimate"
+            services.spawn(_settle_abort(services, ctx, request, grant, model, route, out_body, ex, status))
+        else:
+            _settle(services, ctx, request, grant, model, ex, status)
+
+
+async def _settle_abort(
+    services: Services,
+    ctx: RequestContext,
+    request: web.Request,
+    grant: Grant,
+    model: str,
+    route: str,
+    body: bytes,
+    ex: Exchange,
+    status: int,
+) -> None:
+    try:
+        if ex.origin and services.session is not None:
+            n = await count_prompt_tokens(services.session, ex.backend, ex.origin, model, route, body)
+            if n is not None:
+                ex.prompt_tokens, ex.token_method = n, "stream_chunks+tokenize"
+    finally:
+        _settle(services, ctx, request, grant, model, ex, status)
+
+
+def _settle(
+    services: Services,
+    ctx: RequestContext,
+    request: web.Request,
+    grant: Grant,
+    model: str,
+    ex: Exchange,
+    status: int,
+) -> None:
+    """8. The request is over, every way it can end: settle limits, write the row, count."""
+    grant.release(ex.prompt_tokens + ex.completion_tokens)
+    if ex.status == 0:
+        ex.status = status
+    _record(services, ctx, request, status or ex.status, ex.outcome, ex)
+    services.metrics.observe_tokens(model, grant.principal.key_id, ex.prompt_tokens, ex.completion_tokens)
+    if ex.ttft_s is not None:
+        services.metrics.observe_ttft(model, ex.ttft_s)
 
 
 async def _relay_with_retries(
@@ -283,7 +340,11 @@ async def _relay_with_retries(
                 metrics.observe_retry(model)
                 log.warning(
                     "retrying on another replica",
-                    extra={"request_id": ex and request[CTX].request_id, "replica": replica.name, "error": e.error.message},
+                    extra={
+                        "request_id": ex and request[CTX].request_id,
+                        "replica": replica.name,
+                        "error": e.error.message,
+                    },
                 )
                 continue
             if e.response is not None:
@@ -307,10 +368,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"Request body too large: the limit is {limit} bytes (server.max_body_bytes).", code="request_too_large")
+    return ApiError(
+        413, f"Request body too large: the limit is {limit} bytes (server.max_body_bytes).", code="request_too_large"
+    )
 
 
-def _record(services: Services, ctx: RequestContext, request: web.Request, status: int, outcome: str, ex: Exchange) -> None:
+def _record(
+    services: Services, ctx: RequestContext, request: web.Request, status: int, outcome: str, ex: Exchange
+) -> None:
     duration = time.monotonic() - ctx.start
     services.ledger.record(
         UsageRow(
@@ -383,9 +448,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     month = request.query.get("month")
     if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
         raise bad_request("month must be YYYY-MM", param="month")
-    rows = await services.ledger.report(
-        month=month, key=request.query.get("key"), model=request.query.get("model")
-    )
+    rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))
     return web.Response(body=msgspec.json.encode({"month": month, "rows": rows}), content_type="application/json")
 
 
@@ -399,8 +462,12 @@ def _admin(rt: Runtime, request: web.Request) -> Principal:
 async def metrics_route(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     services.refresh_metrics()
-    return web.Response(body=services.metrics.render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        body=services.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def version_route(request: web.Request) -> web.Response:
@@ -466,7 +533,9 @@ def _http_exception(e: web.HTTPException, request: web.Request) -> web.Response:
     if e.status == 404:
         return not_found_route(request.path).response()
     if e.status == 405:
-        return ApiError(405, f"Method {request.method} is not allowed on {request.path}.", code="method_not_allowed").response()
+        return ApiError(
+            405, f"Method {request.method} is not allowed on {request.path}.", code="method_not_allowed"
+        ).response()
     if e.status == 413:
         return _too_large(request.app[SERVICES].runtime.cfg.server.max_body_bytes).response()
     return ApiError(e.status, e.reason or "error").response()

@@ -15,9 +15,7 @@ from . import config as config_mod
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-c", "--config", help="config file (default: ./config.yaml, then /etc/llm-api/config.yaml)"
-    )
+    p.add_argument("-c", "--config", help="config file (default: ./config.yaml, then /etc/llm-api/config.yaml)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -222,8 +222,7 @@ def _type_name(t: Any) -> str:
         return f"a mapping of {_type_name(typing.get_args(t)[1])}"
     if isinstance(t, type) and issubclass(t, Struct):
         return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            type(None): "null"}.get(
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
         t, getattr(t, "__name__", str(t))
     )
 
@@ -360,9 +359,7 @@ def _check(cfg: Config, errors: list[str]) -> None:
                 if sets is None:
                     continue
                 if len(sets) != m.replicas:
-                    errors.append(
-                        f"{p}.{fld}: expected one set per replica ({m.replicas}), got {len(sets)}"
-                    )
+                    errors.append(f"{p}.{fld}: expected one set per replica ({m.replicas}), got {len(sets)}")
                 for i, s in enumerate(sets):
                     if not s:
                         errors.append(f"{p}.{fld}[{i}]: must not be empty")

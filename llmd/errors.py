@@ -50,9 +50,7 @@ class ApiError(Exception):
         return _encoder.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
 
     def response(self) -> web.Response:
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=self.headers
-        )
+        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

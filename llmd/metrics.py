@@ -28,34 +28,41 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.models: set[str] = set()
         self.keys: set[str] = set()
-        self.requests = Counter(
-            "llmd_requests", "Requests answered", ["route", "model", "key", "status"], registry=r
-        )
+        self.requests = Counter("llmd_requests", "Requests answered", ["route", "model", "key", "status"], registry=r)
         self.duration = Histogram(
-            "llmd_request_duration_seconds", "Request duration", ["route", "model"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "llmd_request_duration_seconds",
+            "Request duration",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "llmd_time_to_first_token_seconds", "Time to first streamed token", ["model"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "llmd_time_to_first_token_seconds",
+            "Time to first streamed token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter("llmd_tokens", "Tokens used", ["model", "key", "type"], registry=r)
         self.rate_limited = Counter("llmd_rate_limited", "Requests refused by limits", ["key", "reason"], registry=r)
         self.in_flight = Gauge("llmd_in_flight", "Requests being served", ["model"], registry=r)
         self.queue_depth = Gauge("llmd_queue_depth", "Requests waiting for a slot", ["model"], registry=r)
         self.queue_wait = Histogram(
-            "llmd_queue_wait_seconds", "Time waited in the admission queue", ["model"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "llmd_queue_wait_seconds",
+            "Time waited in the admission queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.replica_state = Gauge(
             "llmd_replica_state", "1 for the replica's current state", ["model", "replica", "state"], registry=r
         )
-        self.replica_restarts = Counter(
-            "llmd_replica_restarts", "Replica restarts", ["model", "replica"], registry=r
-        )
+        self.replica_restarts = Counter("llmd_replica_restarts", "Replica restarts", ["model", "replica"], registry=r)
         self.replica_backend = Gauge(
-            "llmd_replica_backend", "A replica's own load signals scraped from its /metrics",
-            ["model", "replica", "signal"], registry=r,
+            "llmd_replica_backend",
+            "A replica's own load signals scraped from its /metrics",
+            ["model", "replica", "signal"],
+            registry=r,
         )
         self.replica_slots = Gauge(
             "llmd_replica_slots", "Concurrent requests a replica serves", ["model", "replica"], registry=r
@@ -70,8 +77,11 @@ class Metrics:
         self._dropped_seen = 0
         self.reloads = Counter("llmd_config_reloads", "Config reloads", ["result"], registry=r)
         self.overhead = Histogram(
-            "llmd_overhead_seconds", "Time a request spent in llmd itself (total minus upstream)", ["route"],
-            buckets=OVERHEAD_BUCKETS, registry=r,
+            "llmd_overhead_seconds",
+            "Time a request spent in llmd itself (total minus upstream)",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
         )
         self.affinity = Counter("llmd_affinity", "Prefix-affinity decisions", ["model", "result"], registry=r)
         self.retries = Counter("llmd_retries", "Requests retried on another replica", ["model"], registry=r)

@@ -66,6 +66,8 @@ class Exchange:
     """What happened on the wire; the handler turns it into a usage row, metrics and a log line."""
 
     replica: str = ""
+    backend: str = ""
+    origin: str = ""  # the replica's scheme://host:port, for /tokenize after an abort
     status: int = 0
     outcome: str = "ok"
     prompt_tokens: int = 0
@@ -115,7 +117,7 @@ class Relay:
         hide_usage: bool,
         ex: Exchange,
     ) -> web.StreamResponse:
-        ex.replica = replica.name
+        ex.replica, ex.backend, ex.origin = replica.name, replica.backend, replica.origin()
         loop = asyncio.get_running_loop()
         t = self.timeouts
         start = loop.time()
@@ -232,7 +234,9 @@ class Relay:
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             # The replica died mid-stream (e.g. kill -9): tell the client in-band, then end.
             ex.outcome = "upstream_error"
-            await _try_write(out, sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}")))
+            await _try_write(
+                out, sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}"))
+            )
         except ConnectionResetError:
             ex.outcome = "client_abort"  # the client went away; leaving here closes the upstream
             return out
@@ -273,6 +277,57 @@ class Relay:
             parts.append(ev)
             parts.append(b"\n\n")
         return b"".join(parts)
+
+
+class _Template(msgspec.Struct):
+    prompt: str
+
+
+class _Tokens(msgspec.Struct):
+    tokens: list[msgspec.Raw] | None = None
+    count: int | None = None
+
+
+async def count_prompt_tokens(
+    session: aiohttp.ClientSession, backend: str, origin: str, model: str, route: str, body: bytes
+) -> int | None:
+    """The prompt's token count, asked of the replica that served it: used when a client
+    abandoned a stream before the upstream's usage arrived. llama-server: POST /apply-template
+    (chat) then /tokenize with special tokens, as its own prompt is built; vLLM: POST /tokenize
+    with the messages or prompt. None when the backend cannot tell (remote urls, errors)."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        doc = msgspec.json.decode(body)
+        if backend == "llama-server":
+            if route == "chat":
+                async with session.post(
+                    origin + "/apply-template", json={"messages": doc.get("messages")}, timeout=timeout
+                ) as r:
+                    if r.status != 200:
+                        return None
+                    text = msgspec.json.decode(await r.read(), type=_Template).prompt
+            elif route == "completions" and isinstance(doc.get("prompt"), str):
+                text = doc["prompt"]
+            else:
+                return None
+            async with session.post(
+                origin + "/tokenize", json={"content": text, "add_special": True}, timeout=timeout
+            ) as r:
+                if r.status != 200:
+                    return None
+                toks = msgspec.json.decode(await r.read(), type=_Tokens)
+                return len(toks.tokens) if toks.tokens is not None else None
+        if backend == "vllm":
+            key = "messages" if route == "chat" else "prompt"
+            async with session.post(
+                origin + "/tokenize", json={"model": model, key: doc.get(key)}, timeout=timeout
+            ) as r:
+                if r.status != 200:
+                    return None
+                return msgspec.json.decode(await r.read(), type=_Tokens).count
+    except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, AttributeError):
+        return None
+    return None
 
 
 async def _try_write(out: web.StreamResponse, data: bytes) -> None:

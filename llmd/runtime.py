@@ -9,11 +9,14 @@ queues and replica processes carry over.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -64,7 +67,8 @@ class Services:
         self.session: aiohttp.ClientSession | None = None
         self.supervisor: Supervisor | None = None
         self.relay: Relay
-        self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
+        self.draining = False
+        self._background: set[asyncio.Task[None]] = set()  # set at shutdown: /readyz answers 503 so balancers move away
 
     async def start(self) -> None:
         cfg = self.runtime.cfg
@@ -82,6 +86,13 @@ class Services:
         await self.supervisor.start()
         if self.runtime.keys.open:
             log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run follow-up work of a finished request (e.g. counting an aborted stream's prompt);
+        close() waits for it so no usage row is lost at shutdown."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _load_upstream_keys(self, cfg: Config) -> None:
         self.upstream_keys = {
@@ -179,6 +190,8 @@ class Services:
                 m.observe_replica(r)
 
     async def close(self, deadline: float) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=10)
         if self.supervisor is not None:
             await self.supervisor.stop(deadline)
         await self.ledger.close()

@@ -260,6 +260,7 @@ class LlamaServer(FakeServer):
         add.add_get("/models", self.models)
         add.add_get("/v1/models", self.models)
         add.add_post("/tokenize", self.tokenize)
+        add.add_post("/apply-template", self.apply_template)
         add.add_post("/v1/chat/completions", self.inference(self.chat))
         add.add_post("/chat/completions", self.inference(self.chat))
         add.add_post("/v1/completions", self.inference(self.completions))
@@ -536,6 +537,19 @@ class LlamaServer(FakeServer):
         dim = self.opts["embedding_dim"]
         return await self.answer(request, ctl, job, lambda: [
             {"index": i, "embedding": [embedding(text, dim)]} for i, text in enumerate(texts)])
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        """llama-server's POST /apply-template: the chat prompt as text. Newlines are rendered
+        as a visible "<nl>" word so /tokenize (a whitespace split) counts them as the chat does."""
+        body = await self.read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            return self.json({"error": {"code": 400, "message": "'messages' is required",
+                                        "type": "invalid_request_error"}}, status=400)
+        words = ["<nl>" if w == "\n" else w for w in chat_prompt(messages)]
+        return self.json({"prompt": " ".join(words)})
 
     async def tokenize(self, request: web.Request) -> web.Response:
         # Not counted in /fake/stats: it is a helper, not inference.

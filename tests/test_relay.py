@@ -194,31 +194,65 @@ async def test_upstream_unreachable_is_502_and_timeout_is_504(fake: FakeProc, ll
         assert e.value.status_code == 504
 
 
+async def _abort_after_first_token(url: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/chat/completions", json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 50, "fake": {"token_delay_ms": 200}}) as r:
+            async for line in r.content:
+                if b'"content":"t0"' in line:
+                    break
+
+
+async def _row(llmd) -> tuple:
+    import sqlite3
+
+    for _ in range(200):  # the handler learns of the hang-up, then settles in the background
+        await llmd.services.ledger.flush()
+        row = sqlite3.connect(llmd.services.runtime.cfg.usage.path).execute(
+            "select outcome, prompt_tokens, completion_tokens, token_method from requests").fetchone()
+        if row is not None:
+            return row
+        await asyncio.sleep(0.025)
+    raise AssertionError("no usage row")
+
+
 async def test_client_disconnect_cancels_the_upstream_request(fake: FakeProc, llmd_for) -> None:
-    """1. A streamed request, tokens 200 ms apart. 2. The client reads one event and hangs up.
-    3. The fake sees its request cancelled (not run to the end) and nothing stays in flight."""
+    """1. A streamed request, tokens 200 ms apart. 2. The client reads the first token and hangs
+    up. 3. The fake sees its request cancelled (not run to the end), nothing stays in flight,
+    and the usage row says client_abort with the relayed tokens (a remote url cannot tokenize:
+    the prompt is estimated, and the row says so)."""
     async with llmd_for(fake) as llmd:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(llmd.url + "/v1/chat/completions", json={
-                "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 50, "fake": {"token_delay_ms": 200}}) as r:
-                await r.content.readline()
+        await _abort_after_first_token(llmd.url)
         stats: dict = {}
-
-        async def settled() -> bool:
-            stats.update(await fake.stats())
-            return stats["in_flight"] == 0
-
         for _ in range(100):
-            if await settled():
+            stats = await fake.stats()
+            if stats["in_flight"] == 0:
                 break
             await asyncio.sleep(0.05)
-        assert stats["in_flight"] == 0 and stats["cancelled"] >= 1
+        assert stats["in_flight"] == 0 and stats["cancelled"] >= 1 and stats["completion_tokens"] < 50
         await wait_for(lambda: llmd.services.pools["m"].admission.depth == 0)
         assert all(r.in_flight == 0 for r in llmd.services.supervisor.replicas("m"))
-        await llmd.services.ledger.flush()
-        rows = await llmd.services.ledger.report()
-        assert rows[0].errors == 1  # outcome client_abort
+        outcome, _, completion, method = await _row(llmd)
+        assert outcome == "client_abort" and 1 <= completion <= 3 and method == "stream_chunks+estimate"
+
+
+async def test_aborted_stream_prompt_is_tokenized_by_its_replica(tmp_path) -> None:
+    """A supervised llama-server replica is asked to tokenize the abandoned prompt
+    (/apply-template + /tokenize): <|im_start|> user x <|im_end|> newline = 5 tokens."""
+    import sys
+
+    from tests.conftest import base_config, run_llmd, write_config
+    from tests.fakeproc import FAKE_LLAMA
+
+    doc = base_config(tmp_path, {"m": {"backend": "llama-server", "model": "fake.gguf", "args": ["-np", "2"]}},
+                      launchers={"llama-server": {"command": [sys.executable, str(FAKE_LLAMA)]}})
+    async with run_llmd(write_config(tmp_path / "c.yaml", doc)) as llmd:
+        await wait_for(lambda: llmd.services.readiness()[0])
+        await _abort_after_first_token(llmd.url)
+        outcome, prompt, completion, method = await _row(llmd)
+    assert (outcome, prompt, method) == ("client_abort", 5, "stream_chunks+tokenize")
+    assert 1 <= completion <= 3
 
 
 async def test_request_id_is_returned_and_forwarded(fake: FakeProc, llmd_for) -> None:
