@@ -8,7 +8,6 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from . import __version__
 from . import config as config_mod

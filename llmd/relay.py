@@ -132,7 +132,8 @@ class Relay:
                 )
         except TimeoutError:
             ex.upstream_s += loop.time() - start
-            raise UpstreamFailed(upstream_timeout(f"no response from {replica.name} within {t.first_byte_s:g}s"), False)
+            msg = f"no response from {replica.name} within {t.first_byte_s:g}s"
+            raise UpstreamFailed(upstream_timeout(msg), False) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
             ex.upstream_s += loop.time() - start
             raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e

@@ -16,9 +16,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmd import config as config_mod  # noqa: E402
-from llmd.daemon import Daemon  # noqa: E402
-from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake  # noqa: E402
+from llmd import config as config_mod
+from llmd.daemon import Daemon
+from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ class Llmd:
         return f"http://127.0.0.1:{self.daemon.port}"
 
     @property
-    def services(self):  # noqa: ANN201 - the Services object, for white-box assertions
+    def services(self):
         return self.daemon.services
 
 
@@ -47,7 +47,11 @@ def base_config(tmp_path: Path, models: dict[str, Any], **sections: Any) -> dict
         "server": {"host": "127.0.0.1", "port": 0, "drain_seconds": 5, "log_format": "json"},
         "usage": {"path": str(tmp_path / "usage.sqlite3"), "flush_ms": 20},
         "models": models,
-        "routing": {"retries": 2, "queue_timeout_s": 5, "timeouts": {"connect_s": 2, "first_byte_s": 10, "total_s": 30}},
+        "routing": {
+            "retries": 2,
+            "queue_timeout_s": 5,
+            "timeouts": {"connect_s": 2, "first_byte_s": 10, "total_s": 30},
+        },
     }
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(doc.get(k), dict):

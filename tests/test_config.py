@@ -150,7 +150,9 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
     secret = next(line for line in lines if line.startswith("sk-"))
     assert len(secret) >= 3 + 43  # 256 bits, base64url
     entry = "\n".join(line for line in lines if line.startswith("  "))
-    cfg = config.parse(f"tiers: {{std: {{}}}}\nkeys:\n{entry}\nmodels: {{m: {{backend: openai, urls: [http://x/v1]}}}}\n")
+    cfg = config.parse(
+        f"tiers: {{std: {{}}}}\nkeys:\n{entry}\nmodels: {{m: {{backend: openai, urls: [http://x/v1]}}}}\n"
+    )
     table = KeyTable(cfg)
     assert cfg.keys[0].sha256 == hash_secret(secret)
     assert table.principals()[0].key_id == "alice"

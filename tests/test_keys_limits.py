@@ -82,8 +82,11 @@ async def test_burst_of_100_against_30_rpm_admits_exactly_30(tmp_path: Path, fak
         async with aiohttp.ClientSession() as s:
 
             async def one() -> int:
-                async with s.post(llmd.url + "/v1/chat/completions", json={"model": "m", "messages": MSG},
-                                  headers={"Authorization": f"Bearer {SECRET_A}"}) as r:
+                async with s.post(
+                    llmd.url + "/v1/chat/completions",
+                    json={"model": "m", "messages": MSG},
+                    headers={"Authorization": f"Bearer {SECRET_A}"},
+                ) as r:
                     await r.read()
                     return r.status
 
@@ -113,9 +116,17 @@ async def test_max_concurrent_never_lets_a_third_request_reach_the_upstream(tmp_
         # Streams count too, and the slot is released when a stream is abandoned.
         async with aiohttp.ClientSession() as s:
             for _ in range(3):
-                async with s.post(llmd.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {SECRET_A}"},
-                                  json={"model": "m", "messages": MSG, "stream": True, "max_tokens": 50,
-                                        "fake": {"token_delay_ms": 100}}) as r:
+                async with s.post(
+                    llmd.url + "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {SECRET_A}"},
+                    json={
+                        "model": "m",
+                        "messages": MSG,
+                        "stream": True,
+                        "max_tokens": 50,
+                        "fake": {"token_delay_ms": 100},
+                    },
+                ) as r:
                     assert r.status == 200
                     await r.content.readline()
         for _ in range(100):
@@ -130,8 +141,11 @@ async def test_429_raises_rate_limit_error_and_the_sdk_waits_retry_after(tmp_pat
     429 with Retry-After: 1; the SDK (max_retries=3) waits and retries until it succeeds."""
     keys = [{"id": "alpha", "tier": "std", "sha256": sha(SECRET_A)}]
     async with run_llmd(keyed_config(tmp_path, fake, {"std": {"max_concurrent": 1}}, keys)) as llmd:
-        slow = asyncio.create_task(sdk(llmd.url, SECRET_A).chat.completions.create(
-            model="m", messages=MSG, extra_body={"fake": {"delay_ms": 1500}}))
+        slow = asyncio.create_task(
+            sdk(llmd.url, SECRET_A).chat.completions.create(
+                model="m", messages=MSG, extra_body={"fake": {"delay_ms": 1500}}
+            )
+        )
         await asyncio.sleep(0.2)
         with pytest.raises(openai.RateLimitError) as e:
             await sdk(llmd.url, SECRET_A).chat.completions.create(model="m", messages=MSG)
@@ -149,7 +163,8 @@ async def test_tokens_per_minute_reserves_then_settles_to_real_usage(tmp_path: P
     async with run_llmd(keyed_config(tmp_path, fake, tiers, keys)) as llmd:
         c = sdk(llmd.url, SECRET_A)
         raw = await c.chat.completions.with_raw_response.create(
-            model="m", messages=MSG, max_tokens=300, extra_body={"fake": {"text": "short answer"}})
+            model="m", messages=MSG, max_tokens=300, extra_body={"fake": {"text": "short answer"}}
+        )
         r = raw.parse()
         assert r.usage is not None and r.usage.total_tokens < 20
         state = llmd.services.runtime.limiter.state("alpha")
@@ -159,8 +174,14 @@ async def test_tokens_per_minute_reserves_then_settles_to_real_usage(tmp_path: P
         assert int(h["x-ratelimit-remaining-requests"]) == 99
         # While 3 requests of max_tokens 250 are running (~260 reserved each), a 4th cannot
         # reserve: concurrency cannot overshoot the window.
-        slow = [asyncio.create_task(c.chat.completions.create(
-            model="m", messages=MSG, max_tokens=250, extra_body={"fake": {"delay_ms": 800}})) for _ in range(3)]
+        slow = [
+            asyncio.create_task(
+                c.chat.completions.create(
+                    model="m", messages=MSG, max_tokens=250, extra_body={"fake": {"delay_ms": 800}}
+                )
+            )
+            for _ in range(3)
+        ]
         await asyncio.sleep(0.3)
         with pytest.raises(openai.RateLimitError) as e:
             await c.chat.completions.create(model="m", messages=MSG, max_tokens=250)
@@ -210,8 +231,8 @@ async def test_the_secret_never_appears_in_logs_metrics_ledger_or_errors(
             metrics = await r.text()
         await llmd.services.ledger.flush()
         db = Path(llmd.services.runtime.cfg.usage.path)
-        ledger_bytes = db.read_bytes() + (db.with_name(db.name + "-wal").read_bytes()
-                                          if db.with_name(db.name + "-wal").exists() else b"")
+    wal = db.with_name(db.name + "-wal")
+    ledger_bytes = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
     assert 'key="alpha"' in metrics
     from llmd.log import JsonFormatter
 

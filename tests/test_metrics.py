@@ -21,7 +21,9 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == w for k, w in labels.items()))
+    return sum(
+        v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == w for k, w in labels.items())
+    )
 
 
 async def test_counters_and_tokens_match_the_traffic(fake: FakeProc, llmd_for) -> None:
@@ -29,12 +31,18 @@ async def test_counters_and_tokens_match_the_traffic(fake: FakeProc, llmd_for) -
         c = openai.AsyncOpenAI(base_url=llmd.url + "/v1", api_key="x", max_retries=0)
         prompt = completion = 0
         for _ in range(3):
-            r = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b c"}], max_tokens=4)
+            r = await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "a b c"}], max_tokens=4
+            )
             prompt += r.usage.prompt_tokens  # type: ignore[union-attr]
             completion += r.usage.completion_tokens  # type: ignore[union-attr]
         stream = await c.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "a b"}], max_tokens=5, stream=True,
-            stream_options={"include_usage": True})
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "a b"}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for ch in stream:
             if ch.usage:
                 prompt += ch.usage.prompt_tokens

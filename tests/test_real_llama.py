@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import urllib.error
-import urllib.request
 import openai
 import pytest
 
@@ -81,15 +81,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             },
         },
         server={"port": port, "drain_seconds": 5},
-        launchers={"llama-server": {"command": str(LLAMA), "start_timeout_s": 120,
-                                    "restart_delay_s": 0.5, "health_interval_s": 0.5}},
+        launchers={
+            "llama-server": {
+                "command": str(LLAMA),
+                "start_timeout_s": 120,
+                "restart_delay_s": 0.5,
+                "health_interval_s": 0.5,
+            }
+        },
         routing={"timeouts": {"connect_s": 2, "first_byte_s": 120, "total_s": 300}},
     )
     path = write_config(tmp / "config.yaml", doc)
     log = tmp / "llmd.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llmd", "serve", "-c", str(path)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmd", "serve", "-c", str(path)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
         srv.wait_ready()
@@ -113,25 +120,39 @@ def test_two_replicas_on_two_cpu_sets_both_serve(server: Server) -> None:
         assert cpus == {(0,), (1,)}
     c = sdk(server)
     for i in range(4):  # distinct prompts spread over both replicas (rendezvous tie-break)
-        c.chat.completions.create(model="gemma-3-270m", max_tokens=2,
-                                  messages=[{"role": "user", "content": f"Conversation {i}: " + "hi " * 60}])
+        c.chat.completions.create(
+            model="gemma-3-270m",
+            max_tokens=2,
+            messages=[{"role": "user", "content": f"Conversation {i}: " + "hi " * 60}],
+        )
     served = {r["replica"]: r["served"] for r in server.status() if r["model"] == "gemma-3-270m"}
     assert len(served) == 2 and all(n >= 1 for n in served.values()), served
 
 
 def test_chat_stream_and_include_usage(server: Server) -> None:
     c = sdk(server)
-    r = c.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Say hello"}],
-                                  max_tokens=8)
+    r = c.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Say hello"}], max_tokens=8
+    )
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage is not None and r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
-    chunks = list(c.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Count"}],
-                                            max_tokens=8, stream=True))
+    chunks = list(
+        c.chat.completions.create(
+            model="gemma-3-270m", messages=[{"role": "user", "content": "Count"}], max_tokens=8, stream=True
+        )
+    )
     assert chunks and all(ch.usage is None for ch in chunks)  # llmd hid the usage chunk it asked for
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text
-    chunks = list(c.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Count"}],
-                                            max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="gemma-3-270m",
+            messages=[{"role": "user", "content": "Count"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
 
@@ -145,11 +166,22 @@ def test_completions_and_embeddings(server: Server) -> None:
 
 
 def test_tools_are_relayed_and_answered_in_a_valid_shape(server: Server) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     r = sdk(server).chat.completions.create(
-        model="gemma-3-270m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,  # type: ignore[arg-type]
-        max_tokens=16)
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,  # type: ignore[arg-type]
+        max_tokens=16,
+    )
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.role == "assistant"
@@ -157,11 +189,18 @@ def test_tools_are_relayed_and_answered_in_a_valid_shape(server: Server) -> None
 
 
 def test_json_schema_response_format_is_honoured(server: Server) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}},
-              "required": ["name"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
     r = sdk(server).chat.completions.create(
-        model="gemma-3-270m", messages=[{"role": "user", "content": "Give a name as JSON."}], max_tokens=40,
-        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Give a name as JSON."}],
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+    )
     doc = json.loads(r.choices[0].message.content or "")
     assert isinstance(doc, dict) and set(doc) == {"name"} and isinstance(doc["name"], str)
 
@@ -171,8 +210,12 @@ def test_kill_9_of_a_replica_during_a_stream(server: Server) -> None:
     3. The client gets a completed stream or a clean error, never a hang. 4. The replica is
     READY again (new pid, restarts + 1) within restart delay + load time, and serves."""
     c = sdk(server)
-    stream = c.chat.completions.create(model="gemma-3-270m", max_tokens=200, stream=True,
-                                       messages=[{"role": "user", "content": "Tell a long story " * 5}])
+    stream = c.chat.completions.create(
+        model="gemma-3-270m",
+        max_tokens=200,
+        stream=True,
+        messages=[{"role": "user", "content": "Tell a long story " * 5}],
+    )
     it = iter(stream)
     next(it)
     busy = [r for r in server.status() if r["model"] == "gemma-3-270m" and r["in_flight"] > 0]

@@ -88,8 +88,15 @@ async def test_completions_embeddings_and_models_via_sdk(fake: FakeProc, llmd_fo
 
 
 async def test_unknown_fields_and_tools_pass_through_untouched(fake: FakeProc, llmd_for) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
-              "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     async with llmd_for(fake) as llmd:
         c = client(llmd.url)
         r = await c.chat.completions.create(
@@ -109,8 +116,9 @@ async def test_unknown_fields_and_tools_pass_through_untouched(fake: FakeProc, l
 async def test_body_that_needs_no_change_is_forwarded_byte_for_byte(fake: FakeProc, llmd_for) -> None:
     raw = b'{"model":"m",  "messages":[{"role":"user","content":"hi"}],"max_tokens":2, "zzz":  1.50}'
     async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
-        async with s.post(llmd.url + "/v1/chat/completions", data=raw,
-                          headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            llmd.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 200
         st = await fake.stats()
         assert st.get("last_raw", raw.decode()) == raw.decode()
@@ -124,7 +132,10 @@ async def test_first_event_arrives_before_the_upstream_has_finished(fake: FakePr
         c = client(llmd.url)
         t0 = time.monotonic()
         stream = await c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            stream=True,
             extra_body={"fake": {"token_delay_ms": 400}},
         )
         first_at = None
@@ -138,8 +149,10 @@ async def test_first_event_arrives_before_the_upstream_has_finished(fake: FakePr
 
 async def test_sse_headers(fake: FakeProc, llmd_for) -> None:
     async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
-        async with s.post(llmd.url + "/v1/chat/completions", json={
-            "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}) as r:
+        async with s.post(
+            llmd.url + "/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+        ) as r:
             assert r.headers["Content-Type"].startswith("text/event-stream")
             assert r.headers["X-Accel-Buffering"] == "no"
             body = await r.read()
@@ -163,8 +176,11 @@ async def test_error_types_raised_by_the_sdk(fake: FakeProc, llmd_for) -> None:
         assert big.value.status_code == 413
         # An upstream error is relayed with its status and body.
         with pytest.raises(openai.InternalServerError) as ue:
-            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                            extra_body={"fake": {"status": 500, "message": "boom"}})
+            await c.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "x"}],
+                extra_body={"fake": {"status": 500, "message": "boom"}},
+            )
         assert "boom" in str(ue.value)
         async with aiohttp.ClientSession() as s:
             async with s.post(llmd.url + "/v1/chat/completions", data=b"{nope") as r:
@@ -189,16 +205,24 @@ async def test_upstream_unreachable_is_502_and_timeout_is_504(fake: FakeProc, ll
     async with llmd_for(fake, routing={"timeouts": {"connect_s": 1, "first_byte_s": 0.5, "total_s": 5}}) as llmd:
         c = client(llmd.url)
         with pytest.raises(openai.APIStatusError) as e:
-            await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                            extra_body={"fake": {"hang": True}})
+            await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], extra_body={"fake": {"hang": True}}
+            )
         assert e.value.status_code == 504
 
 
 async def _abort_after_first_token(url: str) -> None:
     async with aiohttp.ClientSession() as s:
-        async with s.post(url + "/v1/chat/completions", json={
-            "model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 50, "fake": {"token_delay_ms": 200}}) as r:
+        async with s.post(
+            url + "/v1/chat/completions",
+            json={
+                "model": "m",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 50,
+                "fake": {"token_delay_ms": 200},
+            },
+        ) as r:
             async for line in r.content:
                 if b'"content":"t0"' in line:
                     break
@@ -209,8 +233,11 @@ async def _row(llmd) -> tuple:
 
     for _ in range(200):  # the handler learns of the hang-up, then settles in the background
         await llmd.services.ledger.flush()
-        row = sqlite3.connect(llmd.services.runtime.cfg.usage.path).execute(
-            "select outcome, prompt_tokens, completion_tokens, token_method from requests").fetchone()
+        row = (
+            sqlite3.connect(llmd.services.runtime.cfg.usage.path)
+            .execute("select outcome, prompt_tokens, completion_tokens, token_method from requests")
+            .fetchone()
+        )
         if row is not None:
             return row
         await asyncio.sleep(0.025)
@@ -245,8 +272,11 @@ async def test_aborted_stream_prompt_is_tokenized_by_its_replica(tmp_path) -> No
     from tests.conftest import base_config, run_llmd, write_config
     from tests.fakeproc import FAKE_LLAMA
 
-    doc = base_config(tmp_path, {"m": {"backend": "llama-server", "model": "fake.gguf", "args": ["-np", "2"]}},
-                      launchers={"llama-server": {"command": [sys.executable, str(FAKE_LLAMA)]}})
+    doc = base_config(
+        tmp_path,
+        {"m": {"backend": "llama-server", "model": "fake.gguf", "args": ["-np", "2"]}},
+        launchers={"llama-server": {"command": [sys.executable, str(FAKE_LLAMA)]}},
+    )
     async with run_llmd(write_config(tmp_path / "c.yaml", doc)) as llmd:
         await wait_for(lambda: llmd.services.readiness()[0])
         await _abort_after_first_token(llmd.url)
@@ -257,8 +287,11 @@ async def test_aborted_stream_prompt_is_tokenized_by_its_replica(tmp_path) -> No
 
 async def test_request_id_is_returned_and_forwarded(fake: FakeProc, llmd_for) -> None:
     async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
-        async with s.post(llmd.url + "/v1/chat/completions", headers={"X-Request-ID": "req-42"},
-                          json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
+        async with s.post(
+            llmd.url + "/v1/chat/completions",
+            headers={"X-Request-ID": "req-42"},
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        ) as r:
             assert r.headers["X-Request-ID"] == "req-42"
         hdrs = {k.lower(): v for k, v in (await fake.stats())["last_headers"].items()}
         assert hdrs["x-request-id"] == "req-42"
