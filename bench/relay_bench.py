@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -588,6 +589,7 @@ class Run:
     errors: int
     hop_cpu_s: float
     mock_cpu_s: float
+    foreign_cores: float  # CPU used by processes not part of the benchmark, in cores (0.1 = 10% of one)
 
     @property
     def rps(self) -> float:
@@ -614,6 +616,11 @@ class Agg:
     def errors(self) -> int:
         return sum(r.errors for r in self.runs)
 
+    @property
+    def hop_util(self) -> float:
+        """Share of one core the hop used: ~100% means it is CPU-bound, its RPS is 1/CPU-per-request."""
+        return sum(r.hop_cpu_s for r in self.runs) / sum(r.seconds for r in self.runs)
+
     def cpu_ms_per_req(self, hop: bool = True) -> float:
         cpu = sum(r.hop_cpu_s if hop else r.mock_cpu_s for r in self.runs)
         return 1000 * cpu / max(1, sum(r.requests for r in self.runs))
@@ -623,6 +630,7 @@ def wrk(wrk_exe: str, procs: Procs, cpus: set[int] | None, script: Path, port: i
         seconds: float, hop: subprocess.Popen[bytes] | None, mock: subprocess.Popen[bytes]) -> Run:
     hop_cpu0 = cpu_seconds(hop.pid) if hop else 0.0
     mock_cpu0 = cpu_seconds(mock.pid)
+    ours0, busy0, wall0 = _own_cpu(), machine_busy(), time.monotonic()
     argv = [wrk_exe, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(script),
             f"http://127.0.0.1:{port}/v1/chat/completions"]
     p = procs.start(argv, cpus, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -630,12 +638,30 @@ def wrk(wrk_exe: str, procs: Procs, cpus: set[int] | None, script: Path, port: i
     procs.procs.remove(p)
     hop_cpu = (cpu_seconds(hop.pid) - hop_cpu0) if hop else 0.0
     mock_cpu = cpu_seconds(mock.pid) - mock_cpu0
+    # Whatever else ran on the machine meanwhile (another test suite, a build): busy time of all
+    # CPUs minus ours (hop, mock, wrk, this script). Reported, so a noisy run is visible as such.
+    foreign = (machine_busy() - busy0) - hop_cpu - mock_cpu - (_own_cpu() - ours0)
+    wall = time.monotonic() - wall0
     m = re.search(rb"BENCH_JSON (\{.*\})", out)
     if p.returncode != 0 or m is None:
         raise SystemExit(f"wrk failed ({p.returncode}):\n{out.decode(errors='replace')}")
     r = json.loads(m.group(1))
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    return Run(r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1000, r["p99_us"] / 1000, errors, hop_cpu, mock_cpu)
+    return Run(r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1000, r["p99_us"] / 1000, errors, hop_cpu,
+               mock_cpu, max(0.0, foreign) / wall)
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine (all CPUs) since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / CLK_TCK
+
+
+def _own_cpu() -> float:
+    """This script's CPU plus its reaped children's (wrk, once communicate() returned)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -656,15 +682,15 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
            if cpus[0] and cpus[1] else "no pinning (one CPU)"),
         "",
         "| shape | direct RPS | llmd RPS | ratio | direct p50/p99 ms | llmd p50/p99 ms | added p50 ms "
-        "| llmd CPU ms/req | mock CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| llmd CPU ms/req | llmd core busy | mock CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in shapes:
         d, l_ = results[("direct", s)], results[("llmd", s)]
         lines.append(
             f"| {s.label} | {d.rps:,.0f} | {l_.rps:,.0f} | {l_.rps / d.rps:.2f} | {d.p50:.2f} / {d.p99:.2f} "
             f"| {l_.p50:.2f} / {l_.p99:.2f} | {l_.p50 - d.p50:+.2f} | {l_.cpu_ms_per_req():.3f} "
-            f"| {d.cpu_ms_per_req(hop=False):.3f} |"
+            f"| {100 * l_.hop_util:.0f}% | {d.cpu_ms_per_req(hop=False):.3f} |"
         )
     others = [n for n in ("nginx", "aiohttp-floor") if any(k[0] == n for k in results)]
     if others:
@@ -698,6 +724,10 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
                 f"| {s.label} | {l_.rps:,.0f} | {c.rps:,.0f} | {c.rps / l_.rps:.2f} | {l_.p50:.2f} | {c.p50:.2f} "
                 f"| {l_.cpu_ms_per_req():.3f} | {c.cpu_ms_per_req():.3f} |"
             )
+    foreign = max(r.foreign_cores for v in results.values() for r in v.runs)
+    lines += ["", f"other load on the machine during the runs (not part of the benchmark): at most "
+                  f"{100 * foreign:.0f}% of one CPU"
+              + (" -- **noisy: rerun on an idle machine before trusting small differences**" if foreign > 0.05 else "")]
     errors = {f"{k[0]} {k[1].label}": v.errors for k, v in results.items() if v.errors}
     if errors:
         lines += ["", f"**errors (non-2xx, timeouts, socket errors)**: {errors}"]
@@ -888,7 +918,9 @@ def main() -> int:
                     done += 1
                     print(f"[{done}/{total_runs}] round {rnd + 1} {s.label:<16} {name:<15} {run.rps:9,.0f} req/s "
                           f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:6.2f} ms "
-                          f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req", file=sys.stderr)
+                          f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req "
+                          f"hop util {100 * run.hop_cpu_s / run.seconds:3.0f}% "
+                          f"foreign {100 * run.foreign_cores:3.0f}%", file=sys.stderr)
         rss = rss_mb(llmd.proc.pid)
         print(report(results, shapes, rss, rss_idle, args, (load_cpus, hop_cpus)))
         if args.profile:

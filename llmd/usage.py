@@ -20,6 +20,7 @@ import csv
 import enum
 import io
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -169,9 +170,7 @@ ON CONFLICT (key_id, month, model) DO UPDATE SET
     cached_tokens = cached_tokens + excluded.cached_tokens,
     errors = errors + excluded.errors
 """
-MONTH_TOTALS_SQL = (
-    "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM monthly WHERE month = ? GROUP BY key_id"
-)
+MONTH_TOTALS_SQL = "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM monthly WHERE month = ? GROUP BY key_id"
 
 _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -315,6 +314,7 @@ class Ledger:
         self._queue: deque[UsageRow] = deque()
         self._in_flight = 0  # rows taken from the queue by the write in progress
         self._db: aiosqlite.Connection | None = None
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection has open
         # One transaction or read at a time on the connection, so a read never sees a
         # half-written batch and the in-flight rows are either committed or back in the queue.
         self._lock = asyncio.Lock()
@@ -388,9 +388,7 @@ class Ledger:
             lost = len(self._queue)
             self._queue.clear()
             self._dropped += lost
-            log.error(
-                "usage ledger %s: %d rows could not be written before close and are lost", self.path, lost
-            )
+            log.error("usage ledger %s: %d rows could not be written before close and are lost", self.path, lost)
         await self._drop_connection()
 
     # --- the request path -----------------------------------------------------------------
@@ -418,16 +416,26 @@ class Ledger:
         return await asyncio.shield(self._write(None))
 
     async def _run(self) -> None:
-        while True:
-            delay = self.interval_s
-            if self._failures_in_a_row:
-                delay = min(max(self.interval_s, 0.05) * 2**self._failures_in_a_row, MAX_BACKOFF_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if self._stop.is_set():
-                return  # close() does the final flush
-            if self._queue:
-                await asyncio.shield(self._write(self.tick_max_rows))
+        try:
+            while True:
+                delay = self.interval_s
+                if self._failures_in_a_row:
+                    delay = min(max(self.interval_s, 0.05) * 2**self._failures_in_a_row, MAX_BACKOFF_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return  # close() does the final flush
+                if self._queue:
+                    await asyncio.shield(self._write(self.tick_max_rows))
+        except asyncio.CancelledError:
+            # Cancelled without close(): the loop is being torn down after an error. Stop the
+            # connection's thread, which would otherwise keep the process from exiting.
+            if self.pending_rows:
+                log.error("usage ledger %s: abandoned with %d rows unwritten", self.path, self.pending_rows)
+            db, self._db = self._db, None
+            if db is not None:
+                db.stop()
+            raise
 
     async def _write(self, limit: int | None) -> bool:
         """Take up to ``limit`` queued rows (all if None) and commit them in one transaction."""
@@ -501,13 +509,16 @@ class Ledger:
     def _note_write_error(self, e: BaseException, n: int) -> None:
         self._write_errors += 1
         self._failures_in_a_row += 1
+        # LedgerError already names the file; log the underlying error instead.
+        cause = e.__cause__ if isinstance(e, LedgerError) and e.__cause__ else e
         if self._error_log.hit():
             log.error(
-                "usage ledger %s: cannot write %d rows: %s (%d failed writes; %d rows pending). "
+                "usage ledger %s: cannot write %d rows: %s: %s (%d failed writes; %d rows pending). "
                 "Still serving; retrying with backoff",
                 self.path,
                 n,
-                e,
+                type(cause).__name__,
+                cause,
                 self._error_log.reset(),
                 self.pending_rows,
             )
@@ -556,9 +567,27 @@ class Ledger:
     # --- the connection -------------------------------------------------------------------
 
     async def _connection(self) -> aiosqlite.Connection:
+        if self._db is not None and self._file_replaced():
+            # In WAL mode SQLite keeps writing to a deleted file without an error, so look.
+            log.warning("usage ledger %s: the file was removed or replaced while open; reopening", self.path)
+            await self._drop_connection()
         if self._db is None:
             self._db = await self._connect()
+            self._file_id = self._stat_id()
         return self._db
+
+    def _stat_id(self) -> tuple[int, int] | None:
+        if self.path == ":memory:":
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _file_replaced(self) -> bool:
+        # One stat() per batch; cheap next to the write it guards.
+        return self._file_id is not None and self._stat_id() != self._file_id
 
     async def _connect(self) -> aiosqlite.Connection:
         try:

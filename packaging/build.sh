@@ -105,7 +105,7 @@ rm -rf "$site/bin"
 # writable directory besides /run/llm-api. The build id is a hash of the contents, so a new build
 # unpacks into a new directory and never reuses a stale one.
 mkdir -p "$dist"
-"$tools/bin/shiv" --quiet --reproducible --compressed --python "$PYTHON" \
+"$tools/bin/shiv" --reproducible --compressed --python "$PYTHON" \
   --entry-point llmd.cli:main --site-packages "$site" --output-file "$dist/llmd.tmp" \
   >"$build/shiv.log" 2>&1 || { cat "$build/shiv.log" >&2; die "shiv failed"; }
 mv "$dist/llmd.tmp" "$dist/llmd"

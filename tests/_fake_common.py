@@ -908,7 +908,15 @@ class FakeServer:
             await asyncio.wait_for(runner.cleanup(), timeout=1.0)
 
 
+def early_sigterm() -> None:
+    """Until serve() installs its loop handler, a SIGTERM must still exit cleanly (0).
+    Called first thing in each fake's main()."""
+    if os.environ.get("FAKE_IGNORE_SIGTERM") != "1":
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
 def run(server: FakeServer) -> None:
+    early_sigterm()
     try:
         import uvloop
     except ImportError:  # the fakes must still run where uvloop is missing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -106,3 +107,84 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0, step_s: fl
 
 
 os.environ.setdefault("OPENAI_LOG", "warning")
+
+
+# --- `llmd serve` as a real child process (signals, sd_notify, nginx end to end) ---------------
+
+
+@dataclass
+class LlmdProc:
+    """A running `python -m llmd serve -c CONFIG`; its stderr (JSON log lines) is collected."""
+
+    proc: asyncio.subprocess.Process
+    lines: list[str]
+    port: int = 0
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    out.append(doc)
+        return out
+
+    async def wait_log(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0) -> dict[str, Any]:
+        """The first log record matching ``pred``, waiting for it (fails if llmd exits first)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            for doc in self.logs():
+                if pred(doc):
+                    return doc
+            if self.proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no matching log line (exit {self.proc.returncode}):\n" + "\n".join(self.lines))
+            await asyncio.sleep(0.02)
+
+    async def kill(self) -> None:
+        """SIGKILL (if still running) and reap; children die with it (PR_SET_PDEATHSIG)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._reader, 5)
+
+
+@contextlib.asynccontextmanager
+async def llmd_process(config_path: Path, env: dict[str, str] | None = None,
+                       timeout_s: float = 15.0) -> AsyncIterator[LlmdProc]:
+    """`llmd serve` in a child process (cwd: the repository); yields once it logs "listening".
+
+    ``env`` is added to this environment minus systemd's notify variables. Always SIGKILLed
+    and reaped at the end, whatever the test did.
+    """
+    base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmd", "serve", "-c", str(config_path), cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**base, **(env or {})},
+    )
+    assert proc.stdout is not None
+    llmd = LlmdProc(proc, [])
+
+    async def collect(stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            llmd.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    llmd._reader = asyncio.create_task(collect(proc.stdout))
+    try:
+        listening = await llmd.wait_log(lambda d: d.get("msg") == "listening", timeout_s)
+        llmd.port = int(listening["port"])
+        yield llmd
+    finally:
+        await llmd.kill()

@@ -39,6 +39,7 @@ from _fake_common import (
     RequestError,
     chat_prompt,
     completion_prompt,
+    early_sigterm,
     embedding,
     embedding_base64,
     embedding_inputs,
@@ -569,6 +570,7 @@ def log(line: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    early_sigterm()
     opts, _ = parse_cli(argv, FLAGS, DEFAULTS)
     run(LlamaServer(opts))
 

@@ -48,6 +48,7 @@ from _fake_common import (
     RequestError,
     chat_prompt,
     completion_prompt,
+    early_sigterm,
     embedding,
     embedding_base64,
     embedding_inputs,
@@ -555,6 +556,7 @@ def log_vllm(message: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    early_sigterm()
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     opts, positionals = parse_cli(argv, FLAGS, DEFAULTS)

@@ -24,6 +24,7 @@ COMMON_LICENSES = Path("/usr/share/common-licenses")
 _COMMON = {
     "apache-2.0": "Apache-2.0",
     "apache software license": "Apache-2.0",
+    "apache 2": "Apache-2.0",
     "apache 2.0": "Apache-2.0",
     "apache license 2.0": "Apache-2.0",
     "apache license, version 2.0": "Apache-2.0",
@@ -64,19 +65,19 @@ def license_texts(d: Distribution) -> list[tuple[str, str]]:
         parts = f.parts
         in_info = parts and parts[0].endswith(".dist-info")
         if in_info and (_LICENSE_FILE.match(f.name) or (len(parts) > 2 and parts[1] == "licenses")):
-            text = f.read_text(encoding="utf-8", errors="replace")
+            text = Path(str(f.locate())).read_text(encoding="utf-8", errors="replace")
             if text and text.strip():
                 out.append((f.name, text))
     return out
 
 
-def _common_license(lic: str, texts: list[tuple[str, str]]) -> str | None:
+def _common_license(lic: str) -> str | None:
     name = _COMMON.get(lic.lower())
-    if name is None and texts and all("Apache License" in t and "Version 2.0" in t for _, t in texts):
-        name = "Apache-2.0"
-    if name and (COMMON_LICENSES / name).exists():
-        return name
-    return None
+    return name if name and (COMMON_LICENSES / name).exists() else None
+
+
+def _is_apache_text(text: str) -> bool:
+    return "Apache License" in text and "Version 2.0, January 2004" in text and "TERMS AND CONDITIONS" in text
 
 
 def _deb_text(text: str) -> str:
@@ -91,18 +92,20 @@ def copyright_file(site: Path, template: Path, exclude: set[str]) -> str:
         "\nThird-party code bundled in /usr/bin/llmd (a zipapp; each distribution\n"
         "unpacks into the shiv cache on first run):"
     )
+    apache_ref = (" On Debian systems, the complete text of the Apache License 2.0 can be found in\n"
+                  " /usr/share/common-licenses/Apache-2.0.")
     for d in _dists(site, exclude):
         lic = license_of(d)
         texts = license_texts(d)
         section = [f"\n{d.metadata['Name']} {d.version}", f"License: {lic}"]
-        common = _common_license(lic, texts)
-        if common:
+        if not texts and (common := _common_license(lic)):
             section.append(f" On Debian systems, the complete text of the license can be found in\n"
                            f" /usr/share/common-licenses/{common}.")
-            # A NOTICE file must travel with Apache-licensed code (its section 4d).
-            texts = [(n, t) for n, t in texts if n.lower().startswith("notice")]
         for name, text in texts:
-            section.append(f" --- {name} ---\n{_deb_text(text)}")
+            # Debian ships the Apache-2.0 text; copyright files refer to it instead of repeating it
+            # (a NOTICE file, which section 4d says must travel with the code, is kept).
+            body = apache_ref if _is_apache_text(text) else _deb_text(text)
+            section.append(f" --- {name} ---\n{body}")
         parts.append("\n".join(section))
     return "\n".join(parts) + "\n"
 
