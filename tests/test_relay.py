@@ -324,3 +324,40 @@ async def test_access_log_is_one_json_line_without_bodies(fake: FakeProc, llmd_f
     for k in ("time", "request_id", "method", "path", "model", "status", "duration_ms", "bytes"):
         assert k in line, k
     assert "secret words" not in json.dumps(line)
+
+
+async def test_llmd_status_prints_the_replica_table(fake: FakeProc, llmd_for) -> None:
+    import sys
+
+    async with llmd_for(fake) as llmd:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmd", "status", "--url", llmd.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert lines[0].split()[:3] == ["REPLICA", "STATE", "PID"]
+    assert lines[1].split()[:2] == ["m/0", "ready"]
+
+
+async def test_readyz_and_admin_routes_need_admin_key(fake: FakeProc, tmp_path) -> None:
+    import hashlib
+
+    from tests.conftest import base_config, run_llmd, write_config
+
+    keys = [{"id": "ops", "sha256": hashlib.sha256(b"sk-ops").hexdigest(), "admin": True},
+            {"id": "dev", "sha256": hashlib.sha256(b"sk-dev").hexdigest()}]
+    doc = base_config(tmp_path, {"m": {"backend": "openai", "urls": [fake.url + "/v1"]}}, keys=keys)
+    async with run_llmd(write_config(tmp_path / "c.yaml", doc)) as llmd, aiohttp.ClientSession() as s:
+        async with s.get(llmd.url + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["models"]["m"]["replicas"][0]["state"] == "ready"
+        async with s.get(llmd.url + "/admin/status", headers={"Authorization": "Bearer sk-dev"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
+        async with s.get(llmd.url + "/admin/status", headers={"Authorization": "Bearer sk-ops"}) as r:
+            assert r.status == 200 and (await r.json())["replicas"][0]["replica"] == "m/0"
+        async with s.get(llmd.url + "/admin/usage?month=2026-13x", headers={"Authorization": "Bearer sk-ops"}) as r:
+            assert r.status == 400
+        async with s.get(llmd.url + "/health") as r:
+            assert r.status == 200
