@@ -712,7 +712,7 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
     if any(k[0] == "candidate" for k in results):
         lines += [
             "",
-            f"candidate llmd from {args.candidate} vs this checkout's llmd (same rounds, interleaved):",
+            f"candidate llmd from {args.candidate} vs llmd from {args.llmd_src} (same rounds, interleaved):",
             "",
             "| shape | llmd RPS | candidate RPS | ratio | llmd p50 ms | candidate p50 ms "
             "| llmd CPU ms/req | candidate CPU ms/req |",
@@ -837,6 +837,9 @@ def main() -> int:
                     help="also run a bare aiohttp relay (no llmd logic): what aiohttp itself costs per hop")
     ap.add_argument("--upstream", choices=("mock", "fake"), default="mock",
                     help="mock: the raw uvloop server in this file; fake: tests/fake_backend.py")
+    ap.add_argument("--llmd-src", type=Path, metavar="DIR", default=ROOT,
+                    help="run the measured llmd from DIR instead of this checkout (e.g. a frozen copy, "
+                         "so edits to llmd/ during an A/B session do not move the baseline)")
     ap.add_argument("--candidate", type=Path, metavar="DIR",
                     help="also run llmd from DIR (a scratch copy of the repo with a hot-path change), "
                          "interleaved with this checkout's, and print the before/after table")
@@ -867,9 +870,10 @@ def main() -> int:
     t_begin = time.monotonic()
     try:
         mock, mock_port = start_mock(procs, load_cpus, tmp, args.upstream)
+        src = args.llmd_src.resolve()
         targets = [Target("direct", mock_port, None),
-                   start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, metrics=True),
-                   start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, metrics=False)]
+                   start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, metrics=True, src=src),
+                   start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, metrics=False, src=src)]
         if args.floor:
             targets.append(start_floor(procs, hop_cpus, mock_port))
         if args.candidate:

@@ -331,8 +331,14 @@ async def test_llmd_status_prints_the_replica_table(fake: FakeProc, llmd_for) ->
 
     async with llmd_for(fake) as llmd:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llmd", "status", "--url", llmd.url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "llmd",
+            "status",
+            "--url",
+            llmd.url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await proc.communicate()
     assert proc.returncode == 0, err
@@ -346,8 +352,10 @@ async def test_readyz_and_admin_routes_need_admin_key(fake: FakeProc, tmp_path) 
 
     from tests.conftest import base_config, run_llmd, write_config
 
-    keys = [{"id": "ops", "sha256": hashlib.sha256(b"sk-ops").hexdigest(), "admin": True},
-            {"id": "dev", "sha256": hashlib.sha256(b"sk-dev").hexdigest()}]
+    keys = [
+        {"id": "ops", "sha256": hashlib.sha256(b"sk-ops").hexdigest(), "admin": True},
+        {"id": "dev", "sha256": hashlib.sha256(b"sk-dev").hexdigest()},
+    ]
     doc = base_config(tmp_path, {"m": {"backend": "openai", "urls": [fake.url + "/v1"]}}, keys=keys)
     async with run_llmd(write_config(tmp_path / "c.yaml", doc)) as llmd, aiohttp.ClientSession() as s:
         async with s.get(llmd.url + "/readyz") as r:

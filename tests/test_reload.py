@@ -318,6 +318,7 @@ async def test_three_sighups_in_a_row(tmp_path: Path) -> None:
         await asyncio.wait_for(client, 10)
         assert statuses and set(statuses) == {200}, statuses
         counted = await reloads(s, llmd)
+        print("COUNTED", counted, len(statuses), [d["msg"] for d in llmd.logs() if "replica a/0" in d["msg"]])
         assert 1 <= counted["ok"] <= 3 and counted["error"] == 0, counted
         final = serving_pids(await admin_status(s, llmd))
         assert final["b/0"] == pids["b/0"]
@@ -334,7 +335,7 @@ async def test_three_sighups_in_a_row(tmp_path: Path) -> None:
 async def test_invalid_config_on_sighup_keeps_the_old_one(tmp_path: Path) -> None:
     """A broken config on SIGHUP is refused, every error logged with its YAML path.
 
-    1. Start llmd with model a (supervised) and key alice.
+    1. Start llmd with model a (supervised) and key alice (admin).
     2. Write a config with four mistakes (server.drain_seconds < 0, models.a.replicas 0, an
        unknown key routing.stratgy, tiers.std.requests_per_minute not a number); SIGHUP.
     3. llmd_config_reloads_total{result="error"} becomes 1; an error log line names each
@@ -344,7 +345,7 @@ async def test_invalid_config_on_sighup_keeps_the_old_one(tmp_path: Path) -> Non
        column; still serving.
     5. Write a valid config again (adding bob); SIGHUP: counted ok, bob gets 200.
     """
-    keys = [{"id": "alice", "sha256": sha(SECRET_ALICE)}]
+    keys = [{"id": "alice", "sha256": sha(SECRET_ALICE), "admin": True}]
     good = config_doc(tmp_path, {"a": supervised(tmp_path)}, keys=keys)
     path = write_atomic(tmp_path / "config.yaml", good)
     async with llmd_process(path) as llmd, aiohttp.ClientSession() as s:
