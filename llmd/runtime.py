@@ -146,14 +146,15 @@ class Services:
             log.warning("replica ejected", extra={"replica": replica.name, "failures": replica.failures})
 
     async def reload(self, cfg: Config) -> None:
-        """Swap in a validated config: new Runtime, pools reconfigured, replicas reconciled."""
+        """Swap in a validated config: replicas reconciled, then a new Runtime and pools.
+        Reconcile goes first: if it fails, nothing has been swapped and the old config serves."""
         assert self.supervisor is not None
+        await self.supervisor.reconcile(cfg)
         self.runtime = Runtime(cfg, previous=self.runtime)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         self._load_upstream_keys(cfg)
         self.relay.timeouts = cfg.routing.timeouts
         self._configure_pools(cfg)
-        await self.supervisor.reconcile(cfg)
         for pool in self.pools.values():
             pool.admission.dispatch()
 

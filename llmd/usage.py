@@ -38,7 +38,7 @@ log = logging.getLogger("llmd.usage")
 
 BUSY_TIMEOUT_MS = 5000  # wait this long for another writer (a maintenance script) before failing a flush
 MAX_BACKOFF_S = 5.0  # the longest wait between two failed writes; bounds recovery time after a disk heals
-TICK_MAX_ROWS = 10_000  # rows per transaction from the flusher, so a backlog never stalls the event loop
+TICK_MAX_ROWS = 2_000  # rows per transaction from the flusher, so a backlog never stalls the event loop
 LOG_EVERY_S = 30.0  # repeated drop/error warnings are summarised at most this often
 CLOSE_ATTEMPTS = 3  # final flush tries on close before rows are declared lost
 
@@ -367,6 +367,9 @@ class Ledger:
             return
         await self._connection()
         self._task = asyncio.create_task(self._run(), name="llmd-usage-flusher")
+        # Let the flusher enter its try block now: a task cancelled before it ever ran skips
+        # its handler, and then nothing would stop the connection's (non-daemon) thread.
+        await asyncio.sleep(0)
         log.info("usage ledger %s open (flush every %g ms)", self.path, self.interval_s * 1000)
 
     async def close(self) -> None:
@@ -374,9 +377,9 @@ class Ledger:
         if self._closed:
             return
         self._stop.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            await task
         for attempt in range(CLOSE_ATTEMPTS):
             if await self.flush():
                 break
@@ -426,15 +429,17 @@ class Ledger:
                 if self._stop.is_set():
                     return  # close() does the final flush
                 if self._queue:
-                    await asyncio.shield(self._write(self.tick_max_rows))
+                    try:
+                        await asyncio.shield(self._write(self.tick_max_rows))
+                    except Exception:
+                        # A bug here must not end the flusher: rows would pile up unseen.
+                        log.exception("usage ledger %s: flusher error", self.path)
         except asyncio.CancelledError:
             # Cancelled without close(): the loop is being torn down after an error. Stop the
             # connection's thread, which would otherwise keep the process from exiting.
             if self.pending_rows:
                 log.error("usage ledger %s: abandoned with %d rows unwritten", self.path, self.pending_rows)
-            db, self._db = self._db, None
-            if db is not None:
-                db.stop()
+            await self._drop_connection()
             raise
 
     async def _write(self, limit: int | None) -> bool:
@@ -451,8 +456,9 @@ class Ledger:
                     params.append(_row_params(row))
                     rows.append(row)
                 except (TypeError, ValueError, OverflowError, OSError) as e:
-                    log.error("usage ledger: dropping malformed row %r: %s", row, e)
-                    self._note_drop(1, "malformed")
+                    self._note_drop(1, f"malformed, e.g. {row!r}: {e}")
+            if not rows:
+                return True
             self._in_flight = len(rows)
             t0 = time.perf_counter()
             try:
@@ -543,8 +549,11 @@ class Ledger:
             rows = await self._read(MONTH_TOTALS_SQL, [month])
             totals = {key_id: int(total or 0) for key_id, total in rows}
             for row in self._queue:
-                if current_month(row.ts) == month:
-                    totals[row.key_id] = totals.get(row.key_id, 0) + row.prompt_tokens + row.completion_tokens
+                # A malformed row (dropped when written) must not stop the limiter from loading.
+                with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+                    if current_month(row.ts) == month:
+                        used = int(row.prompt_tokens) + int(row.completion_tokens)
+                        totals[row.key_id] = totals.get(row.key_id, 0) + used
         return totals
 
     async def report(
@@ -556,6 +565,8 @@ class Ledger:
             return _report_rows(await self._read(sql, params))
 
     async def _read(self, sql: str, params: list[str]) -> list[Any]:
+        if self._closed:
+            raise LedgerError(f"usage ledger {self.path}: closed")
         try:
             db = await self._connection()
             async with db.execute(sql, params) as cur:
@@ -666,10 +677,10 @@ def report_file(
     path: str, month: str | None = None, key: str | None = None, model: str | None = None
 ) -> list[ReportRow]:
     """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
+    sql, params = report_query(_check_month(month or current_month()), key, model)
     p = Path(path)
     if not p.is_file():
         raise LedgerError(f"usage ledger {path}: no such file")
-    sql, params = report_query(_check_month(month or current_month()), key, model)
     try:
         with contextlib.closing(
             sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)

@@ -318,7 +318,6 @@ async def test_three_sighups_in_a_row(tmp_path: Path) -> None:
         await asyncio.wait_for(client, 10)
         assert statuses and set(statuses) == {200}, statuses
         counted = await reloads(s, llmd)
-        print("COUNTED", counted, len(statuses), [d["msg"] for d in llmd.logs() if "replica a/0" in d["msg"]])
         assert 1 <= counted["ok"] <= 3 and counted["error"] == 0, counted
         final = serving_pids(await admin_status(s, llmd))
         assert final["b/0"] == pids["b/0"]

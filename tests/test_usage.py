@@ -126,9 +126,7 @@ class DiskFault:
 # --- batching -------------------------------------------------------------------------------------
 
 
-async def test_flush_writes_the_batch_in_one_transaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_flush_writes_the_batch_in_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     statements: list[str] = []
     original = aiosqlite.Connection.execute
 
@@ -429,7 +427,12 @@ async def test_rows_arriving_during_a_failed_write_keep_the_bound(
     await led.open()
     for i in range(10):
         led.record(row(i))
-    fault.during = lambda: [led.record(row(i)) for i in range(10, 15)] and None
+
+    def five_more() -> None:
+        for i in range(10, 15):
+            led.record(row(i))
+
+    fault.during = five_more
     assert not await led.flush()
     assert (led.pending_rows, led.dropped_rows) == (10, 5)
     fault.failing = False
@@ -492,7 +495,8 @@ def test_abandoned_ledger_does_not_keep_the_process_alive(tmp_path: Path) -> Non
         asyncio.run(main())
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], timeout=30, capture_output=True)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=30, capture_output=True)
     assert proc.returncode == 3, proc.stderr
 
 
