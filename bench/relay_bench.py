@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench"
+SECRET = "sk-bench-0123456789abcdef"  # only with --key; the direct mock and nginx ignore it
 
 # --- reference figures from the issue ------------------------------------------------------------
 
@@ -391,7 +393,8 @@ def http_get(port: int, path: str, timeout_s: float = 1.0) -> int:
 def http_post(port: int, body: bytes) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
     try:
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -453,7 +456,10 @@ def start_mock(procs: Procs, cpus: set[int] | None, tmp: Path, upstream: str) ->
 
 
 def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int) -> Target:
-    p = procs.start([PYTHON, __file__, "_floor", str(upstream_port)], cpus, stdout=subprocess.PIPE)
+    # stderr dropped: wrk closes its connections mid-request at the end of every run, which
+    # aiohttp logs as a traceback per connection.
+    p = procs.start([PYTHON, __file__, "_floor", str(upstream_port)], cpus, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL)
     assert p.stdout is not None
     line = p.stdout.readline().decode()
     if not line.startswith("FLOOR_PORT "):
@@ -463,20 +469,40 @@ def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int) -> Targ
     return Target("aiohttp-floor", port, p)
 
 
+@dataclass(frozen=True)
+class LlmdOptions:
+    strategy: str  # routing.strategy
+    key: bool  # one key in a tier with generous limits (auth + limit windows run) instead of no keys
+    src: Path = ROOT  # the checkout whose llmd/ runs
+
+
+def llmd_config(d: Path, upstream_port: int, metrics: bool, opts: LlmdOptions) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "log_format": "json", "drain_seconds": 1, "metrics": metrics},
+        "usage": {"path": str(d / "usage.sqlite3")},
+        # slots 256 > any concurrency here: admission never queues, the relay path is what runs.
+        "models": {MODEL: {"backend": "openai", "urls": [f"http://127.0.0.1:{upstream_port}/v1"], "slots": 256}},
+        "routing": {"strategy": opts.strategy, "max_queue": 1024},
+    }
+    if opts.key:
+        # Limits far above what the run can reach: every window is checked and updated, none refuses.
+        doc["tiers"] = {"bench": {"requests_per_minute": 100_000_000, "requests_per_hour": 1_000_000_000,
+                                  "tokens_per_minute": 1_000_000_000, "monthly_tokens": 10**15,
+                                  "max_concurrent": 1024}}
+        doc["keys"] = [{"id": "bench", "tier": "bench", "sha256": hashlib.sha256(SECRET.encode()).hexdigest()}]
+    return doc
+
+
 def start_llmd(procs: Procs, cpus: set[int] | None, tmp: Path, name: str, upstream_port: int, metrics: bool,
-               src: Path = ROOT) -> Target:
-    """llmd from ``src`` (this checkout, or a scratch copy for --candidate): ``-m llmd`` imports the
-    package from the working directory before the venv's editable install."""
+               opts: LlmdOptions) -> Target:
+    """llmd from ``opts.src`` (this checkout, or a scratch copy for --candidate): ``-m llmd`` imports
+    the package from the working directory before the venv's editable install."""
     d = tmp / name
     d.mkdir()
     config = d / "llmd.yaml"
+    src = opts.src
     # JSON so the config is exact without a YAML dependency here (YAML is a superset of JSON).
-    config.write_text(json.dumps({
-        "server": {"host": "127.0.0.1", "port": 0, "log_format": "json", "drain_seconds": 1, "metrics": metrics},
-        "usage": {"path": str(d / "usage.sqlite3")},
-        "models": {MODEL: {"backend": "openai", "urls": [f"http://127.0.0.1:{upstream_port}/v1"], "slots": 256}},
-        "routing": {"strategy": "least-loaded", "max_queue": 1024},
-    }, indent=2))
+    config.write_text(json.dumps(llmd_config(d, upstream_port, metrics, opts), indent=2))
     log = d / "llmd.log"  # the access log goes to stderr with everything else: a file, like journald
     p = procs.start([PYTHON, "-m", "llmd", "serve", "-c", str(config)], cpus, cwd=src,
                     env={**os.environ, "PYTHONPATH": str(src)},
@@ -557,6 +583,7 @@ def sanity_check(targets: list[Target]) -> None:
 WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {secret}"
 wrk.body = [[{body}]]
 
 done = function(summary, latency, requests)
@@ -675,7 +702,8 @@ def report(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], rss: tupl
            rss_idle: float, args: argparse.Namespace, cpus: tuple[set[int] | None, set[int] | None]) -> str:
     has_nginx = any(k[0] == "nginx" for k in results)
     lines = [
-        f"## llmd relay benchmark ({args.rounds} round(s) x {args.duration:g} s per run, upstream: {args.upstream})",
+        f"## llmd relay benchmark ({args.rounds} round(s) x {args.duration:g} s per run, upstream: {args.upstream}, "
+        f"routing.strategy: {args.strategy}, keys: {'one key + tier limits' if args.key else 'none'})",
         "",
         f"machine: {os.cpu_count()} CPUs; "
         + (f"wrk + mock on CPU {sorted(cpus[0])[0]}, llmd / nginx on CPU {sorted(cpus[1])[0]}"
@@ -837,6 +865,11 @@ def main() -> int:
                     help="also run a bare aiohttp relay (no llmd logic): what aiohttp itself costs per hop")
     ap.add_argument("--upstream", choices=("mock", "fake"), default="mock",
                     help="mock: the raw uvloop server in this file; fake: tests/fake_backend.py")
+    ap.add_argument("--strategy", choices=("prefix-affinity", "least-loaded", "round-robin"),
+                    default="prefix-affinity", help="routing.strategy (default: the config default)")
+    ap.add_argument("--key", action="store_true",
+                    help="configure one API key in a tier with generous limits, so auth and the limit "
+                         "windows run on every request (default: no keys, 'anonymous', as in the issue)")
     ap.add_argument("--llmd-src", type=Path, metavar="DIR", default=ROOT,
                     help="run the measured llmd from DIR instead of this checkout (e.g. a frozen copy, "
                          "so edits to llmd/ during an A/B session do not move the baseline)")
@@ -870,15 +903,15 @@ def main() -> int:
     t_begin = time.monotonic()
     try:
         mock, mock_port = start_mock(procs, load_cpus, tmp, args.upstream)
-        src = args.llmd_src.resolve()
+        opts = LlmdOptions(args.strategy, args.key, args.llmd_src.resolve())
         targets = [Target("direct", mock_port, None),
-                   start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, metrics=True, src=src),
-                   start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, metrics=False, src=src)]
+                   start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, True, opts),
+                   start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, False, opts)]
         if args.floor:
             targets.append(start_floor(procs, hop_cpus, mock_port))
         if args.candidate:
-            targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, metrics=True,
-                                      src=args.candidate.resolve()))
+            targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, True,
+                                      LlmdOptions(args.strategy, args.key, args.candidate.resolve())))
         if not args.no_nginx:
             ng = start_nginx(procs, hop_cpus, tmp, mock_port)
             if ng is None:
@@ -894,7 +927,7 @@ def main() -> int:
         scripts = {}
         for stream in (False, True):
             scripts[stream] = tmp / f"{'stream' if stream else 'plain'}.lua"
-            scripts[stream].write_text(WRK_LUA.format(body=request_body(stream).decode()))
+            scripts[stream].write_text(WRK_LUA.format(body=request_body(stream).decode(), secret=SECRET))
 
         shapes = [Shape(False, 1), Shape(False, 16), Shape(False, 64), Shape(True, 16)]
         plan: list[tuple[Shape, list[str]]] = []

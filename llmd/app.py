@@ -518,7 +518,9 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
                 )
                 resp.headers["Access-Control-Max-Age"] = "600"
     ex = ctx.exchange
-    _access(services, request, ctx, resp.status, ex.client_bytes if ex else (resp.body_length or 0))
+    body = getattr(resp, "body", None)
+    nbytes = ex.client_bytes if ex else len(body) if isinstance(body, bytes) else 0
+    _access(services, request, ctx, resp.status, nbytes)
     if ctx.route == "other" and request.path not in QUIET_PATHS:
         services.metrics.observe_request("other", "", "", resp.status, time.monotonic() - ctx.start, 0.0)
     elif ctx.route != "other":

@@ -175,9 +175,14 @@ MONTH_TOTALS_SQL = "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM m
 _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 
-def report_query(month: str, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
-    """The SQL and parameters of a report; every variant is an index search on ``monthly``."""
-    where, params = ["month = ?"], [month]
+def report_query(month: str | None = None, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
+    """The SQL and parameters of a report: one row per (month, key, model), every month when
+    ``month`` is None. It reads only the rollup; with a month or a key, through an index."""
+    where: list[str] = []
+    params: list[str] = []
+    if month is not None:
+        where.append("month = ?")
+        params.append(_check_month(month))
     if key is not None:
         where.append("key_id = ?")
         params.append(key)
@@ -186,7 +191,7 @@ def report_query(month: str, key: str | None = None, model: str | None = None) -
         params.append(model)
     sql = (
         "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors "
-        f"FROM monthly WHERE {' AND '.join(where)} ORDER BY key_id, model"
+        f"FROM monthly {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY month, key_id, model"
     )
     return sql, params
 
@@ -559,8 +564,8 @@ class Ledger:
     async def report(
         self, month: str | None = None, key: str | None = None, model: str | None = None
     ) -> list[ReportRow]:
-        """Per (key, model) totals of ``month`` (default: this month) from the committed rollup."""
-        sql, params = report_query(_check_month(month or current_month()), key, model)
+        """Per (month, key, model) totals from the committed rollup; every month if ``month`` is None."""
+        sql, params = report_query(month, key, model)
         async with self._lock:
             return _report_rows(await self._read(sql, params))
 
@@ -677,7 +682,7 @@ def report_file(
     path: str, month: str | None = None, key: str | None = None, model: str | None = None
 ) -> list[ReportRow]:
     """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
-    sql, params = report_query(_check_month(month or current_month()), key, model)
+    sql, params = report_query(month, key, model)
     p = Path(path)
     if not p.is_file():
         raise LedgerError(f"usage ledger {path}: no such file")

@@ -338,13 +338,19 @@ async def test_queries_search_an_index(ledger: Ledger) -> None:
             report_query("2025-01", key="dev"),
             report_query("2025-01", model="m1"),
             report_query("2025-01", key="dev", model="m1"),
+            report_query(None, key="dev"),
         ]:
             details = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
             plans.append(details)
             table_steps = [d for d in details if "monthly" in d or "requests" in d]
             assert table_steps, details
             assert all(d.startswith("SEARCH monthly USING") for d in table_steps), details
-    assert not any("requests" in d for details in plans for d in details)
+    # Every month of every key: a walk over the small rollup, still never `requests`.
+    with sqlite3.connect(ledger.path) as db:
+        sql, params = report_query()
+        details = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    assert details and all("monthly" in d for d in details), details
+    assert not any("requests" in d for details in [*plans, details] for d in details)
 
 
 # --- failures ------------------------------------------------------------------------------------------
@@ -530,13 +536,19 @@ async def test_report_file_reads_while_the_ledger_writes(ledger: Ledger) -> None
     assert report_file(ledger.path, month="2025-01", key="ci")[0].requests == 2
 
 
-async def test_report_defaults_to_this_month(ledger: Ledger) -> None:
-    ledger.record(row(1, ts=time.time()))
+async def test_report_without_a_month_lists_every_month(ledger: Ledger) -> None:
+    ledger.record(row(1, ts=month_start("2025-02")))
     ledger.record(row(2))  # January 2025
+    ledger.record(row(3, key="ci"))
     await ledger.flush()
-    [this_month] = await ledger.report()
-    assert this_month.month == current_month() and this_month.requests == 1
-    assert report_file(ledger.path) == [this_month]
+    rows = await ledger.report()
+    assert [(r.month, r.key_id, r.requests) for r in rows] == [
+        ("2025-01", "ci", 1),
+        ("2025-01", "dev", 1),
+        ("2025-02", "dev", 1),
+    ]
+    assert report_file(ledger.path) == rows
+    assert [r.month for r in report_file(ledger.path, key="dev")] == ["2025-01", "2025-02"]
 
 
 def test_report_file_errors(tmp_path: Path) -> None:
