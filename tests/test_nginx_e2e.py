@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import sqlite3
 import ssl
+import statistics
 import time
 import uuid
 from pathlib import Path
@@ -99,10 +100,12 @@ async def test_https_stream_through_nginx_arrives_event_by_event_with_the_client
 
         # 3. Event by event, as generated.
         assert contents == ["t0", *(f" t{i}" for i in range(1, TOKENS))]
+        # The fake sleeps TOKEN_DELAY_S before each token, after the request reached it: the
+        # last token cannot exist before TOKENS * TOKEN_DELAY_S (1.8 s) after `started`.
         last_generated_no_earlier_than = TOKENS * TOKEN_DELAY_S
-        assert arrived[0] < last_generated_no_earlier_than - 2 * TOKEN_DELAY_S, arrived
+        assert arrived[0] < last_generated_no_earlier_than - TOKEN_DELAY_S, arrived
         assert arrived[-1] - arrived[0] >= (TOKENS - 1) * TOKEN_DELAY_S * 0.8, arrived
-        assert all(b - a >= TOKEN_DELAY_S / 2 for a, b in itertools.pairwise(arrived)), arrived
+        assert statistics.median(b - a for a, b in itertools.pairwise(arrived)) >= TOKEN_DELAY_S * 0.7, arrived
 
         # 4. The client's address, not nginx's and not the forged one.
         assert await access_client(llmd, rid) == "127.0.0.2"

@@ -365,7 +365,10 @@ async def test_readyz_and_admin_routes_need_admin_key(fake: FakeProc, tmp_path) 
             assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
         async with s.get(llmd.url + "/admin/status", headers={"Authorization": "Bearer sk-ops"}) as r:
             assert r.status == 200 and (await r.json())["replicas"][0]["replica"] == "m/0"
-        async with s.get(llmd.url + "/admin/usage?month=2026-13x", headers={"Authorization": "Bearer sk-ops"}) as r:
-            assert r.status == 400
+        for bad in ("2026-13x", "2026-13"):
+            async with s.get(llmd.url + f"/admin/usage?month={bad}", headers={"Authorization": "Bearer sk-ops"}) as r:
+                assert r.status == 400, bad
+        async with s.get(llmd.url + "/admin/usage?month=2026-11", headers={"Authorization": "Bearer sk-ops"}) as r:
+            assert r.status == 200 and (await r.json())["month"] == "2026-11"
         async with s.get(llmd.url + "/health") as r:
             assert r.status == 200
