@@ -80,13 +80,10 @@ def test_unready_draining_and_ejected_replicas_are_not_chosen() -> None:
         assert c is not None and c.replica is reps[2]
 
 
-async def test_admission_queue_orders_by_priority_then_fair_share() -> None:
-    """1. One slot, taken by the heavy key. 2. Queue: heavy x3 (priority 1), light x1
-    (priority 1), vip x1 (priority 2). 3. As the slot frees: vip first, then light (least
-    service), then heavy's in arrival order."""
-    reps = replicas(1, slots=1)
-    adm = Admission("m", lambda: reps, Balancer("least-loaded"), max_queue=10, queue_timeout_s=5)
-    first = await adm.acquire("heavy", 1, [])
+async def served_in_order(adm: Admission, first_key: str, waves: list[list[tuple[str, int]]]) -> list[str]:
+    """Hold the only slot, queue each wave of (key, priority) requests, free the slot, and
+    return the order in which the queued requests got it."""
+    first = await adm.acquire(first_key, 1, [])
     order: list[str] = []
 
     async def req(key: str, prio: int) -> None:
@@ -95,14 +92,23 @@ async def test_admission_queue_orders_by_priority_then_fair_share() -> None:
         await asyncio.sleep(0)
         adm.release(c.replica, key, 1.0)
 
-    tasks = [asyncio.create_task(req("heavy", 1)) for _ in range(3)]
-    await asyncio.sleep(0)
-    tasks.append(asyncio.create_task(req("light", 1)))
-    tasks.append(asyncio.create_task(req("vip", 2)))
-    await asyncio.sleep(0)
-    assert adm.depth == 5
-    adm.release(first.replica, "heavy", 5.0)
+    tasks: list[asyncio.Task[None]] = []
+    for wave in waves:
+        tasks += [asyncio.create_task(req(k, p)) for k, p in wave]
+        await asyncio.sleep(0)
+    assert adm.depth == sum(len(w) for w in waves)
+    adm.release(first.replica, first_key, 5.0)
     await asyncio.gather(*tasks)
+    return order
+
+
+async def test_admission_queue_orders_by_priority_then_fair_share() -> None:
+    """1. One slot, taken by the heavy key. 2. Queue: heavy x3 (priority 1), light x1
+    (priority 1), vip x1 (priority 2). 3. As the slot frees: vip first, then light (least
+    service), then heavy's in arrival order."""
+    reps = replicas(1, slots=1)
+    adm = Admission("m", lambda: reps, Balancer("least-loaded"), max_queue=10, queue_timeout_s=5)
+    order = await served_in_order(adm, "heavy", [[("heavy", 1)] * 3, [("light", 1), ("vip", 2)]])
     assert order == ["vip", "light", "heavy", "heavy", "heavy"]
     assert reps[0].in_flight == 0
 
@@ -140,17 +146,5 @@ async def test_cancelled_waiter_leaves_the_queue_and_never_holds_a_slot() -> Non
 async def test_fifo_admission_serves_in_arrival_order() -> None:
     reps = replicas(1, slots=1)
     adm = Admission("m", lambda: reps, Balancer("least-loaded"), max_queue=10, queue_timeout_s=5, order="fifo")
-    first = await adm.acquire("heavy", 1, [])
-    order: list[str] = []
-
-    async def req(key: str, prio: int) -> None:
-        c = await adm.acquire(key, prio, [])
-        order.append(key)
-        await asyncio.sleep(0)
-        adm.release(c.replica, key, 1.0)
-
-    tasks = [asyncio.create_task(req(k, p)) for k, p in (("heavy", 1), ("heavy", 1), ("light", 1), ("vip", 2))]
-    await asyncio.sleep(0)
-    adm.release(first.replica, "heavy", 5.0)
-    await asyncio.gather(*tasks)
+    order = await served_in_order(adm, "heavy", [[("heavy", 1), ("heavy", 1), ("light", 1), ("vip", 2)]])
     assert order == ["heavy", "heavy", "light", "vip"]
