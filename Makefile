@@ -1,6 +1,6 @@
 # The project's front door: `make run` and `make test` work on a fresh Debian 12 machine
 # with Python 3.11, cmake and a C++ compiler (see .ci/run for the apt packages).
-.PHONY: setup run test test-fast test-real lint bench
+.PHONY: setup run test test-fast test-real lint bench package
 
 setup:
 	bash packaging/setup.sh
@@ -24,3 +24,7 @@ lint:
 
 bench: setup
 	.venv/bin/python bench/relay_bench.py
+
+# dist/llmd (single file, shiv) and dist/llm-api_<version>_<arch>.deb
+package: setup
+	bash packaging/build.sh

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -376,56 +377,73 @@ def run_strategy(strategy: str, concurrency: int, sizes: Sizes, workdir: Path, l
 class Summary:
     p50: float
     p90: float
+    mean: float
     turn1_p50: float
     same_replica: float  # share of turns >= 2 served by the replica of the chat's previous turn
-    reused: float  # share of turns >= 2 whose cached tokens cover >= 80% of the previous prompt
-    cached_share: float  # cached / prompt tokens over turns >= 2
+    reused: float  # share of turns >= 2 that found the chat's whole previous prompt in the cache
+    computed: int  # prompt tokens prefilled (not from cache) over turns >= 2
     later: int
+
+
+REUSE_SLACK = 16  # llama-server re-evaluates the last few tokens of a cached prompt
+
+
+def reused_history(t: Turn, prev: Turn) -> bool:
+    # The shared system prompt (~190 tokens) may be cached anywhere, and a replica visited two
+    # turns ago holds an older prefix; only the chat's previous turn counts as its history.
+    return t.cached_tokens >= prev.prompt_tokens - REUSE_SLACK
 
 
 def summarize(r: RunResult) -> Summary:
     by = {(t.conv, t.turn): t for t in r.turns}
     later = [t for t in r.turns if t.turn >= 2]
     ttft = [t.ttft_s for t in later]
-    same = sum(1 for t in later if t.replica == by[(t.conv, t.turn - 1)].replica)
-    # The shared system prompt (~15% of a prompt) may be cached anywhere; only a hit on the
-    # chat's own history covers most of the previous prompt.
-    reused = sum(1 for t in later if t.cached_tokens >= 0.8 * by[(t.conv, t.turn - 1)].prompt_tokens)
     return Summary(
         p50=statistics.median(ttft),
         p90=pct(ttft, 0.9),
+        mean=statistics.fmean(ttft),
         turn1_p50=statistics.median([t.ttft_s for t in r.turns if t.turn == 1]),
-        same_replica=same / len(later),
-        reused=reused / len(later),
-        cached_share=sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)),
+        same_replica=sum(1 for t in later if t.replica == by[(t.conv, t.turn - 1)].replica) / len(later),
+        reused=sum(1 for t in later if reused_history(t, by[(t.conv, t.turn - 1)])) / len(later),
+        computed=sum(t.prompt_tokens - t.cached_tokens for t in later),
         later=len(later),
     )
 
 
 def report(results: list[RunResult]) -> None:
-    print("\n### Time to first token, turns >= 2 (client-side, streamed)\n")
-    print("| concurrency | strategy | turns >= 2 | TTFT p50 | TTFT p90 | turn-1 p50 | same replica as prev. turn "
-          "| history reused (cached >= 80% prev. prompt) | cached / prompt tokens | served per replica "
-          "| llmd_affinity_total | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n### Time to first token of turns >= 2 (client-side, streamed)\n")
+    print("| concurrency | strategy | turns >= 2 | TTFT p50 | TTFT p90 | TTFT mean | turn-1 p50 "
+          "| same replica as prev. turn | prev. turn fully cached | prompt tokens prefilled "
+          "| served per replica | llmd_affinity_total | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     sums: dict[tuple[int, str], Summary] = {}
     for r in results:
         s = summarize(r)
         sums[(r.concurrency, r.strategy)] = s
         aff = ", ".join(f"{k}={int(v)}" for k, v in sorted(r.affinity.items())) or "-"
         served = " / ".join(str(v) for _, v in sorted(r.served.items()))
-        print(f"| {r.concurrency} | {r.strategy} | {s.later} | {s.p50:.2f} s | {s.p90:.2f} s | {s.turn1_p50:.2f} s "
-              f"| {s.same_replica:.0%} | {s.reused:.0%} | {s.cached_share:.0%} | {served} | {aff} | {r.wall_s:.0f} s |")
-    print("\n### Ratio round-robin / prefix-affinity (goal: TTFT p50 ratio >= 5x)\n")
-    print("| concurrency | p50 ratio | p90 ratio | goal met |")
-    print("|---|---|---|---|")
+        print(f"| {r.concurrency} | {r.strategy} | {s.later} | {s.p50:.2f} s | {s.p90:.2f} s | {s.mean:.2f} s "
+              f"| {s.turn1_p50:.2f} s | {s.same_replica:.0%} | {s.reused:.0%} | {s.computed} | {served} | {aff} "
+              f"| {r.wall_s:.0f} s |")
+    print("\n### Ratio round-robin / prefix-affinity, turns >= 2 (goal: p50 ratio >= 5x)\n")
+    print("| concurrency | p50 ratio | p90 ratio | mean ratio | prefilled-tokens ratio | goal met |")
+    print("|---|---|---|---|---|---|")
     for conc in sorted({c for c, _ in sums}):
         a, b = sums.get((conc, "prefix-affinity")), sums.get((conc, "round-robin"))
         if a and b:
             ratio = b.p50 / a.p50
-            print(f"| {conc} | {ratio:.1f}x | {b.p90 / a.p90:.1f}x | {'yes' if ratio >= 5 else 'NO'} |")
+            print(f"| {conc} | {ratio:.1f}x | {b.p90 / a.p90:.1f}x | {b.mean / a.mean:.1f}x "
+                  f"| {b.computed / max(1, a.computed):.1f}x | {'yes' if ratio >= 5 else 'NO'} |")
+    # The mechanism, independent of routing: a turn that finds its history vs one that does not.
+    turns = [(t, {(u.conv, u.turn): u for u in r.turns}) for r in results for t in r.turns if t.turn >= 2]
+    hit = [t.ttft_s for t, by in turns if reused_history(t, by[(t.conv, t.turn - 1)])]
+    cold = [t.ttft_s for t, by in turns if t.cached_tokens < 0.5 * by[(t.conv, t.turn - 1)].prompt_tokens]
+    if hit and cold:
+        print(f"\nturns >= 2, all runs: previous turn fully cached: n={len(hit)}, TTFT p50 "
+              f"{statistics.median(hit):.2f} s; less than half cached: n={len(cold)}, TTFT p50 "
+              f"{statistics.median(cold):.2f} s ({statistics.median(cold) / statistics.median(hit):.1f}x)")
     prompts = [t.prompt_tokens for r in results for t in r.turns]
-    print(f"\nprompt tokens per request: min {min(prompts)}, median {statistics.median(prompts):.0f}, "
+    print(f"prompt tokens per request: min {min(prompts)}, median {statistics.median(prompts):.0f}, "
           f"max {max(prompts)}")
 
 
@@ -437,6 +455,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", help="concurrent requests; default 1 2 (quick: 2)")
     ap.add_argument("--strategies", nargs="+", default=["prefix-affinity", "round-robin"])
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, llmd logs, ledgers)")
+    ap.add_argument("--json", type=Path, help="also write every request's measurements to this file")
     args = ap.parse_args()
     sizes = Sizes(conversations=4 if args.quick else 8, turns=3 if args.quick else 4, file_lines=90,
                   follow_up_words=60, max_tokens=8, concurrency=[2] if args.quick else [1, 2])
@@ -472,6 +491,8 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     report(results)
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(t) for r in results for t in r.turns], indent=1))
     print(f"\ntotal runtime {time.perf_counter() - t0:.0f} s (including llmd/llama-server starts)")
 
 

@@ -155,8 +155,9 @@ async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, m
         counting = True
         t0 = time.perf_counter()
         for i in range(n_light):
-            # A human-ish pause, random so light arrives at random points of heavy's service cycle.
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
+            # A human-ish pause, random and longer than one heavy request, so light arrives at
+            # random points of heavy's service cycle (not always just after its own slot was refilled).
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
             t = time.perf_counter()
             await complete(light_c, f"IDE question {i}: what does a Python list comprehension return?", max_tokens)
             sc.light_s.append(time.perf_counter() - t)
@@ -202,6 +203,8 @@ def report(scenarios: list[Scenario]) -> None:
                if s.heavy_done else "-")
         print(f"| {s.name} | {len(s.light_s)} | {s.p50:.2f} s | {s.p90:.2f} s | {s.p50 / idle.p50:.1f}x "
               f"| {s.p90 / idle.p90:.1f}x | {thr} | {s.max_queue} |")
+    for s in scenarios:
+        print(f"{s.name}: light latencies " + " ".join(f"{x:.2f}" for x in s.light_s))
     fair = next((s for s in scenarios if s.name.startswith("(b)")), None)
     fifo = next((s for s in scenarios if s.name.startswith("(c)")), None)
     if fair:
@@ -228,7 +231,7 @@ def main() -> None:
     print(f"- model: {MODEL_PATH.name}, 1 llama-server replica on cpus [[{REPLICA_CPU}]], args {' '.join(LLAMA_ARGS)}; "
           "llmd + load generator on CPU 0")
     print(f"- keys heavy, light (tier standard, priority 1 both; no limits); heavy: {HEAVY_IN_FLIGHT} in flight, "
-          f"light: {n_light} sequential (pause 0.2-1.0 s); every request max_tokens {args.max_tokens}, ignore_eos")
+          f"light: {n_light} sequential (pause 0.5-3.0 s); every request max_tokens {args.max_tokens}, ignore_eos")
     print("- routing: strategy least-loaded, max_queue 256, queue_timeout_s 600; admission fair for (a), (b); "
           "fifo for (c) on a fresh llmd")
     t0 = time.perf_counter()

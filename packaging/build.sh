@@ -21,6 +21,8 @@
 # start over. Runtime dependencies are resolved from pyproject.toml as binary wheels only, and
 # their versions are recorded in /usr/share/doc/llm-api/bundled-python-packages.txt.
 set -euo pipefail
+# Files in both artifacts are world-readable whatever the caller's umask.
+umask 022
 cd "$(dirname "$0")/.."
 top=$PWD
 
@@ -35,10 +37,12 @@ build=$top/build
 dist=$top/dist
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
+# A value made safe for the replacement side of sed's s/// (the maintainer's name may hold & or /).
+sed_escape() { printf '%s' "$1" | sed -e 's/[\/&]/\\&/g'; }
 die() { log "error: $*"; exit 1; }
 
 for tool in dpkg-deb dpkg gzip "$PYTHON"; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install dpkg-dev python3 python3-venv)"
+  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install dpkg python3 python3-venv)"
 done
 
 # The shebang is the absolute path of the target interpreter, not `/usr/bin/env python3`: in a
@@ -88,14 +92,15 @@ wheel=$(ls "$build"/wheel/llmd-"$version"-*.whl)
 # ---- site-packages: llmd and its dependencies, binary wheels only -------------------------------
 # --only-binary: never compile an sdist here (that would need a compiler and tie the result to this
 # host's libraries); manylinux wheels run on any glibc system as new as their tag.
-# --no-compile: no .pyc in the zip (they hold build timestamps); shiv compiles on first extraction.
+# --no-compile: no .pyc in the zip (they hold build timestamps and bloat it); Python writes them
+# into the unpacked copy on first import.
 site=$build/site-packages
 rm -rf "$site"
 "${pip[@]}" install --quiet --target "$site" --only-binary :all: --no-compile "$wheel" \
   >"$build/pip.log" 2>&1 || { cat "$build/pip.log" >&2; die "installing the dependencies failed"; }
 # pip --target also writes console scripts whose shebang is this build venv: useless and
 # misleading inside the zipapp (shiv calls llmd.cli:main directly).
-rm -rf "$site/bin"
+rm -rf "${site:?}/bin"
 
 # ---- dist/llmd ------------------------------------------------------------------------------------
 # shiv unpacks site-packages on first run to $SHIV_ROOT/llmd_<build id>/ (default ~/.shiv), because
@@ -123,7 +128,6 @@ got=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$smoke" SHIV_ROOT="$smoke/
 pkg=$build/deb/llm-api
 deb_src=$top/packaging/deb
 rm -rf "$build/deb"
-umask 022
 install -d "$pkg/DEBIAN"
 install -D -m 0755 "$dist/llmd" "$pkg/usr/bin/llmd"
 # /lib, not /usr/lib: where Debian 12's own packages install units (the usrmerge move comes later).
@@ -149,7 +153,8 @@ gzip -9n "$pkg/usr/share/man/man1/llmd.1"
 
 # changelog.Debian: one entry for this build, dated SOURCE_DATE_EPOCH.
 changelog_date=$(date -u -R -d "@$SOURCE_DATE_EPOCH")
-sed -e "s/@DEBVERSION@/$debversion/g" -e "s/@VERSION@/$version/g" -e "s/@MAINTAINER@/$DEB_MAINTAINER/g" \
+maintainer=$(sed_escape "$DEB_MAINTAINER")
+sed -e "s/@DEBVERSION@/$debversion/g" -e "s/@VERSION@/$version/g" -e "s/@MAINTAINER@/$maintainer/g" \
   -e "s/@DATE@/$changelog_date/g" "$deb_src/changelog.in" >"$doc/changelog.Debian"
 gzip -9n "$doc/changelog.Debian"
 
@@ -169,7 +174,7 @@ done
 install -m 0644 "$deb_src/conffiles" "$pkg/DEBIAN/conffiles"
 
 installed_size=$(du -s -k --apparent-size --exclude=DEBIAN "$pkg" | cut -f1)
-sed -e "s/@DEBVERSION@/$debversion/g" -e "s/@ARCH@/$arch/g" -e "s/@MAINTAINER@/$DEB_MAINTAINER/g" \
+sed -e "s/@DEBVERSION@/$debversion/g" -e "s/@ARCH@/$arch/g" -e "s/@MAINTAINER@/$maintainer/g" \
   -e "s/@INSTALLED_SIZE@/$installed_size/g" -e "s/@PYVER@/$pyver/g" -e "s/@PYNEXT@/$pynext/g" \
   -e "s/@GLIBC@/$glibc/g" "$deb_src/control.in" >"$pkg/DEBIAN/control"
 (cd "$pkg" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -136,7 +137,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     xdist workers each run this fixture: the first one builds under an exclusive lock and writes a
     stamp (this run's id + a digest of the inputs); the others find the stamp and reuse the files.
     A stamp from an earlier run, or from before an input changed, does not count."""
-    need("dpkg-deb", "dpkg-dev")
+    need("dpkg-deb", "dpkg")
     _check_system_python()
     build_dir = ROOT / "build"
     build_dir.mkdir(exist_ok=True)
@@ -175,8 +176,8 @@ def unpacked(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> 
     return root
 
 
-def run(cmd: list[str | Path], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+def run(cmd: list[str | Path], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)
 
 
 # ---- dist/llmd ------------------------------------------------------------------------------------
