@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,6 @@ from .runtime import Runtime, Services
 from .usage import LedgerError, UsageRow
 
 log = logging.getLogger("llmd")
-access_log = logging.getLogger("llmd.access")
 
 SERVICES = web.AppKey("services", Services)
 CTX: web.RequestKey[RequestContext] = web.RequestKey("llmd.ctx", "RequestContext")
@@ -317,14 +316,11 @@ async def _relay_with_retries(
     attempts = rt.cfg.routing.retries + 1
     metrics = services.metrics
     for attempt in range(attempts):
-        metrics.observe_queue(model, pool.admission.depth + 1)
         choice = await pool.admission.acquire(  # 5 + 6. admission and balancer
             principal.key_id, principal.limits.priority or 0, hashes, frozenset(tried)
         )
-        metrics.observe_queue(model, pool.admission.depth)
         metrics.observe_affinity(model, choice.affinity)
         replica = choice.replica
-        metrics.in_flight_add(model, 1)
         t0 = time.monotonic()
         try:
             resp = await services.relay.forward(  # 7. relay
@@ -353,7 +349,6 @@ async def _relay_with_retries(
                 return e.response
             raise e.error from None
         finally:
-            metrics.in_flight_add(model, -1)
             pool.admission.release(replica, principal.key_id, time.monotonic() - t0)
     raise AssertionError("unreachable")
 
@@ -487,7 +482,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     services = request.app[SERVICES]
     rt = services.runtime
     rid = request.headers.get("X-Request-ID", "")
-    ctx = RequestContext(rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex)
+    ctx = RequestContext(rid if _REQUEST_ID_RE.match(rid) else f"{random.getrandbits(128):032x}")
     ctx.client_ip = _client_ip(request, rt.trusted_proxies)
     request[CTX] = ctx
     origin = request.headers.get("Origin")
@@ -574,7 +569,7 @@ def _access(services: Services, request: web.Request, ctx: RequestContext, statu
             upstream_ms=round(ex.upstream_s * 1000, 2),
             overhead_ms=round((total - ex.upstream_s) * 1000, 3),
         )
-    access_log.info("access", extra={"fields": fields})
+    services.access.write(fields)
 
 
 def create_app(services: Services) -> web.Application:

@@ -38,13 +38,42 @@ VLLM_DEFAULT_MAX_NUM_SEQS_CPU = 128
 
 # Environment passed through from llmd's own: locale, paths, proxies, and the variables
 # that steer GPU runtimes and model hubs. Anything else (API key secrets above all) is not.
-_PASS_ENV = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
-    "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-})
-_PASS_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_",
-                      "VLLM_", "OMP_", "XDG_")
+_PASS_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    }
+)
+_PASS_ENV_PREFIXES = (
+    "LC_",
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "HF_",
+    "HUGGING_FACE_",
+    "TRANSFORMERS_",
+    "VLLM_",
+    "OMP_",
+    "XDG_",
+)
 
 # Flags llmd sets itself and will not let args override (see the module docstring).
 _RESERVED = {
@@ -221,8 +250,8 @@ def launch_spec(
         if gpus is not None and tp is None:
             tp = max(1, len(gpus) // pp)
             argv += ["--tensor-parallel-size", str(tp)]
-        default_seqs = VLLM_DEFAULT_MAX_NUM_SEQS_GPU if gpus is not None else (
-            VLLM_DEFAULT_MAX_NUM_SEQS_CPU * (tp or 1) * pp
+        default_seqs = (
+            VLLM_DEFAULT_MAX_NUM_SEQS_GPU if gpus is not None else (VLLM_DEFAULT_MAX_NUM_SEQS_CPU * (tp or 1) * pp)
         )
         slots = _int_flag(args, ("--max-num-seqs",)) or default_seqs
         props_path = None

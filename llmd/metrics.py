@@ -8,15 +8,75 @@ key...) and cached, so the hot path does a dict lookup and an add, not a label r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from .replica import Replica, ReplicaState
 
 OTHER = "other"
+
+
+class _FastCounter:
+    """A labelled counter kept as a plain dict (label tuple -> value) and turned into
+    a prometheus family only at scrape time. The hot path is one dict get/set on the event-loop
+    thread: no child lookup, no lock (the scrape runs on the same thread)."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1) -> None:
+        v = self.values
+        v[key] = v.get(key, 0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        f = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in self.values.items():
+            f.add_metric(list(key), value)
+        return f
+
+
+class _FastHistogram:
+    """A labelled histogram: per label tuple a list [count per bucket..., +Inf count, sum]."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.bounds = list(buckets)
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], x: float) -> None:
+        st = self.values.get(key)
+        if st is None:
+            st = self.values[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        st[bisect_left(self.bounds, x)] += 1
+        st[-1] += x
+
+    def family(self) -> HistogramMetricFamily:
+        f = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, st in self.values.items():
+            acc, buckets = 0.0, []
+            for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], st[:-1], strict=True):
+                acc += n
+                buckets.append((bound, acc))
+            f.add_metric(list(key), buckets, st[-1])
+        return f
+
+
+class _FastCollector:
+    def __init__(self, metrics: Sequence[_FastCounter | _FastHistogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.metrics:
+            yield m.family()
+
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 ROUTES = ("chat", "completions", "embeddings", "models", "other")
@@ -28,22 +88,14 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.models: set[str] = set()
         self.keys: set[str] = set()
-        self.requests = Counter("llmd_requests", "Requests answered", ["route", "model", "key", "status"], registry=r)
-        self.duration = Histogram(
-            "llmd_request_duration_seconds",
-            "Request duration",
-            ["route", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.requests = _FastCounter("llmd_requests", "Requests answered", ["route", "model", "key", "status"])
+        self.duration = _FastHistogram(
+            "llmd_request_duration_seconds", "Request duration", ["route", "model"], LATENCY_BUCKETS
         )
-        self.ttft = Histogram(
-            "llmd_time_to_first_token_seconds",
-            "Time to first streamed token",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.ttft = _FastHistogram(
+            "llmd_time_to_first_token_seconds", "Time to first streamed token", ["model"], LATENCY_BUCKETS
         )
-        self.tokens = Counter("llmd_tokens", "Tokens used", ["model", "key", "type"], registry=r)
+        self.tokens = _FastCounter("llmd_tokens", "Tokens used", ["model", "key", "type"])
         self.rate_limited = Counter("llmd_rate_limited", "Requests refused by limits", ["key", "reason"], registry=r)
         self.in_flight = Gauge("llmd_in_flight", "Requests being served", ["model"], registry=r)
         self.queue_depth = Gauge("llmd_queue_depth", "Requests waiting for a slot", ["model"], registry=r)
@@ -76,14 +128,14 @@ class Metrics:
         )
         self._dropped_seen = 0
         self.reloads = Counter("llmd_config_reloads", "Config reloads", ["result"], registry=r)
-        self.overhead = Histogram(
+        self.overhead = _FastHistogram(
             "llmd_overhead_seconds",
             "Time a request spent in llmd itself (total minus upstream)",
             ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            OVERHEAD_BUCKETS,
         )
-        self.affinity = Counter("llmd_affinity", "Prefix-affinity decisions", ["model", "result"], registry=r)
+        self.affinity = _FastCounter("llmd_affinity", "Prefix-affinity decisions", ["model", "result"])
+        r.register(_FastCollector([self.requests, self.duration, self.ttft, self.tokens, self.overhead, self.affinity]))
         self.retries = Counter("llmd_retries", "Requests retried on another replica", ["model"], registry=r)
         self._children: dict[tuple[str, ...], object] = {}
         self._restarts_seen: dict[str, int] = {}
@@ -113,22 +165,22 @@ class Metrics:
         if not self.enabled:
             return
         m, k = self.model(model) if model else "", self.key(key) if key else ""
-        self._child(self.requests, route, m, k, str(status)).inc()  # type: ignore[attr-defined]
-        self._child(self.duration, route, m).observe(duration_s)  # type: ignore[attr-defined]
-        self._child(self.overhead, route).observe(max(0.0, overhead_s))  # type: ignore[attr-defined]
+        self.requests.inc((route, m, k, str(status)))
+        self.duration.observe((route, m), duration_s)
+        self.overhead.observe((route,), max(0.0, overhead_s))
 
     def observe_tokens(self, model: str, key: str, prompt: int, completion: int) -> None:
         if not self.enabled:
             return
         m, k = self.model(model), self.key(key)
         if prompt:
-            self._child(self.tokens, m, k, "prompt").inc(prompt)  # type: ignore[attr-defined]
+            self.tokens.inc((m, k, "prompt"), prompt)
         if completion:
-            self._child(self.tokens, m, k, "completion").inc(completion)  # type: ignore[attr-defined]
+            self.tokens.inc((m, k, "completion"), completion)
 
     def observe_ttft(self, model: str, seconds: float) -> None:
         if self.enabled:
-            self._child(self.ttft, self.model(model)).observe(seconds)  # type: ignore[attr-defined]
+            self.ttft.observe((self.model(model),), seconds)
 
     def observe_rate_limited(self, key: str, reason: str) -> None:
         if self.enabled:
@@ -148,7 +200,7 @@ class Metrics:
 
     def observe_affinity(self, model: str, result: str) -> None:
         if self.enabled and result != "none":
-            self._child(self.affinity, self.model(model), result).inc()  # type: ignore[attr-defined]
+            self.affinity.inc((self.model(model), result))
 
     def observe_retry(self, model: str) -> None:
         if self.enabled:

@@ -168,14 +168,14 @@ class ManagedProcess:
                 self._failures += 1
                 # STARTING/UNHEALTHY -> BACKOFF
                 self._set_state(ReplicaState.BACKOFF)
-                log.warning("%s: restarting in %.1fs", self.replica.name, delay,
-                            extra={"replica": self.replica.name})
+                log.warning("%s: restarting in %.1fs", self.replica.name, delay, extra={"replica": self.replica.name})
                 await asyncio.wait([stop_waiter], timeout=delay)
                 if not self.stopping:
                     self.replica.restarts += 1
         except Exception:
-            log.exception("%s: supervision failed; stopping the replica", self.replica.name,
-                          extra={"replica": self.replica.name})
+            log.exception(
+                "%s: supervision failed; stopping the replica", self.replica.name, extra={"replica": self.replica.name}
+            )
         finally:
             stop_waiter.cancel()
             # any -> STOPPING
@@ -194,8 +194,13 @@ class ManagedProcess:
             try:
                 await self._spawn(spec)
             except (OSError, subprocess.SubprocessError) as e:
-                log.error("%s: cannot start %s: %s", self.replica.name, spec.command[0], e,
-                          extra={"replica": self.replica.name})
+                log.error(
+                    "%s: cannot start %s: %s",
+                    self.replica.name,
+                    spec.command[0],
+                    e,
+                    extra={"replica": self.replica.name},
+                )
                 return "failed"
             # STOPPED/BACKOFF -> STARTING
             self._set_state(ReplicaState.STARTING)
@@ -205,16 +210,28 @@ class ManagedProcess:
             await self._terminate(asyncio.get_running_loop().time())
             tail = "\n".join(self._tail)
             if attempt < BIND_ATTEMPTS and any(e in tail.lower() for e in _BIND_ERRORS):
-                log.warning("%s: port %d was taken before it bound it; trying another port",
-                            self.replica.name, spec.port, extra={"replica": self.replica.name})
+                log.warning(
+                    "%s: port %d was taken before it bound it; trying another port",
+                    self.replica.name,
+                    spec.port,
+                    extra={"replica": self.replica.name},
+                )
                 continue
-            log.error("%s: %s while starting; last output:\n%s", self.replica.name,
-                      _describe_exit(self._exit.result() if self._exit else None), tail,
-                      extra={"replica": self.replica.name})
+            log.error(
+                "%s: %s while starting; last output:\n%s",
+                self.replica.name,
+                _describe_exit(self._exit.result() if self._exit else None),
+                tail,
+                extra={"replica": self.replica.name},
+            )
             return "failed"
         if outcome == "timeout":
-            log.error("%s: not healthy within start_timeout_s=%gs; stopping it", self.replica.name,
-                      spec.start_timeout_s, extra={"replica": self.replica.name})
+            log.error(
+                "%s: not healthy within start_timeout_s=%gs; stopping it",
+                self.replica.name,
+                spec.start_timeout_s,
+                extra={"replica": self.replica.name},
+            )
             await self._terminate(asyncio.get_running_loop().time() + spec.stop_timeout_s)
             return "failed"
         if outcome == "stop":
@@ -250,8 +267,14 @@ class ManagedProcess:
         r.pid, r.port, r.url = proc.pid, spec.port, f"{spec.origin}/v1"
         r.started_at = time.time()
         r.backend_metrics = {}
-        log.info("%s: started pid %d on port %d: %s", r.name, proc.pid, spec.port,
-                 " ".join(spec.argv), extra={"replica": r.name})
+        log.info(
+            "%s: started pid %d on port %d: %s",
+            r.name,
+            proc.pid,
+            spec.port,
+            " ".join(spec.argv),
+            extra={"replica": r.name},
+        )
 
     async def _wait_healthy(self, spec: LaunchSpec, stop_waiter: asyncio.Future[object]) -> str:
         """Poll health until 200: 'ready', 'exited', 'timeout' or 'stop'."""
@@ -269,8 +292,9 @@ class ManagedProcess:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return "timeout"
-            await asyncio.wait([self._exit, stop_waiter], timeout=min(START_POLL_S, remaining),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [self._exit, stop_waiter], timeout=min(START_POLL_S, remaining), return_when=asyncio.FIRST_COMPLETED
+            )
 
     async def _watch(self, stop_waiter: asyncio.Future[object]) -> str:
         """While READY: health and metrics every health_interval_s, until 'crashed' (the child
@@ -279,14 +303,19 @@ class ManagedProcess:
         failed_checks = 0
         while True:
             spec = self.spec  # update() may change the interval while it runs
-            await asyncio.wait([self._exit, stop_waiter], timeout=spec.health_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [self._exit, stop_waiter], timeout=spec.health_interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if self.stopping:
                 return "stop"
             if self._exit.done():
-                log.error("%s: %s; last output:\n%s", self.replica.name,
-                          _describe_exit(self._exit.result()), "\n".join(self._tail),
-                          extra={"replica": self.replica.name})
+                log.error(
+                    "%s: %s; last output:\n%s",
+                    self.replica.name,
+                    _describe_exit(self._exit.result()),
+                    "\n".join(self._tail),
+                    extra={"replica": self.replica.name},
+                )
                 return "crashed"
             status = await self._probe(spec, timeout_s=max(1.0, min(5.0, spec.health_interval_s)))
             if status == 200:
@@ -299,9 +328,14 @@ class ManagedProcess:
                 await self._scrape_metrics(spec)
                 continue
             failed_checks += 1
-            log.warning("%s: health check failed (%s), %d of %d", self.replica.name,
-                        status if status is not None else "no answer", failed_checks,
-                        spec.health_failures, extra={"replica": self.replica.name})
+            log.warning(
+                "%s: health check failed (%s), %d of %d",
+                self.replica.name,
+                status if status is not None else "no answer",
+                failed_checks,
+                spec.health_failures,
+                extra={"replica": self.replica.name},
+            )
             if failed_checks >= spec.health_failures:
                 return "unhealthy"
 
@@ -326,7 +360,8 @@ class ManagedProcess:
             return spec.slots
         try:
             async with self._session.get(
-                spec.origin + spec.props_path, timeout=aiohttp.ClientTimeout(total=5.0),
+                spec.origin + spec.props_path,
+                timeout=aiohttp.ClientTimeout(total=5.0),
                 raise_for_status=True,
             ) as resp:
                 body = await resp.read()
@@ -335,8 +370,14 @@ class ManagedProcess:
                 return slots
             raise ValueError(f"total_slots is {slots!r}")
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError, msgspec.DecodeError) as e:
-            log.warning("%s: cannot read slots from %s (%s); assuming %d", self.replica.name,
-                        spec.props_path, e, spec.slots, extra={"replica": self.replica.name})
+            log.warning(
+                "%s: cannot read slots from %s (%s); assuming %d",
+                self.replica.name,
+                spec.props_path,
+                e,
+                spec.slots,
+                extra={"replica": self.replica.name},
+            )
             return spec.slots
 
     async def _scrape_metrics(self, spec: LaunchSpec) -> None:
@@ -344,14 +385,14 @@ class ManagedProcess:
             return
         try:
             async with self._session.get(
-                spec.origin + spec.metrics_path, timeout=aiohttp.ClientTimeout(total=5.0),
+                spec.origin + spec.metrics_path,
+                timeout=aiohttp.ClientTimeout(total=5.0),
                 raise_for_status=True,
             ) as resp:
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError) as e:
             # Load signals are advisory: a failed scrape is not a failed health check.
-            log.debug("%s: metrics scrape failed: %s", self.replica.name, e,
-                      extra={"replica": self.replica.name})
+            log.debug("%s: metrics scrape failed: %s", self.replica.name, e, extra={"replica": self.replica.name})
             return
         self.replica.backend_metrics = parse_metrics(text)
 
@@ -374,7 +415,7 @@ class ManagedProcess:
 
     def _log_line(self, raw: bytes, extra: dict[str, str]) -> None:
         for i in range(0, len(raw), MAX_LOG_LINE):
-            line = raw[i:i + MAX_LOG_LINE].decode("utf-8", "replace").rstrip()
+            line = raw[i : i + MAX_LOG_LINE].decode("utf-8", "replace").rstrip()
             if line.strip():
                 self._tail.append(line)
                 child_log.info(line, extra=extra)
@@ -399,22 +440,36 @@ class ManagedProcess:
             while not exit_task.done():
                 remaining = min(deadline, self._stop_deadline) - loop.time()
                 if remaining <= 0:
-                    log.warning("%s: pid %d still running after SIGTERM; sending SIGKILL",
-                                self.replica.name, proc.pid, extra={"replica": self.replica.name})
+                    log.warning(
+                        "%s: pid %d still running after SIGTERM; sending SIGKILL",
+                        self.replica.name,
+                        proc.pid,
+                        extra={"replica": self.replica.name},
+                    )
                     break
                 await asyncio.wait([exit_task], timeout=min(remaining, 0.5))
         self._signal_group(signal.SIGKILL)
         try:
             await asyncio.wait_for(asyncio.shield(exit_task), REAP_TIMEOUT_S)
         except TimeoutError:
-            log.error("%s: pid %d did not exit %gs after SIGKILL", self.replica.name, proc.pid,
-                      REAP_TIMEOUT_S, extra={"replica": self.replica.name})
+            log.error(
+                "%s: pid %d did not exit %gs after SIGKILL",
+                self.replica.name,
+                proc.pid,
+                REAP_TIMEOUT_S,
+                extra={"replica": self.replica.name},
+            )
         # The pipes close when the group is gone; give the relays a moment to log the rest.
         _, pending = await asyncio.wait(self._readers, timeout=1.0)
         for t in pending:
             t.cancel()
-        log.info("%s: pid %d %s", self.replica.name, proc.pid, _describe_exit(proc.returncode),
-                 extra={"replica": self.replica.name})
+        log.info(
+            "%s: pid %d %s",
+            self.replica.name,
+            proc.pid,
+            _describe_exit(proc.returncode),
+            extra={"replica": self.replica.name},
+        )
         self._proc = None
         self.replica.pid = None
         self.replica.backend_metrics = {}
@@ -426,8 +481,7 @@ class ManagedProcess:
         if old is state:
             return
         self.replica.state = state
-        log.info("%s: %s -> %s", self.replica.name, old.name, state.name,
-                 extra={"replica": self.replica.name})
+        log.info("%s: %s -> %s", self.replica.name, old.name, state.name, extra={"replica": self.replica.name})
         self._notify()
 
     def _notify(self) -> None:
@@ -437,5 +491,4 @@ class ManagedProcess:
             self._on_change(self.replica)
         except Exception:
             # A listener's bug must not stop supervision.
-            log.exception("%s: on_change listener failed", self.replica.name,
-                          extra={"replica": self.replica.name})
+            log.exception("%s: on_change listener failed", self.replica.name, extra={"replica": self.replica.name})

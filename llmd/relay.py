@@ -200,7 +200,13 @@ class Relay:
         out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"  # nginx must not buffer SSE
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ConnectionResetError:
+            # The client left while the upstream answered: its FIN closed the transport in the
+            # same loop iteration, before aiohttp's cancellation reached this task. Take the
+            # path aiohttp's cancellation would have taken (client_abort, 499).
+            raise asyncio.CancelledError from None
         ex.first_byte_sent = True
         started = ex.t_start or time.monotonic()
         buf = b""

@@ -25,6 +25,7 @@ from .auth import KeyTable
 from .balancer import Balancer
 from .config import Config
 from .limits import Limiter
+from .log import AccessLog
 from .metrics import Metrics
 from .relay import Relay
 from .replica import Replica, ReplicaState
@@ -68,6 +69,7 @@ class Services:
         self.supervisor: Supervisor | None = None
         self.relay: Relay
         self.draining = False
+        self.access = AccessLog()
         self._background: set[asyncio.Task[None]] = set()  # set at shutdown: /readyz answers 503 so balancers move away
 
     async def start(self) -> None:
@@ -187,6 +189,8 @@ class Services:
         m.observe_dropped(self.ledger.dropped_rows)
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
+            if m.enabled:
+                m.in_flight.labels(m.model(name)).set(sum(r.in_flight for r in self._replicas(name)))
             for r in self._replicas(name):
                 m.observe_replica(r)
 
@@ -196,5 +200,6 @@ class Services:
         if self.supervisor is not None:
             await self.supervisor.stop(deadline)
         await self.ledger.close()
+        self.access.flush()
         if self.session is not None:
             await self.session.close()

@@ -148,8 +148,7 @@ class Supervisor:
                 self._retire(current)
                 self._spawn_task(self._start_after_retired(new))
             else:
-                log.info("replica %s: changed; starting the new one, switching when it is ready",
-                         new.replica.name)
+                log.info("replica %s: changed; starting the new one, switching when it is ready", new.replica.name)
                 self._pending[key] = new
                 self._start(new)
         for name in list(self._members):
@@ -207,8 +206,12 @@ class Supervisor:
         if spec is None:
             url = model.urls[index].rstrip("/")
             replica = Replica(
-                model=name, name=f"{name}/{index}", backend="openai", url=url,
-                slots=model.slots or DEFAULT_REMOTE_SLOTS, state=ReplicaState.READY,
+                model=name,
+                name=f"{name}/{index}",
+                backend="openai",
+                url=url,
+                slots=model.slots or DEFAULT_REMOTE_SLOTS,
+                state=ReplicaState.READY,
             )
             return _Member(key, replica, None, self._identity(index, model, spec))
         replica = Replica(model=name, name=spec.replica, backend=spec.backend, slots=spec.slots)
@@ -261,8 +264,9 @@ class Supervisor:
         while member.replica.in_flight > 0 and loop.time() < end and not self._closed:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL_S)
         if member.replica.in_flight > 0:
-            log.warning("replica %s: stopping with %d requests still in flight", member.replica.name,
-                        member.replica.in_flight)
+            log.warning(
+                "replica %s: stopping with %d requests still in flight", member.replica.name, member.replica.in_flight
+            )
         if member.proc is not None:
             await member.proc.stop()
         elif member.replica.state is not ReplicaState.STOPPED:
@@ -308,4 +312,3 @@ class Supervisor:
             self._on_change(replica)
         except Exception:
             log.exception("replica %s: on_change listener failed", replica.name)
-
