@@ -13,8 +13,8 @@ changes as turns are added, and no JSON is decoded to compute it.
 The match is taken when it covers at least ``affinity_min_match`` of the prompt (SGLang's
 cache-aware router uses ~50%) and that replica has a free slot and is within its fair
 share (``load_factor`` x mean in-flight, "bounded load"); otherwise the least-loaded
-replica, ties broken by rendezvous hash of the first block so new conversations spread
-evenly and deterministically.
+replica, ties broken by the fewest requests served, then by a rendezvous hash of the first
+block, so new conversations spread evenly even when they arrive one at a time.
 """
 
 from __future__ import annotations
@@ -117,13 +117,15 @@ class Balancer:
     @staticmethod
     def _least_loaded(candidates: list[Replica], hashes: Sequence[int]) -> Replica:
         # Load = share of slots in use (replicas may differ in slots), then the backend's own
-        # waiting queue; ties go to a rendezvous hash so equal replicas share new prompts evenly.
+        # waiting queue, then the fewest requests served so far (so that new conversations
+        # arriving one at a time still spread evenly), then a rendezvous hash.
         seed = hashes[0] if hashes else 0
 
-        def key(r: Replica) -> tuple[float, float, int]:
+        def key(r: Replica) -> tuple[float, float, int, int]:
             return (
                 r.in_flight / r.slots,
                 r.backend_metrics.get("waiting", 0.0) + r.backend_metrics.get("kv_cache_usage", 0.0),
+                r.served,
                 hash((seed, r.name)),
             )
 

@@ -148,3 +148,17 @@ async def test_fifo_admission_serves_in_arrival_order() -> None:
     adm = Admission("m", lambda: reps, Balancer("least-loaded"), max_queue=10, queue_timeout_s=5, order="fifo")
     order = await served_in_order(adm, "heavy", [[("heavy", 1), ("heavy", 1), ("light", 1), ("vip", 2)]])
     assert order == ["heavy", "heavy", "light", "vip"]
+
+
+def test_new_conversations_arriving_one_at_a_time_alternate() -> None:
+    """Sequential requests (nothing in flight at choice time) still spread: fewest served wins."""
+    b, reps = Balancer("prefix-affinity"), replicas(2)
+    names = []
+    for seed in range(6):
+        h = block_hashes(conversation(100 + seed, 1))
+        c = b.choose(reps, h)
+        assert c is not None
+        c.replica.served += 1  # what Admission does when it grants the slot
+        b.record(c.replica, h)
+        names.append(c.replica.name)
+    assert names.count("m/0") == names.count("m/1") == 3
