@@ -78,9 +78,14 @@ class Balancer:
         n_routable = sum(1 for r in replicas if r.routable) or 1
         fair = self.load_factor * (total_in_flight + 1) / n_routable
         if target is not None and depth >= self.min_match * len(hashes):
+            least = min(r.in_flight for r in candidates)
             for r in candidates:
                 if r.name == target:
-                    if r.in_flight + 1 <= max(fair, 1.0) and not r.overloaded_backend:
+                    # Bounded load: keep the cached replica unless it carries clearly more than
+                    # its share (over load_factor x the mean, and 2+ more than the least-loaded):
+                    # re-reading a long prompt costs far more than waiting for a slot behind one.
+                    within = r.in_flight + 1 <= fair or r.in_flight < least + 2
+                    if within and not r.overloaded_backend:
                         return Choice(r, "hit")
                     break
             return Choice(self._least_loaded(candidates, hashes), "fallback")
