@@ -1,8 +1,8 @@
 """Prefix-affinity benchmark: multi-turn chats through a real `llmd serve` in front of two real
 llama-server replicas, routed with ``prefix-affinity`` and then with ``round-robin``.
 
-    .venv/bin/python bench/affinity_bench.py            # 8 chats x 4 turns, concurrency 1 and 2 (~7 min)
-    .venv/bin/python bench/affinity_bench.py --quick    # 4 chats x 3 turns, concurrency 2 (~2 min)
+    .venv/bin/python bench/affinity_bench.py            # 8 chats x 4 turns, concurrency 1 and 2 (~4.5 min)
+    .venv/bin/python bench/affinity_bench.py --quick    # 4 chats x 3 turns, concurrency 2 (~1.5 min)
 
 Why it matters (the issue): the second turn of a 1,650-token chat took 0.55 s to first token on
 the replica that served the first turn (llama-server reused 1,655 cached tokens) and 12.2 s on the
@@ -58,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ROOT / "bin" / "llama-server"
 MODEL_PATH = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 MODEL = "chat"
+# The llmd source tree to run (`python -m llmd` from there); --llmd-src compares a candidate change.
+LLMD_SRC = ROOT
 
 # --- llmd as a subprocess (shared with fairness_bench.py) ------------------------------------------
 
@@ -135,7 +137,7 @@ def start_llmd(doc: dict[str, Any], workdir: Path, admin_headers: dict[str, str]
             [sys.executable, "-m", "llmd", "serve", "-c", str(cfg)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=LLMD_SRC,  # `-m` puts the cwd first on sys.path: this tree's llmd is the one that runs
             start_new_session=True,
             preexec_fn=_die_with_parent,  # only ctypes.prctl: safe between fork and exec
         )
@@ -202,7 +204,11 @@ def pct(values: list[float], q: float) -> float:
 
 def install_sigterm() -> None:
     # SIGTERM -> SystemExit, so `finally` blocks stop llmd and its replicas as on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def on_term(*_: object) -> None:
+        print("terminated; stopping llmd and its replicas", file=sys.stderr)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 # --- the conversations -----------------------------------------------------------------------------
@@ -449,14 +455,18 @@ def report(results: list[RunResult]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 chats x 3 turns at concurrency 2 (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="4 chats x 3 turns at concurrency 2 (~1.5 min)")
     ap.add_argument("--conversations", type=int)
     ap.add_argument("--turns", type=int)
     ap.add_argument("--concurrency", type=int, nargs="+", help="concurrent requests; default 1 2 (quick: 2)")
     ap.add_argument("--strategies", nargs="+", default=["prefix-affinity", "round-robin"])
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, llmd logs, ledgers)")
     ap.add_argument("--json", type=Path, help="also write every request's measurements to this file")
+    ap.add_argument("--llmd-src", type=Path, help="run llmd from this source tree (holding llmd/) instead")
     args = ap.parse_args()
+    if args.llmd_src:
+        global LLMD_SRC
+        LLMD_SRC = args.llmd_src.resolve()
     sizes = Sizes(conversations=4 if args.quick else 8, turns=3 if args.quick else 4, file_lines=90,
                   follow_up_words=60, max_tokens=8, concurrency=[2] if args.quick else [1, 2])
     sizes.conversations = args.conversations or sizes.conversations
@@ -473,7 +483,8 @@ def main() -> None:
           f"max_tokens {sizes.max_tokens}, temperature 0; first user turn = shared {len(SYSTEM_PROMPT)}-char "
           f"system prompt + a distinct {sizes.file_lines}-line source file; later turns + "
           f"~{sizes.follow_up_words}-word question")
-    print(f"- strategies: {', '.join(args.strategies)}; concurrency: {sizes.concurrency}; fresh llmd + replicas "
+    print(f"- llmd from {LLMD_SRC}; strategies: {', '.join(args.strategies)}; concurrency: {sizes.concurrency}; "
+          "fresh llmd + replicas "
           "per run (cold caches); routing.affinity_min_match/load_factor: llmd defaults")
     t0 = time.perf_counter()
     results: list[RunResult] = []
@@ -497,4 +508,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # llmd and its replicas were stopped by the `finally` blocks
+        sys.exit("interrupted; llmd and its replicas stopped")

@@ -1,16 +1,17 @@
 """Fair-admission benchmark: does one key's flood delay another key's single requests?
 
-    .venv/bin/python bench/fairness_bench.py            # 10 light requests per scenario (~3 min)
-    .venv/bin/python bench/fairness_bench.py --quick    # 5 light requests per scenario (~1.5 min)
+    .venv/bin/python bench/fairness_bench.py            # 10 light requests per scenario (~4 min)
+    .venv/bin/python bench/fairness_bench.py --quick    # 5 light requests per scenario (~2.5 min)
+    .venv/bin/python bench/fairness_bench.py --slots 1  # the same with -np 1 (see bench/README.md)
 
 Setup: a real `llmd serve` with model ``chat`` on ONE llama-server replica with 2 slots
-(``-np 2``), pinned to CPU 1 with ``-t 1``; llmd and this script stay on CPU 0, so the load
-generator never steals the replica's core. Two real keys (sha256 of secrets generated here), both
+(``-np 2``; ``--slots N`` changes it), pinned to CPU 1 with ``-t 1``; llmd and this script stay
+on CPU 0, so the load generator never steals the replica's core. Two real keys (sha256 of secrets generated here), both
 in tier ``standard`` with ``priority: 1``, so only llmd's per-key fair share can tell them apart:
 
-* ``heavy`` keeps 16 requests in flight all the time (a batch job): 2 run, 14 wait in llmd's
-  queue (``routing.max_queue`` 256, ``queue_timeout_s`` 600, so none is refused);
-* ``light`` sends one request at a time (an IDE user), with a short random pause between.
+* ``heavy`` keeps 16 requests in flight all the time (a batch job): 2 run (one per slot), 14 wait
+  in llmd's queue (``routing.max_queue`` 256, ``queue_timeout_s`` 600, so none is refused);
+* ``light`` sends one request at a time (an IDE user), with a random 0.5-3 s pause between.
 
 Every request is a short distinct prompt with ``max_tokens`` 32 and llama-server's
 ``ignore_eos``, so each costs the same; light's latency is client-side, request to last byte.
@@ -54,7 +55,6 @@ from affinity_bench import (
 )
 
 HEAVY_IN_FLIGHT = 16
-LLAMA_ARGS = ["-c", "4096", "-np", "2", "-t", "1"]
 REPLICA_CPU = 1
 
 
@@ -65,7 +65,11 @@ class Keys:
     admin: str
 
 
-def config(admission: str, keys: Keys) -> dict[str, Any]:
+def llama_args(slots: int) -> list[str]:
+    return ["-c", str(2048 * slots), "-np", str(slots), "-t", "1"]
+
+
+def config(admission: str, keys: Keys, slots: int) -> dict[str, Any]:
     def sha(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -78,7 +82,7 @@ def config(admission: str, keys: Keys) -> dict[str, Any]:
             {"id": "bench-admin", "tier": "standard", "sha256": sha(keys.admin), "admin": True},
         ],
         "models": {MODEL: {"backend": "llama-server", "model": str(MODEL_PATH), "replicas": 1,
-                           "cpus": [[REPLICA_CPU]], "args": LLAMA_ARGS}},
+                           "cpus": [[REPLICA_CPU]], "args": llama_args(slots)}},
         "launchers": llama_launcher(),
         "routing": {"strategy": "least-loaded", "admission": admission, "max_queue": 256, "queue_timeout_s": 600,
                     "timeouts": {"connect_s": 5, "first_byte_s": 600, "total_s": 900}},
@@ -117,7 +121,8 @@ class Scenario:
         return pct(self.light_s, 0.9)
 
 
-async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, max_tokens: int) -> Scenario:
+async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, max_tokens: int,
+                  slots: int) -> Scenario:
     light_c, heavy_c = client(srv, keys.light), client(srv, keys.heavy)
     sc = Scenario(name, [])
     stop = asyncio.Event()
@@ -139,7 +144,7 @@ async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, m
         while not stop.is_set():
             st = await asyncio.to_thread(srv.status)  # urllib in a thread: 5 calls a second
             sc.max_queue = max(sc.max_queue, st["queues"].get(MODEL, 0))
-            if sc.max_queue >= HEAVY_IN_FLIGHT - 4:
+            if sc.max_queue >= max(1, HEAVY_IN_FLIGHT - slots - 2):
                 flooded.set()
             await asyncio.sleep(0.2)
 
@@ -148,7 +153,7 @@ async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, m
         tasks.append(asyncio.create_task(watch_queue()))
         if heavy:
             tasks += [asyncio.create_task(heavy_worker(w)) for w in range(HEAVY_IN_FLIGHT)]
-            # Let the flood reach its steady state (2 running, 14 queued) before light starts.
+            # Let the flood reach its steady state (`slots` running, the rest queued) before light starts.
             await asyncio.wait_for(flooded.wait(), 60)
             await asyncio.sleep(2.0)
         rng = random.Random(name)
@@ -176,15 +181,15 @@ async def measure(srv: Llmd, keys: Keys, name: str, heavy: bool, n_light: int, m
     return sc
 
 
-def run_llmd(admission: str, keys: Keys, workdir: Path, plan: list[tuple[str, bool]], n_light: int,
+def run_llmd(admission: str, keys: Keys, slots: int, workdir: Path, plan: list[tuple[str, bool]], n_light: int,
              max_tokens: int) -> list[Scenario]:
-    srv = start_llmd(config(admission, keys), workdir / admission, {"Authorization": f"Bearer {keys.admin}"})
+    srv = start_llmd(config(admission, keys, slots), workdir / admission, {"Authorization": f"Bearer {keys.admin}"})
     try:
         warm_replicas(srv)
         out = []
         for name, heavy in plan:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            out.append(asyncio.run(measure(srv, keys, name, heavy, n_light, max_tokens)))
+            out.append(asyncio.run(measure(srv, keys, name, heavy, n_light, max_tokens, slots)))
             # Drain what the cancelled heavy requests left on the replica before the next scenario.
             time.sleep(3)
         return out
@@ -216,9 +221,10 @@ def report(scenarios: list[Scenario]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="5 light requests per scenario (~1.5 min)")
+    ap.add_argument("--quick", action="store_true", help="5 light requests per scenario (~2.5 min)")
     ap.add_argument("--light", type=int, help="light requests per scenario (default 10; quick 5)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=2, help="llama-server -np of the one replica (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, llmd logs, ledgers)")
     args = ap.parse_args()
     n_light = args.light or (5 if args.quick else 10)
@@ -228,7 +234,8 @@ def main() -> None:
         os.sched_setaffinity(0, {0})
     keys = Keys(*(secrets.token_urlsafe(24) for _ in range(3)))
     print("## fairness_bench: config")
-    print(f"- model: {MODEL_PATH.name}, 1 llama-server replica on cpus [[{REPLICA_CPU}]], args {' '.join(LLAMA_ARGS)}; "
+    print(f"- model: {MODEL_PATH.name}, 1 llama-server replica on cpus [[{REPLICA_CPU}]], "
+          f"args {' '.join(llama_args(args.slots))}; "
           "llmd + load generator on CPU 0")
     print(f"- keys heavy, light (tier standard, priority 1 both; no limits); heavy: {HEAVY_IN_FLIGHT} in flight, "
           f"light: {n_light} sequential (pause 0.5-3.0 s); every request max_tokens {args.max_tokens}, ignore_eos")
@@ -237,9 +244,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="llmd-fairness-"))
     try:
-        scenarios = run_llmd("fair", keys, tmp, [("(a) idle", False), ("(b) fair, heavy load", True)],
+        scenarios = run_llmd("fair", keys, args.slots, tmp, [("(a) idle", False), ("(b) fair, heavy load", True)],
                              n_light, args.max_tokens)
-        scenarios += run_llmd("fifo", keys, tmp, [("(c) fifo, heavy load", True)], n_light, args.max_tokens)
+        scenarios += run_llmd("fifo", keys, args.slots, tmp, [("(c) fifo, heavy load", True)], n_light, args.max_tokens)
     finally:
         if args.keep:
             print(f"work dir kept: {tmp}")
@@ -250,4 +257,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # llmd and its replicas were stopped by the `finally` blocks
+        sys.exit("interrupted; llmd and its replicas stopped")
