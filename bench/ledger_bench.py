@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmd.config import UsageConfig  # noqa: E402
-from llmd.usage import Ledger, UsageRow  # noqa: E402
+from llmd.config import UsageConfig
+from llmd.usage import Ledger, UsageRow
 
 
 def row(i: int) -> UsageRow:
