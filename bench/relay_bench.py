@@ -446,7 +446,7 @@ def _tail(path: Path | None, n: int = 30) -> str:
 
 @dataclass
 class Target:
-    name: str  # direct | llmd | llmd-nometrics | nginx
+    name: str  # direct | llmd | llmd-nometrics | llmd-noledger | nginx
     port: int
     proc: subprocess.Popen[bytes] | None  # the process whose CPU counts as the hop's (None: direct)
     log: Path | None = None  # llmd's stderr (JSON lines), read for error lines after the run
@@ -513,10 +513,11 @@ class LlmdOptions:
     src: Path = ROOT  # the checkout whose llmd/ runs
 
 
-def llmd_config(d: Path, upstream_port: int, metrics: bool, opts: LlmdOptions) -> dict[str, Any]:
+def llmd_config(d: Path, upstream_port: int, metrics: bool, opts: LlmdOptions, ledger: bool = True) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "log_format": "json", "drain_seconds": 1, "metrics": metrics},
-        "usage": {"path": str(d / "usage.sqlite3")},
+        # usage.enabled false: the "-noledger" twin, for the ledger on/off ratio (issue: within 5%).
+        "usage": {"path": str(d / "usage.sqlite3"), "enabled": ledger},
         # slots 256 > any concurrency here: admission never queues, the relay path is what runs.
         "models": {MODEL: {"backend": "openai", "urls": [f"http://127.0.0.1:{upstream_port}/v1"], "slots": 256}},
         "routing": {"strategy": opts.strategy, "max_queue": 1024},
@@ -546,7 +547,8 @@ def start_llmd(
     config = d / "llmd.yaml"
     src = opts.src
     # JSON so the config is exact without a YAML dependency here (YAML is a superset of JSON).
-    config.write_text(json.dumps(llmd_config(d, upstream_port, metrics, opts), indent=2))
+    doc = llmd_config(d, upstream_port, metrics, opts, ledger=not name.endswith("-noledger"))
+    config.write_text(json.dumps(doc, indent=2))
     log = d / "llmd.log"  # the access log goes to stderr with everything else: a file, like journald
     p = procs.start(
         [PYTHON, "-m", "llmd", "serve", "-c", str(config)],
@@ -922,6 +924,12 @@ def report(
             f"metrics on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio "
             f"{on.ratio(off):.3f} (CPU {on.cpu_ms():.3f} vs {off.cpu_ms():.3f} ms/req)"
         )
+    if has("llmd-noledger", C16):
+        on, off = results[("llmd", C16)], results[("llmd-noledger", C16)]
+        lines.append(
+            f"ledger on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio "
+            f"{on.ratio(off):.3f} (CPU {on.cpu_ms():.3f} vs {off.cpu_ms():.3f} ms/req)"
+        )
     lines += [
         f"llmd RSS after load: {rss[0]:.1f} MB (peak VmHWM {rss[1]:.1f} MB; {rss_idle:.1f} MB idle before load)",
         "",
@@ -1151,6 +1159,7 @@ def main() -> int:
             Target("direct", mock_port, None),
             start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, True, opts),
             start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, False, opts),
+            start_llmd(procs, hop_cpus, tmp, "llmd-noledger", mock_port, True, opts),
         ]
         if args.floor:
             targets.append(start_floor(procs, hop_cpus, mock_port))
@@ -1181,7 +1190,7 @@ def main() -> int:
             names = ["direct", "llmd"] + [n for n in ("candidate", "aiohttp-floor", "nginx") if n in by_name]
             if s == C16:
                 # The metrics on/off pairs run interleaved as well.
-                names += [n for n in ("llmd-nometrics", "candidate-nometrics") if n in by_name]
+                names += [n for n in ("llmd-nometrics", "llmd-noledger", "candidate-nometrics") if n in by_name]
             plan.append((s, names))
 
         # Warm-up (not measured): connection pools, allocator arenas, lazily built label children.
