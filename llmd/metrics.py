@@ -1,4 +1,4 @@
-"""Prometheus collectors and the /metrics handler.
+"""Prometheus collectors (the /metrics route renders them, see app.py).
 
 Each Metrics owns its own CollectorRegistry (no global state, so tests can run several
 apps in one process). Label values are bounded: key ids and model names come from config;
@@ -11,10 +11,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from .replica import Replica, ReplicaState
@@ -79,7 +77,6 @@ class _FastCollector:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
-ROUTES = ("chat", "completions", "embeddings", "models", "other")
 
 
 class Metrics:
@@ -186,10 +183,6 @@ class Metrics:
         if self.enabled:
             self._child(self.rate_limited, self.key(key), reason).inc()  # type: ignore[attr-defined]
 
-    def in_flight_add(self, model: str, delta: int) -> None:
-        if self.enabled:
-            self._child(self.in_flight, self.model(model)).inc(delta)  # type: ignore[attr-defined]
-
     def observe_queue(self, model: str, depth: int, waited_s: float | None = None) -> None:
         if not self.enabled:
             return
@@ -229,12 +222,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def handler(metrics: Metrics, refresh: object) -> web.Handler:
-    async def metrics_handler(request: web.Request) -> web.Response:
-        if callable(refresh):
-            refresh()
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return metrics_handler

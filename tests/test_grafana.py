@@ -45,7 +45,7 @@ def exercised_metrics() -> Metrics:
     m.observe_tokens("gemma", "alice", 10, 20)
     m.observe_ttft("gemma", 0.2)
     m.observe_rate_limited("alice", "requests_per_minute")
-    m.in_flight_add("gemma", 1)
+    m.in_flight.labels("gemma").set(1)
     m.observe_queue("gemma", 2, 0.05)
     for result in ("hit", "fallback", "miss"):
         m.observe_affinity("gemma", result)
