@@ -72,6 +72,8 @@ class Admission:
         self._service = _Service()
         self._in_service: dict[str, int] = {}  # key -> requests holding a slot now
         self.on_wait: Callable[[float], None] | None = None  # metrics hook: seconds waited
+        self._timer: asyncio.TimerHandle | None = None  # dispatch when an ejection runs out
+        self._timer_at = 0.0
 
     @property
     def depth(self) -> int:
@@ -106,6 +108,9 @@ class Admission:
         loop = asyncio.get_running_loop()
         w = _Waiter(priority, key_id, next(self._seq), hashes, exclude, loop.create_future())
         self._waiters.append(w)
+        # Waiters ahead may be unplaceable (a retry that excludes the only free replica):
+        # this one may still fit now.
+        self.dispatch()
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 choice = await asyncio.shield(w.future)
@@ -126,6 +131,7 @@ class Admission:
     def _drop(self, w: _Waiter) -> None:
         if w in self._waiters:
             self._waiters.remove(w)
+            self.dispatch()
         elif w.future.done() and not w.future.cancelled():
             # Granted in the same tick it was cancelled or timed out: give the slot back.
             self.release(w.future.result().replica, w.key_id, 0.0)
@@ -142,15 +148,45 @@ class Admission:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Give free slots to waiters in order; also called when a replica becomes READY."""
+        """Give free slots to waiters in order; called on every change that may free a place:
+        a release, an arrival, a cancellation, a replica READY, an ejection running out.
+
+        A waiter that cannot be placed (its retry excludes every free replica) is skipped,
+        not waited on: the next in order may fit. With no exclusions nobody can be placed."""
+        if not self._waiters:
+            return
         now = time.monotonic()
-        while self._waiters:
-            w = min(self._waiters, key=lambda w: self._rank(w, now))
-            choice = self.balancer.choose(self._replicas(), w.hashes, w.exclude)
+        replicas = self._replicas()
+        ranked = sorted(self._waiters, key=lambda w: self._rank(w, now)) if len(self._waiters) > 1 else self._waiters
+        for w in list(ranked):
+            choice = self.balancer.choose(replicas, w.hashes, w.exclude)
             if choice is None:
-                return
+                if not w.exclude:
+                    break
+                continue
             self._waiters.remove(w)
             w.future.set_result(self._grant(choice, w.key_id, w.hashes))
+        if self._waiters:
+            self._wake_after_ejection(replicas, now)
+
+    def _wake_after_ejection(self, replicas: Sequence[Replica], now: float) -> None:
+        """An ejected replica with free slots returns when its ejection runs out, and no event
+        says so: dispatch again then."""
+        ends = [
+            r.ejected_until
+            for r in replicas
+            if r.accepting and r.free_slots > 0 and r.ejected_until > now
+        ]
+        if not ends or (self._timer is not None and not self._timer.cancelled() and self._timer_at <= min(ends)):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = min(ends)
+        self._timer = asyncio.get_running_loop().call_later(self._timer_at - now + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.dispatch()
 
     def _rank(self, w: _Waiter, now: float) -> tuple[int, float, int]:
         if self.order == "fifo":

@@ -20,15 +20,15 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 
 from . import __version__
 from .auth import Principal
-from .balancer import block_hashes
-from .errors import ApiError, bad_request, model_not_found, not_found_route
+from .balancer import MAX_HASHED_BYTES, block_hashes
+from .errors import ApiError, bad_request, model_not_found, not_found_route, overloaded
 from .limits import Grant, RateLimited
 from .relay import Exchange, UpstreamFailed, count_prompt_tokens
 from .runtime import Runtime, Services
@@ -54,6 +54,7 @@ class RequestContext:
     route: str = "other"
     stream: bool = False
     exchange: Exchange | None = None
+    cors_origin: str | None = None  # set when the request's Origin is allowed
 
 
 # --- step 3: the envelope --------------------------------------------------------------------
@@ -63,15 +64,22 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Envelope(msgspec.Struct):
     """The few fields llmd reads; everything else stays in the raw bytes, untouched."""
 
     model: str
     stream: bool | None = False
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    n: int | None = None
-    stream_options: StreamOptions | None = None
+    # >= 1: they size the token reservation, so a negative one would switch the limits off.
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None
+    n: Positive | None = None
+    # UNSET (absent) differs from None (``"stream_options": null``): only when absent may
+    # llmd add the field by inserting bytes; a present one is re-encoded (JSON parsers keep
+    # the last duplicate key, so an inserted field in front of a null would be overridden).
+    stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET
     # Raw: kept as bytes, never decoded (an empty Raw means absent; Raw | None is not a msgspec type).
     messages: msgspec.Raw = msgspec.Raw(b"")
     prompt: msgspec.Raw = msgspec.Raw(b"")
@@ -100,6 +108,10 @@ def decode_envelope(body: bytes, required: str) -> Envelope:
         if msg.startswith("Object missing required field"):
             param = msg.split("`")[1]
             raise bad_request(f"Missing required parameter: '{param}'.", param=param) from None
+        if " >= " in msg:
+            raise bad_request(
+                f"Invalid value for '{param}': {msg.split(' - at ')[0]}.", param=param, code="invalid_value"
+            ) from None
         raise bad_request(f"Invalid type for '{param}': {msg.split(' - at ')[0]}.", param=param) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}.", code="invalid_json") from None
@@ -116,10 +128,11 @@ def decode_envelope(body: bytes, required: str) -> Envelope:
 def _upstream_body(body: bytes, env: Envelope, upstream_model: str) -> tuple[bytes, bool]:
     """The bytes to send upstream and whether llmd added include_usage (then it hides the
     usage chunk). The original bytes go out unless something must change."""
-    hide_usage = bool(env.stream) and not (env.stream_options and env.stream_options.include_usage)
+    opts = env.stream_options
+    hide_usage = bool(env.stream) and not (opts and opts.include_usage)
     if env.model == upstream_model and not hide_usage:
         return body, False
-    if env.model == upstream_model and env.stream_options is None:
+    if env.model == upstream_model and opts is msgspec.UNSET:
         # Cheap and exact: add the field in front, no re-encoding of the rest.
         start = body.index(b"{") + 1
         sep = b"," if body[start:].strip() != b"}" else b""
@@ -135,6 +148,12 @@ def _upstream_body(body: bytes, env: Envelope, upstream_model: str) -> tuple[byt
 def _estimate_prompt_tokens(env: Envelope) -> int:
     raw = env.messages or env.prompt or env.input
     return max(1, len(raw) // 4)
+
+
+def _completion_cap(env: Envelope) -> int | None:
+    """The most tokens the request may generate, if it says: max_tokens per choice x n."""
+    per_choice = env.max_completion_tokens or env.max_tokens
+    return per_choice * (env.n or 1) if per_choice is not None else None
 
 
 def _client_ip(request: web.Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
@@ -188,7 +207,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     mcfg = rt.cfg.models[model]
 
     reserve = rt.limiter.reserve_for(
-        principal, _estimate_prompt_tokens(env), env.max_completion_tokens or env.max_tokens
+        principal, _estimate_prompt_tokens(env), env.max_completion_tokens or env.max_tokens, env.n or 1
     )
     try:
         grant = rt.limiter.admit(principal, reserve)  # 4. limits
@@ -209,8 +228,15 @@ async def inference(request: web.Request) -> web.StreamResponse:
     try:
         out_body, hide_usage = _upstream_body(body, env, upstream_model)
         prefix = env.messages if route == "chat" else env.prompt if route == "completions" else b""
-        hashes = block_hashes(bytes(prefix)) if prefix and rt.cfg.routing.strategy == "prefix-affinity" else []
-        headers = {"Content-Type": "application/json", "X-Request-ID": ctx.request_id}
+        hashes = (
+            block_hashes(bytes(memoryview(prefix)[:MAX_HASHED_BYTES]))
+            if prefix and rt.cfg.routing.strategy == "prefix-affinity"
+            else []
+        )
+        # identity: llmd reads usage from the answer and relays it as it is; a compressed
+        # answer would reach the client without its Content-Encoding (the session still
+        # decodes one that an upstream compresses anyway).
+        headers = {"Content-Type": "application/json", "X-Request-ID": ctx.request_id, "Accept-Encoding": "identity"}
         if mcfg.api_key_env:
             headers["Authorization"] = f"Bearer {services.upstream_keys.get(mcfg.api_key_env, '')}"
         response_headers = {"X-Request-ID": ctx.request_id, **rt.limiter.headers(principal)}
@@ -246,16 +272,25 @@ async def inference(request: web.Request) -> web.StreamResponse:
         status = 499
         raise
     finally:
-        if ex.outcome == "client_abort" and not ex.usage_seen:
-            # The client left before the upstream's usage arrived: count what was relayed (one
-            # token per streamed chunk) and ask the replica to tokenize the prompt, off the
-            # request path; the row, the limits and the metrics settle when that answers.
-            ex.completion_tokens = ex.chunks
+        if _needs_count(ex):
+            # The upstream worked on it but told no usage (a stream cut short by the client, a
+            # timeout or a dying replica; an upstream that ignores include_usage): count what
+            # was relayed (one token per streamed token chunk; a whole answer's text by size)
+            # and ask the replica to tokenize the prompt, off the request path; the row, the
+            # limits and the metrics settle when that answers.
+            if ex.streamed or ex.outcome == "client_abort":
+                ex.completion_tokens = ex.chunks
             ex.prompt_tokens = _estimate_prompt_tokens(env)
-            ex.token_method = "stream_chunks+estimate"
+            ex.token_method = "stream_chunks+estimate" if ex.streamed else "estimate"
             services.spawn(_settle_abort(services, ctx, request, grant, model, route, out_body, ex, status))
         else:
             _settle(services, ctx, request, grant, model, ex, status)
+
+
+def _needs_count(ex: Exchange) -> bool:
+    """Did a replica take this request (200 headers, or the client left while it worked)
+    without telling its usage?"""
+    return not ex.usage_seen and bool(ex.replica) and (ex.status == 200 or ex.outcome == "client_abort")
 
 
 async def _settle_abort(
@@ -273,7 +308,8 @@ async def _settle_abort(
         if ex.origin and services.session is not None:
             n = await count_prompt_tokens(services.session, ex.backend, ex.origin, model, route, body)
             if n is not None:
-                ex.prompt_tokens, ex.token_method = n, "stream_chunks+tokenize"
+                ex.prompt_tokens = n
+                ex.token_method = "stream_chunks+tokenize" if ex.streamed else "tokenize"
     finally:
         _settle(services, ctx, request, grant, model, ex, status)
 
@@ -311,7 +347,9 @@ async def _relay_with_retries(
     hashes: list[int],
     ex: Exchange,
 ) -> web.StreamResponse:
-    pool = services.pool(model)
+    pool = services.pools.get(model)
+    if pool is None:  # a reload removed the model while this request read its body
+        raise overloaded(f"Model '{model}' was removed by a reload.", 5)
     tried: set[str] = set()
     attempts = rt.cfg.routing.retries + 1
     metrics = services.metrics
@@ -354,12 +392,17 @@ async def _relay_with_retries(
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (declared or sent)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -390,7 +433,7 @@ def _record(
             ttft_ms=round(ex.ttft_s * 1000, 2) if ex.ttft_s is not None else None,
             duration_ms=round(duration * 1000, 2),
             client_ip=ctx.client_ip,
-            token_method=ex.token_method if ex.usage_seen or outcome == "client_abort" else "none",
+            token_method=ex.token_method,
         )
     )
 
@@ -454,9 +497,28 @@ async def admin_usage(request: web.Request) -> web.Response:
 
 def _admin(rt: Runtime, request: web.Request) -> Principal:
     p = rt.keys.authenticate(request)
-    if not p.admin and not rt.keys.open:
+    if rt.keys.open:
+        # Open mode (no keys) is loopback-only by config, but a proxy on the same host (nginx)
+        # forwards remote clients from loopback: /admin/* answers only a client that is
+        # itself local, so `llmd status` works on the host and nobody behind nginx sees it.
+        if not _is_loopback(request[CTX].client_ip):
+            raise ApiError(
+                403,
+                "Admin routes need an admin key; this llmd has no keys, so they answer local clients only.",
+                type="permission_error",
+                code="admin_required",
+            )
+        return p
+    if not p.admin:
         raise ApiError(403, "This route needs an admin key.", type="permission_error", code="admin_required")
     return p
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 async def metrics_route(request: web.Request) -> web.Response:
@@ -487,6 +549,8 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     request[CTX] = ctx
     origin = request.headers.get("Origin")
     cors = origin is not None and (origin in rt.cors_origins or "*" in rt.cors_origins)
+    if cors:
+        ctx.cors_origin = origin
     resp: web.StreamResponse
     try:
         if request.method == "OPTIONS" and origin is not None:
@@ -505,18 +569,6 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error", extra={"request_id": ctx.request_id})
         resp = ApiError(500, "Internal error in llmd; see its log for this request id.", type="server_error").response()
-    if not resp.prepared:
-        resp.headers["X-Request-ID"] = ctx.request_id
-        if cors:
-            resp.headers["Access-Control-Allow-Origin"] = origin or ""
-            resp.headers["Vary"] = "Origin"
-            resp.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, x-ratelimit-remaining-requests"
-            if request.method == "OPTIONS":
-                resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-                resp.headers["Access-Control-Allow-Headers"] = (
-                    request.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type"
-                )
-                resp.headers["Access-Control-Max-Age"] = "600"
     ex = ctx.exchange
     body = getattr(resp, "body", None)
     nbytes = ex.client_bytes if ex else len(body) if isinstance(body, bytes) else 0
@@ -529,6 +581,25 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
             ctx.route, ctx.model, ctx.key_id, resp.status, total, total - (ex.upstream_s if ex else 0.0)
         )
     return resp
+
+
+async def _on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
+    """Headers every response carries, set just before its headers go out: so a stream
+    (prepared inside the handler) gets them as a plain response does."""
+    ctx = request.get(CTX)
+    if ctx is None:
+        return
+    resp.headers["X-Request-ID"] = ctx.request_id
+    if ctx.cors_origin is not None:
+        resp.headers["Access-Control-Allow-Origin"] = ctx.cors_origin
+        resp.headers["Vary"] = "Origin"
+        resp.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, x-ratelimit-remaining-requests"
+        if request.method == "OPTIONS":
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Access-Control-Allow-Headers"] = (
+                request.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type"
+            )
+            resp.headers["Access-Control-Max-Age"] = "600"
 
 
 def _http_exception(e: web.HTTPException, request: web.Request) -> web.Response:
@@ -573,8 +644,11 @@ def _access(services: Services, request: web.Request, ctx: RequestContext, statu
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[middleware], client_max_size=services.runtime.cfg.server.max_body_bytes)
+    # Bodies are read by _read_body against the current runtime's max_body_bytes (a reload may
+    # change it); aiohttp's own cap stays out of the way.
+    app = web.Application(middlewares=[middleware], client_max_size=2**62)
     app[SERVICES] = services
+    app.on_response_prepare.append(_on_prepare)
     app.router.add_get("/health", health)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_route)

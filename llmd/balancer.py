@@ -27,6 +27,10 @@ from .replica import Replica
 
 BLOCK_BYTES = 128
 MAX_INDEX_BLOCKS = 200_000  # ~ 25 MB of prompts remembered per model; oldest forgotten first
+# Only the first 256 KiB of a prompt are hashed (2,048 blocks, well under a millisecond): a
+# longer shared prefix says nothing more about which replica holds it, and an 8 MiB prompt
+# would otherwise hold the event loop for tens of milliseconds and flush the index.
+MAX_HASHED_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -38,7 +42,7 @@ class Choice:
 def block_hashes(prefix: bytes) -> list[int]:
     hashes: list[int] = []
     h = 0
-    n = len(prefix) // BLOCK_BYTES  # only whole blocks: a partial tail changes next turn
+    n = min(len(prefix), MAX_HASHED_BYTES) // BLOCK_BYTES  # only whole blocks: a partial tail changes next turn
     for i in range(n):
         h = hash((h, prefix[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]))
         hashes.append(h)
@@ -51,7 +55,9 @@ class Balancer:
         self.min_match = min_match
         self.load_factor = load_factor
         self._rr = 0
-        self._index: OrderedDict[int, str] = OrderedDict()  # block hash -> replica name
+        # block hash -> (replica name, that replica's generation when it got the block)
+        self._index: OrderedDict[int, tuple[str, int]] = OrderedDict()
+        self._generation: dict[str, int] = {}  # bumped by forget(): older entries are stale
 
     def configure(self, strategy: str, min_match: float, load_factor: float) -> None:
         self.strategy, self.min_match, self.load_factor = strategy, min_match, load_factor
@@ -96,27 +102,28 @@ class Balancer:
         if self.strategy != "prefix-affinity":
             return
         idx = self._index
-        name = replica.name
+        entry = (replica.name, self._generation.get(replica.name, 0))
         for h in hashes:
-            idx[h] = name
+            idx[h] = entry
             idx.move_to_end(h)
         while len(idx) > MAX_INDEX_BLOCKS:
             idx.popitem(last=False)
 
     def forget(self, replica_name: str) -> None:
-        """A restarted replica lost its cache: drop what we believed it held."""
-        for h in [h for h, n in self._index.items() if n == replica_name]:
-            del self._index[h]
+        """A restarted replica lost its cache: what we believed it held is stale. O(1): the
+        entries stay until they age out of the LRU, and lookups skip old generations."""
+        self._generation[replica_name] = self._generation.get(replica_name, 0) + 1
 
     def _longest_match(self, hashes: Sequence[int]) -> tuple[str | None, int]:
         idx = self._index
         best: str | None = None
         depth = 0
+        gen = self._generation
         for i, h in enumerate(hashes):
-            name = idx.get(h)
-            if name is None:
+            entry = idx.get(h)
+            if entry is None or gen.get(entry[0], 0) != entry[1]:
                 break  # chained hashes: nothing deeper can match
-            best, depth = name, i + 1
+            best, depth = entry[0], i + 1
         return best, depth
 
     @staticmethod

@@ -36,7 +36,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{e.source}: {len(e.errors)} error(s); config is invalid", file=sys.stderr)
         return 1
     replicas = sum(m.replicas if m.backend != "openai" else len(m.urls) for m in cfg.models.values())
-    auth = f"{len(cfg.keys)} key(s)" if cfg.keys else "no keys (open, loopback only)"
+    auth = f"{len(cfg.keys)} key(s)" if cfg.keys else f"no keys: OPEN to every client of {cfg.server.host}"
     print(
         f"{cfg.source}: ok: {len(cfg.models)} model(s), {replicas} replica(s), {len(cfg.tiers)} tier(s), "
         f"{auth}, listening on {cfg.server.host}:{cfg.server.port}"

@@ -318,12 +318,26 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check(cfg: Config, errors: list[str]) -> None:
     try:
         ipaddress.ip_address(cfg.server.host)
     except ValueError:
         if cfg.server.host != "localhost":
             errors.append(f"server.host: expected an IP address, got {cfg.server.host!r}")
+    if not cfg.keys and not is_loopback_host(cfg.server.host):
+        errors.append(
+            f"keys: none configured while server.host is {cfg.server.host!r}, which is not loopback: "
+            "without keys llmd accepts anyone who reaches it; add keys or bind 127.0.0.1"
+        )
     for i, p in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(p, strict=False)

@@ -128,9 +128,13 @@ class Daemon:
             self.notifier.ready()
             return False
         log_mod.setup(cfg.server.log_level, cfg.server.log_format)
-        if (cfg.server.host, cfg.server.port) != (self.cfg.server.host, self.cfg.server.port):
-            log.warning("server.host/port changes need a restart; still listening on the old address")
+        ledger = self.services.ledger
+        ledger.interval_s, ledger.max_pending_rows = cfg.usage.flush_ms / 1000, cfg.usage.max_pending_rows
+        for name in restart_only_changes(self.cfg, cfg):
+            log.warning("%s changed: it takes effect at the next restart; the running value stays", name)
         self.cfg = cfg
+        if self.services.runtime.keys.open:
+            log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
         metrics.reloads.labels("ok").inc()
         log.info("reloaded", extra={"config": str(self.config_path), "models": list(cfg.models)})
         self.notifier.ready()
@@ -147,6 +151,21 @@ class Daemon:
         while True:
             self._status()
             await asyncio.sleep(5)
+
+
+# Settings a reload cannot apply to a running process (the socket, the metrics registry and
+# the ledger's file are made once at start); everything else in the config applies on reload.
+RESTART_ONLY = (
+    ("server.host", lambda c: c.server.host),
+    ("server.port", lambda c: c.server.port),
+    ("server.metrics", lambda c: c.server.metrics),
+    ("usage.enabled", lambda c: c.usage.enabled),
+    ("usage.path", lambda c: c.usage.path),
+)
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    return [name for name, get in RESTART_ONLY if get(old) != get(new)]
 
 
 def serve(config_path: Path) -> int:

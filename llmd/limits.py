@@ -35,6 +35,11 @@ def month_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
 
 
+def _month_start(ts: float) -> float:
+    d = datetime.fromtimestamp(ts, UTC)
+    return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+
+
 def seconds_to_next_month(ts: float) -> float:
     d = datetime.fromtimestamp(ts, UTC)
     nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
@@ -83,7 +88,9 @@ class MonthlyCounter:
     loaded from the ledger's rollup at start and added to as responses settle."""
 
     def __init__(self) -> None:
-        self.month = month_of(time.time())
+        now = time.time()
+        self.month = month_of(now)
+        self._month_span = (_month_start(now), now + seconds_to_next_month(now))
         self.used: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
 
@@ -93,11 +100,18 @@ class MonthlyCounter:
                 self.used[key] = max(self.used.get(key, 0), n)
 
     def roll(self, now: float) -> None:
+        if self._month_span[0] <= now < self._month_span[1]:
+            return  # the common case, without a datetime per request
         m = month_of(now)
         if m != self.month:
+            # Reservations of requests still running carry over: they settle into the new month.
             self.month, self.used = m, {}
+        self._month_span = (_month_start(now), now + seconds_to_next_month(now))
 
-    def add(self, key_id: str, tokens: int) -> None:
+    def add(self, key_id: str, tokens: int, now: float | None = None) -> None:
+        # Roll first: tokens settled after a month boundary belong to the new month, for every
+        # key (not only keys with a monthly limit, whose admissions also roll).
+        self.roll(time.time() if now is None else now)
         self.used[key_id] = self.used.get(key_id, 0) + tokens
 
 
@@ -113,12 +127,12 @@ class Grant:
         self.reserved = reserved
         self.released = False
 
-    def release(self, used_tokens: int) -> None:
+    def release(self, used_tokens: int, now: float | None = None) -> None:
         """The request ended (any way): free its concurrency slot, settle tokens to real usage."""
         if self.released:
             return
         self.released = True
-        self._limiter._release(self, used_tokens)
+        self._limiter._release(self, used_tokens, now)
 
 
 class Limiter:
@@ -132,9 +146,13 @@ class Limiter:
             s = self.states[key_id] = KeyState()
         return s
 
-    def reserve_for(self, p: Principal, prompt_estimate: int, max_tokens: int | None) -> int:
-        completion = max_tokens or p.limits.default_max_tokens or DEFAULT_COMPLETION_RESERVE
-        return prompt_estimate + completion
+    def reserve_for(self, p: Principal, prompt_estimate: int, max_tokens: int | None, n: int = 1) -> int:
+        """Tokens to hold for one request: the prompt estimate plus what it may generate
+        (max_tokens per choice x n, or the tier's default). Never below the prompt estimate,
+        whatever the caller passes: a reservation is what keeps concurrent requests honest."""
+        per_choice = max_tokens if max_tokens is not None else p.limits.default_max_tokens
+        completion = (per_choice or DEFAULT_COMPLETION_RESERVE) * max(1, n)
+        return max(1, prompt_estimate) + max(0, completion)
 
     def admit(self, p: Principal, reserve: int, now: float | None = None) -> Grant:
         """Admit one request or raise a 429 ApiError (with Retry-After)."""
@@ -204,16 +222,26 @@ class Limiter:
             self.monthly.reserved[p.key_id] = self.monthly.reserved.get(p.key_id, 0) + reserve
         return Grant(self, p, entry, reserve)
 
-    def _release(self, g: Grant, used_tokens: int) -> None:
+    def _release(self, g: Grant, used_tokens: int, now: float | None = None) -> None:
         key = g.principal.key_id
         s = self.state(key)
         s.in_flight -= 1
-        if g.entry is not None and g.entry.live:
-            s.tokens_in_window += used_tokens - g.entry.tokens
-            g.entry.tokens = used_tokens
+        used_tokens = max(0, used_tokens)
+        if g.entry is not None:
+            if g.entry.live:
+                s.tokens_in_window += used_tokens - g.entry.tokens
+                g.entry.tokens = used_tokens
+            elif used_tokens > g.entry.tokens:
+                # The request outlived its window (a long stream): its reservation already left
+                # the window, so the tokens beyond it count now, in the current minute.
+                now = time.time() if now is None else now
+                s.prune(now)
+                extra = _TokenEntry(now, used_tokens - g.entry.tokens)
+                s.tokens.append(extra)
+                s.tokens_in_window += extra.tokens
         if g.principal.limits.monthly_tokens:
             self.monthly.reserved[key] = self.monthly.reserved.get(key, 0) - g.reserved
-        self.monthly.add(key, used_tokens)
+        self.monthly.add(key, used_tokens, now)
 
     def headers(self, p: Principal, now: float | None = None) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for an authenticated response."""

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from .config import TimeoutsConfig
 from .errors import ApiError, sse_error_event, upstream_timeout, upstream_unreachable
 from .replica import Replica
+from .sse import EventSplitter, data_of
 
 
 class _Details(msgspec.Struct):
@@ -46,19 +47,80 @@ class _Body(msgspec.Struct):
     usage: Usage | None = None
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[msgspec.Raw] | None = None
+    function_call: msgspec.Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None  # /v1/completions
+
+
 class _Chunk(msgspec.Struct):
-    choices: list[msgspec.Raw] | None = None
+    choices: list[_Choice] | None = None
     usage: Usage | None = None
     timings: _Timings | None = None  # llama-server's, on its last chunk even without include_usage
 
 
+class _Message(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[msgspec.Raw] | None = None
+
+
+class _WholeChoice(msgspec.Struct):
+    message: _Message | None = None
+    text: str | None = None
+
+
+class _WholeBody(msgspec.Struct):
+    choices: list[_WholeChoice] | None = None
+
+
 _decode_body = msgspec.json.Decoder(_Body).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_whole = msgspec.json.Decoder(_WholeBody).decode
 
-DONE = b"data: [DONE]"
-# The first chat chunk announces the role and carries no token (llama-server: null, vLLM: "").
-ROLE_ONLY = (b'"delta":{"role":"assistant","content":null}', b'"delta":{"role":"assistant","content":""}')
-HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "server", "date"}
+DONE = b"[DONE]"
+# Response headers a client may see from an upstream; the rest (cookies, the upstream
+# account's rate limits and organization, server banners, hop-by-hop) stay behind.
+RELAYED_HEADERS = frozenset({"content-type", "retry-after"})
+# After total_s, a client that reads too slowly to take the in-band error and the end of
+# the stream within this long is cut off (the row still says "timeout").
+EOF_GRACE_S = 5.0
+
+
+def tokens_in_chunk(chunk: _Chunk) -> int:
+    """Generated tokens a stream chunk carries: one per choice whose delta holds text, a
+    tool call piece or a refusal (llama-server and vLLM send one token per delta). Role-only
+    and usage-only chunks carry none; a last chunk with a token and its finish_reason does."""
+    n = 0
+    for c in chunk.choices or ():
+        d = c.delta
+        if c.text or (
+            d is not None and (d.content or d.reasoning_content or d.refusal or d.tool_calls or d.function_call)
+        ):
+            n += 1
+    return n
+
+
+def estimate_completion_tokens(data: bytes) -> int:
+    """A whole answer's generated tokens when the upstream reported none: ~4 bytes a token."""
+    try:
+        body = _decode_whole(data)
+    except msgspec.DecodeError:
+        return 0
+    n = 0
+    for c in body.choices or ():
+        m = c.message
+        n += len(c.text or "")
+        if m is not None:
+            n += len(m.content or "") + len(m.reasoning_content or "") + sum(len(t) for t in m.tool_calls or ())
+    return (n + 3) // 4
 
 
 @dataclass
@@ -74,16 +136,18 @@ class Exchange:
     completion_tokens: int = 0
     cached_tokens: int = 0
     usage_seen: bool = False
-    token_method: str = "upstream"
+    token_method: str = "none"  # upstream | tokenize | estimate, with stream_chunks+ for streams
     chunks: int = 0  # token-bearing stream events relayed (one generated token each on llama-server/vLLM)
     t_start: float = 0.0  # time.monotonic() when the request arrived; ttft counts from here
     ttft_s: float | None = None
     upstream_s: float = 0.0  # time spent waiting on the upstream (connect, headers, body reads)
     client_bytes: int = 0
     first_byte_sent: bool = False
+    streamed: bool = False  # 200 event-stream headers went out
 
     def take_usage(self, u: Usage) -> None:
         self.usage_seen = True
+        self.token_method = "upstream"
         self.prompt_tokens = u.prompt_tokens or 0
         self.completion_tokens = u.completion_tokens or 0
         if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
@@ -134,7 +198,9 @@ class Relay:
             ex.upstream_s += time.monotonic() - start
             msg = f"no response from {replica.name} within {t.first_byte_s:g}s"
             raise UpstreamFailed(upstream_timeout(msg), False) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+        except (aiohttp.ClientError, OSError) as e:
+            # Refused, reset, or not HTTP at all (a bad status line is a ClientResponseError):
+            # nothing reached the client, so another replica may answer.
             ex.upstream_s += time.monotonic() - start
             raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
         ex.upstream_s += time.monotonic() - start
@@ -158,16 +224,16 @@ class Relay:
         t0 = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
-                data = await resp.read()
+                data = await resp.read()  # decompressed by the session if the upstream compressed anyway
         except TimeoutError:
             raise UpstreamFailed(upstream_timeout(f"{replica.name} did not finish in time"), False) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
         finally:
             ex.upstream_s += time.monotonic() - t0
         headers = CIMultiDict(response_headers)
         for k, v in resp.headers.items():
-            if k.lower() not in HOP_HEADERS and k.lower() not in ("x-request-id",):
+            if k.lower() in RELAYED_HEADERS:
                 headers.setdefault(k, v)
         out = web.Response(status=resp.status, body=data, headers=headers)
         if resp.status in (502, 503):
@@ -182,6 +248,8 @@ class Relay:
                 u = None
             if u is not None:
                 ex.take_usage(u)
+        if resp.status == 200 and not ex.usage_seen:
+            ex.completion_tokens = estimate_completion_tokens(data)
         ex.outcome = "ok" if resp.status < 400 else "upstream_error"
         ex.client_bytes = len(data)
         return out
@@ -208,8 +276,10 @@ class Relay:
             # path aiohttp's cancellation would have taken (client_abort, 499).
             raise asyncio.CancelledError from None
         ex.first_byte_sent = True
+        ex.streamed = True
         started = ex.t_start or time.monotonic()
-        buf = b""
+        splitter = EventSplitter()
+        tail: bytes | None = None  # what is still owed to the client after an upstream failure
         try:
             async with asyncio.timeout_at(deadline):
                 reader = resp.content
@@ -218,37 +288,40 @@ class Relay:
                     data = await reader.readany()
                     ex.upstream_s += time.monotonic() - t0
                     if not data:
+                        events = splitter.close()
+                    else:
+                        events = splitter.feed(data)
+                    if events:
+                        relay = self._events(events, ex, hide_usage, started)
+                        if relay:
+                            await out.write(relay)
+                            ex.client_bytes += len(relay)
+                    if not data:
                         break
-                    if b"\r" in data:
-                        data = data.replace(b"\r\n", b"\n")
-                    buf += data
-                    if b"\n\n" not in buf:
-                        continue
-                    *events, buf = buf.split(b"\n\n")
-                    relay = self._events(events, ex, hide_usage, started)
-                    if relay:
-                        await out.write(relay)
-                        ex.client_bytes += len(relay)
-            if buf.strip():
-                relay = self._events([buf], ex, hide_usage, started)
-                if relay:
-                    await out.write(relay)
         except TimeoutError:
             ex.outcome = "timeout"
-            await _try_write(out, sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s")))
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            tail = sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s"))
+        except (aiohttp.ClientError, OSError) as e:
+            if _client_gone(request):
+                # A write to the client failed (aiohttp raises ClientConnectionResetError there too).
+                ex.outcome = "client_abort"  # the client went away; leaving here closes the upstream
+                return out
             # The replica died mid-stream (e.g. kill -9): tell the client in-band, then end.
             ex.outcome = "upstream_error"
-            await _try_write(
-                out, sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}"))
-            )
-        except ConnectionResetError:
-            ex.outcome = "client_abort"  # the client went away; leaving here closes the upstream
-            return out
-        if ex.outcome == "ok" or ex.outcome == "timeout" or ex.outcome == "upstream_error":
-            try:
+            tail = sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}"))
+        # The end of the stream is bounded too: a client that cannot take it within the grace
+        # period is cut off, and the row keeps the reason the stream ended (timeout, error, ok).
+        try:
+            async with asyncio.timeout(EOF_GRACE_S):
+                if tail is not None:
+                    await out.write(tail)
+                    ex.client_bytes += len(tail)
                 await out.write_eof()
-            except ConnectionResetError:
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionResetError:
+            if ex.outcome == "ok":
                 ex.outcome = "client_abort"
         return out
 
@@ -256,32 +329,36 @@ class Relay:
     def _events(events: list[bytes], ex: Exchange, hide_usage: bool, started: float) -> bytes:
         parts: list[bytes] = []
         for ev in events:
-            if not ev:
-                continue
-            if ev.startswith(b"data: ") and not ev.startswith(DONE):
-                payload = ev[6:]
-                if b'"usage"' in payload or b'"timings"' in payload:
-                    try:
-                        chunk = _decode_chunk(payload)
-                    except msgspec.DecodeError:
-                        chunk = None
-                    if chunk is not None:
-                        if chunk.usage is not None:
-                            ex.take_usage(chunk.usage)
-                            if hide_usage and not chunk.choices:
-                                continue  # the client did not ask for it; llmd did
-                        elif chunk.timings is not None and not ex.usage_seen:
-                            ex.prompt_tokens = chunk.timings.prompt_n + chunk.timings.cache_n
-                            ex.completion_tokens = chunk.timings.predicted_n
-                            ex.cached_tokens = chunk.timings.cache_n
-                            ex.usage_seen = True
-                if b'"finish_reason":null' in payload and not any(r in payload for r in ROLE_ONLY):
-                    ex.chunks += 1
-                    if ex.ttft_s is None:
-                        ex.ttft_s = time.monotonic() - started
+            payload = data_of(ev)
+            if payload is not None and payload != DONE:
+                try:
+                    chunk = _decode_chunk(payload)
+                except msgspec.DecodeError:
+                    chunk = None  # not JSON: relayed as it is, counted as nothing
+                if chunk is not None:
+                    if chunk.usage is not None:
+                        ex.take_usage(chunk.usage)
+                        if hide_usage and not chunk.choices:
+                            continue  # the client did not ask for it; llmd did
+                    elif chunk.timings is not None and not ex.usage_seen:
+                        ex.prompt_tokens = chunk.timings.prompt_n + chunk.timings.cache_n
+                        ex.completion_tokens = chunk.timings.predicted_n
+                        ex.cached_tokens = chunk.timings.cache_n
+                        ex.usage_seen = True
+                        ex.token_method = "upstream"
+                    n = tokens_in_chunk(chunk)
+                    if n:
+                        ex.chunks += n
+                        if ex.ttft_s is None:
+                            ex.ttft_s = time.monotonic() - started
             parts.append(ev)
             parts.append(b"\n\n")
         return b"".join(parts)
+
+
+def _client_gone(request: web.Request) -> bool:
+    t = request.transport
+    return t is None or t.is_closing()
 
 
 class _Template(msgspec.Struct):

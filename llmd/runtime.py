@@ -75,8 +75,10 @@ class Services:
     async def start(self) -> None:
         cfg = self.runtime.cfg
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        # Upstreams are asked for identity encoding; one that compresses anyway is decoded here
+        # (usage is read from the answer, and its Content-Encoding is not relayed).
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
         self.relay = Relay(self.session, cfg.routing.timeouts)
         await self.ledger.open()
@@ -110,7 +112,9 @@ class Services:
                 admission = Admission(
                     name, lambda n=name: self._replicas(n), balancer, r.max_queue, r.queue_timeout_s, r.admission
                 )
-                admission.on_wait = lambda s, n=name: self.metrics.observe_queue(n, self.pools[n].admission.depth, s)
+                # Bound to this admission, not looked up by name: a reload that removes the model
+                # fails its waiters, and their wait is still observed after the pool is gone.
+                admission.on_wait = lambda s, n=name, a=admission: self.metrics.observe_queue(n, a.depth, s)
                 self.pools[name] = Pool(admission, balancer)
             else:
                 pool.balancer.configure(r.strategy, r.affinity_min_match, r.load_factor)

@@ -87,7 +87,7 @@ def test_monthly_quota_counts_from_the_ledger_and_says_insufficient_quota() -> N
     monthly.load(month_of(T0), {"k1": 900})
     lim, p = Limiter(monthly=monthly), principal(monthly_tokens=1000)
     g = lim.admit(p, 50, now=T0)
-    g.release(120)
+    g.release(120, now=T0)  # settled in T0's month, like the admission
     assert monthly.used["k1"] == 1020
     with pytest.raises(ApiError) as e:
         lim.admit(p, 1, now=T0)
