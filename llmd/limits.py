@@ -227,15 +227,15 @@ class Limiter:
         s = self.state(key)
         s.in_flight -= 1
         used_tokens = max(0, used_tokens)
+        now = time.time() if now is None else now
         if g.entry is not None:
+            s.prune(now)  # is the reservation still in the window?
             if g.entry.live:
                 s.tokens_in_window += used_tokens - g.entry.tokens
                 g.entry.tokens = used_tokens
             elif used_tokens > g.entry.tokens:
                 # The request outlived its window (a long stream): its reservation already left
                 # the window, so the tokens beyond it count now, in the current minute.
-                now = time.time() if now is None else now
-                s.prune(now)
                 extra = _TokenEntry(now, used_tokens - g.entry.tokens)
                 s.tokens.append(extra)
                 s.tokens_in_window += extra.tokens

@@ -318,8 +318,14 @@ class Relay:
                     ex.client_bytes += len(tail)
                 await out.write_eof()
         except TimeoutError:
-            if request.transport is not None:
-                request.transport.abort()
+            _abort(request)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation: the client left, or shutdown
+            # Not this task's: aiohttp's drain future, cancelled when total_s interrupted a write
+            # to a client that does not read. That client cannot take the end either.
+            _abort(request)
         except ConnectionResetError:
             if ex.outcome == "ok":
                 ex.outcome = "client_abort"
@@ -354,6 +360,11 @@ class Relay:
             parts.append(ev)
             parts.append(b"\n\n")
         return b"".join(parts)
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _client_gone(request: web.Request) -> bool:
