@@ -62,7 +62,9 @@ def chunk(content: str | None, finish: str | None = None, *, spaced: bool = Fals
         "object": "chat.completion.chunk",
         "created": 1,
         "model": "m",
-        "choices": [{"index": 0, "delta": {"content": content} if content is not None else {}, "finish_reason": finish}],
+        "choices": [
+            {"index": 0, "delta": {"content": content} if content is not None else {}, "finish_reason": finish}
+        ],
         **extra,
     }
     return json.dumps(doc, separators=(", ", ": ") if spaced else (",", ":")).encode()
@@ -104,15 +106,17 @@ async def sse_contents(resp: aiohttp.ClientResponse) -> tuple[list[str], list[di
 # --- 1. max_tokens < 1 -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value", [("max_tokens", -1_000_000_000), ("max_tokens", 0),
-                                         ("max_completion_tokens", -5), ("n", 0)])
+@pytest.mark.parametrize(
+    "field,value", [("max_tokens", -1_000_000_000), ("max_tokens", 0), ("max_completion_tokens", -5), ("n", 0)]
+)
 async def test_non_positive_max_tokens_and_n_are_400_and_reach_no_limit(
     fake: FakeProc, tmp_path: Path, field: str, value: int
 ) -> None:
     """1. A key with tokens_per_minute. 2. A body with a negative (or zero) max_tokens / n.
     3. 400 naming the field; no row, nothing reserved: the next request sees the full window."""
     path = llmd_config(
-        tmp_path, [fake.url + "/v1"],
+        tmp_path,
+        [fake.url + "/v1"],
         tiers={"t": {"tokens_per_minute": 1000}},
         keys=[{"id": "k", "tier": "t", "sha256": _sha("sk-k")}],
     )
@@ -146,7 +150,7 @@ async def test_stream_options_null_still_gets_usage_from_the_upstream(fake: Fake
     async with run_llmd(llmd_config(tmp_path, [fake.url + "/v1"])) as llmd, aiohttp.ClientSession() as s:
         body = {**CHAT, "stream": True, "stream_options": None, "max_tokens": 3}
         async with s.post(llmd.url + "/v1/chat/completions", json=body) as r:
-            pieces, docs = await sse_contents(r)
+            _pieces, docs = await sse_contents(r)
         assert all("usage" not in d or d["usage"] is None for d in docs)
         st = await fake.stats()
         assert st["last_body"]["stream_options"] == {"include_usage": True}
@@ -155,7 +159,9 @@ async def test_stream_options_null_still_gets_usage_from_the_upstream(fake: Fake
         assert row["completion_tokens"] == 3 and row["token_method"] == "upstream"
 
 
-def _stream_writer(parts: list[bytes], *, delay_s: float = 0.0) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _stream_writer(
+    parts: list[bytes], *, delay_s: float = 0.0
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -176,17 +182,24 @@ WIRE_SHAPES = {
     "spaced": [b"data: " + chunk(w, spaced=True) + b"\n\n" for w in ("a", "b", "c")]
     + [b"data: " + chunk(None, "stop", spaced=True) + b"\n\n"],
     # data: without the space, CRLF, and a \r\n pair cut across two writes
-    "crlf-cut": [b"data:" + chunk("a") + b"\r", b"\n\r\n", b"data:" + chunk("b") + b"\r\n\r", b"\n",
-                 b"data: " + chunk("c") + b"\r\n\r\n", b"data: " + chunk(None, "stop") + b"\r\n\r\n"],
+    "crlf-cut": [
+        b"data:" + chunk("a") + b"\r",
+        b"\n\r\n",
+        b"data:" + chunk("b") + b"\r\n\r",
+        b"\n",
+        b"data: " + chunk("c") + b"\r\n\r\n",
+        b"data: " + chunk(None, "stop") + b"\r\n\r\n",
+    ],
     # several events in one write; the last token comes with its finish_reason (as vLLM may)
-    "batched": [b"data: " + chunk("a") + b"\n\ndata: " + chunk("b") + b"\n\n", b"data: " + chunk("c", "stop") + b"\n\n"],
+    "batched": [
+        b"data: " + chunk("a") + b"\n\ndata: " + chunk("b") + b"\n\n",
+        b"data: " + chunk("c", "stop") + b"\n\n",
+    ],
 }
 
 
 @pytest.mark.parametrize("shape", sorted(WIRE_SHAPES))
-async def test_stream_without_usage_is_billed_chunks_plus_prompt_whatever_the_wire(
-    tmp_path: Path, shape: str
-) -> None:
+async def test_stream_without_usage_is_billed_chunks_plus_prompt_whatever_the_wire(tmp_path: Path, shape: str) -> None:
     """1. An upstream streams three tokens in the given wire shape, with no usage event and no
     llama.cpp timings. 2. The client gets all three. 3. The row bills 3 completion tokens and a
     prompt estimate (a remote url cannot tokenize), and TTFT was observed."""
@@ -210,6 +223,7 @@ async def test_stream_without_usage_is_billed_chunks_plus_prompt_whatever_the_wi
 async def test_stream_cut_by_total_s_is_billed_what_was_relayed(tmp_path: Path) -> None:
     """1. An upstream sends two tokens then hangs. 2. routing.timeouts.total_s ends it: the
     client gets the in-band 504 error event. 3. The row says timeout with 2 completion tokens."""
+
     async def hang(request: web.Request) -> web.StreamResponse:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -236,15 +250,21 @@ async def test_gzip_upstream_answers_reach_the_client_decoded_and_billed(tmp_pat
     """1. An upstream that gzips its answer whatever the request asks. 2. The client gets plain
     JSON without Content-Encoding. 3. The ledger has the usage. 4. llmd asked for identity."""
     seen: list[str] = []
-    answer = {"id": "x", "object": "chat.completion", "model": "m",
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-              "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}}
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
+    }
 
     async def gz(request: web.Request) -> web.Response:
         await request.read()
         seen.append(request.headers.get("Accept-Encoding", ""))
-        return web.Response(body=gzip.compress(json.dumps(answer).encode()),
-                            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        return web.Response(
+            body=gzip.compress(json.dumps(answer).encode()),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
 
     async with upstream(gz) as url:
         async with run_llmd(llmd_config(tmp_path, [url])) as llmd, aiohttp.ClientSession(auto_decompress=False) as s:
@@ -335,8 +355,9 @@ async def test_queued_requests_of_a_removed_model_get_503_not_500(fake: FakeProc
     }
     path = write_config(tmp_path / "config.yaml", base_config(tmp_path, models))
     async with run_llmd(path) as llmd, aiohttp.ClientSession() as s:
-        slow = asyncio.create_task(s.post(llmd.url + "/v1/chat/completions",
-                                          json={**CHAT, "model": "m2", "fake": {"delay_ms": 1500}}))
+        slow = asyncio.create_task(
+            s.post(llmd.url + "/v1/chat/completions", json={**CHAT, "model": "m2", "fake": {"delay_ms": 1500}})
+        )
         await wait_for(lambda: llmd.services.pools["m2"].admission._replicas()[0].in_flight == 1)
         queued = asyncio.create_task(s.post(llmd.url + "/v1/chat/completions", json={**CHAT, "model": "m2"}))
         await wait_for(lambda: llmd.services.pools["m2"].admission.depth == 1)
@@ -354,6 +375,7 @@ async def test_queued_requests_of_a_removed_model_get_503_not_500(fake: FakeProc
 @contextlib.asynccontextmanager
 async def garbage_server() -> AsyncIterator[str]:
     """Answers every connection with bytes that are not HTTP, then closes."""
+
     async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         writer.write(b"BANANA 200 definitely not http\r\n\r\n")
@@ -388,8 +410,11 @@ async def test_a_garbage_upstream_is_retried_and_alone_is_a_502(fake: FakeProc, 
 
 
 async def test_streams_carry_cors_and_request_id_and_upstream_headers_stay_behind(tmp_path: Path) -> None:
-    leaky = {"Set-Cookie": "session=upstream-secret", "openai-organization": "upstream-org",
-             "x-ratelimit-remaining-requests": "9"}
+    leaky = {
+        "Set-Cookie": "session=upstream-secret",
+        "openai-organization": "upstream-org",
+        "x-ratelimit-remaining-requests": "9",
+    }
 
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -398,15 +423,17 @@ async def test_streams_carry_cors_and_request_id_and_upstream_headers_stay_behin
             await resp.prepare(request)
             await resp.write(b"data: " + chunk("a", "stop") + b"\n\ndata: [DONE]\n\n")
             return resp
-        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}},
-                                 headers=leaky)
+        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}}, headers=leaky)
 
     async with upstream(handler) as url:
         path = llmd_config(tmp_path, [url], server={"cors_origins": ["https://ide.example"]})
         async with run_llmd(path) as llmd, aiohttp.ClientSession() as s:
             for stream in (True, False):
-                async with s.post(llmd.url + "/v1/chat/completions", json={**CHAT, "stream": stream},
-                                  headers={"Origin": "https://ide.example", "X-Request-ID": "rid-1"}) as r:
+                async with s.post(
+                    llmd.url + "/v1/chat/completions",
+                    json={**CHAT, "stream": stream},
+                    headers={"Origin": "https://ide.example", "X-Request-ID": "rid-1"},
+                ) as r:
                     await r.read()
                     assert r.status == 200
                     assert r.headers["Access-Control-Allow-Origin"] == "https://ide.example"
@@ -435,12 +462,14 @@ async def test_reload_applies_max_body_bytes_and_names_restart_only_settings(fak
         assert await llmd.daemon.reload()
         async with s.post(llmd.url + "/v1/chat/completions", json=big) as r:
             assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+
         # chunked (no Content-Length): counted while reading
         async def gen() -> AsyncIterator[bytes]:
             yield json.dumps(big).encode()
 
-        async with s.post(llmd.url + "/v1/chat/completions", data=gen(),
-                          headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            llmd.url + "/v1/chat/completions", data=gen(), headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 413
     logging.getLogger("llmd").removeHandler(handler)
     assert any(m.startswith("usage.path changed") for m in seen), seen
@@ -493,8 +522,10 @@ async def test_a_slow_reader_cut_by_total_s_is_a_timeout_not_a_client_abort(tmp_
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", llmd.daemon.port))
             body = json.dumps({**CHAT, "stream": True}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             try:
                 got = await wait_rows(llmd, 1, timeout_s=15)
             finally:
