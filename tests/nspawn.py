@@ -16,11 +16,15 @@ systemd-nspawn runs with --register=no --keep-unit: no machined, no D-Bus and no
 host are needed (machinectl therefore knows nothing about it), only root. Leaving the `with`
 powers the container off (SIGTERM to nspawn = a clean shutdown of the container's systemd), kills
 what is left if that does not finish in time, and unmounts the overlay: nothing outlives a test.
+If the test process is killed outright, nspawn still gets SIGTERM (PR_SET_PDEATHSIG) and shuts the
+container down; only an empty cgroup directory (llmd-nspawn-*) and the overlay mount under the
+test's temporary directory are left then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -43,6 +47,7 @@ INCLUDE = ("systemd", "systemd-sysv", "python3", "adduser", "libgomp1")
 # Bump to rebuild cached roots after a change to how they are made (not needed for INCLUDE/SUITE:
 # they are part of the cache key already).
 RECIPE = 1
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP_TIMEOUT_S = 900
 # Host tools and the apt packages that bring them (.ci/run installs these).
@@ -154,6 +159,7 @@ class Machine:
         self.init_pid = 0  # host pid of the container's PID 1
         self._mounted = False
         self._cgroups: list[Path] = []
+        self._libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: used in _in_child
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -188,7 +194,7 @@ class Machine:
                 ["systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit", f"--machine={self.name}",
                  f"--directory={self.root}"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=self._enter_cgroups,
+                preexec_fn=self._in_child,
             )
         deadline = time.monotonic() + timeout_s
         self.init_pid = self._wait_for_init(deadline)
@@ -234,13 +240,18 @@ class Machine:
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
-    def _enter_cgroups(self) -> None:
-        """In nspawn's child before exec: move into this machine's own cgroups ("0" = the writer).
+    def _in_child(self) -> None:
+        """In nspawn's child before exec: its own cgroups, and SIGTERM when this test run dies.
 
-        With --keep-unit nspawn splits the cgroup it starts in into payload/ and supervisor/ and
-        gives the container payload/ as its root. Started in this test's cgroup (the host's root
-        cgroup, on a host without systemd), two containers booted at the same time by two test
-        runs would share payload/, and their two systemds would manage the same system.slice."""
+        The signal (PR_SET_PDEATHSIG) makes nspawn shut the container down even when the test
+        process is killed outright and cannot run its teardown.
+
+        Cgroups ("0" written to cgroup.procs moves the writer): with --keep-unit, nspawn splits
+        the cgroup it starts in into payload/ and supervisor/ and gives the container payload/ as
+        its root. Started in this test's cgroup (the host's root cgroup, on a host without
+        systemd), two containers booted at the same time by two test runs would share payload/,
+        and their two systemds would manage the same system.slice."""
+        self._libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         for cg in self._cgroups:
             (cg / "cgroup.procs").write_text("0")
 
