@@ -134,8 +134,8 @@ def ensure_rootfs() -> Path:
                 deb.unlink()
             # Empty: every boot gets a fresh transient machine id instead of sharing this one.
             (tmp / "etc/machine-id").write_text("")
-            # The container's / must be 0755, or services with User= cannot reach any path (they
-            # stall at start, e.g. 200/CHDIR or "Permission denied" on their own executable).
+            # The container's / must be 0755: with the 0700 of a temporary directory, services
+            # with User= cannot reach any path and stall at start.
             tmp.chmod(0o755)
             tmp.rename(dest)
         finally:

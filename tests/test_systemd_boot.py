@@ -9,7 +9,7 @@ their real work (user, directories, enablement). llama-server and the model are 
 would install them. The container shares this host's network: llmd's 127.0.0.1 port answers here.
 
 The tests run in file order and each one first brings the service to the state it needs, so a
-failure in one does not cascade; several are slow (model load), so they share the container.
+failure in one does not cascade; they share one container (booted and installed once).
 Nothing is skipped: a host that cannot boot the container fails with what it lacks.
 """
 
