@@ -50,7 +50,7 @@ class Daemon:
     async def start(self) -> bool:
         """Start services and listen. False (after cleaning up) when the address is taken."""
         srv = self.cfg.server
-        await self.services.start()
+        await self.services.open()
         app = create_app(self.services)
         self._runner = runner = web.AppRunner(
             app,
@@ -133,8 +133,6 @@ class Daemon:
         for name in restart_only_changes(self.cfg, cfg):
             log.warning("%s changed: it takes effect at the next restart; the running value stays", name)
         self.cfg = cfg
-        if self.services.runtime.keys.open:
-            log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
         metrics.reloads.labels("ok").inc()
         log.info("reloaded", extra={"config": str(self.config_path), "models": list(cfg.models)})
         self.notifier.ready()
