@@ -14,6 +14,7 @@ from typing import Protocol
 import msgspec
 
 from .exchange import Exchange
+from .outcome import Outcome
 
 
 class Meter(Protocol):
@@ -64,6 +65,7 @@ class _Choice(msgspec.Struct):
 class Chunk(msgspec.Struct):
     choices: list[_Choice] | None = None
     usage: Usage | None = None
+    error: msgspec.Raw = msgspec.Raw(b"")  # an upstream's in-band error: the stream failed
     timings: _Timings | None = None  # llama-server's, on its last chunk even without include_usage
 
 
@@ -145,6 +147,8 @@ class OpenAIMeter:
             chunk = decode_chunk(payload)
         except msgspec.DecodeError:
             return True  # not JSON: relayed as it is, counted as nothing
+        if chunk.error:
+            ex.outcome = Outcome.UPSTREAM_ERROR
         if chunk.usage is not None:
             _take(ex, chunk.usage)
             if hide_usage and not chunk.choices:

@@ -177,15 +177,22 @@ class Services:
                 m.observe_replica(r)
 
     async def close(self, deadline: float) -> None:
-        """Every phase within ``deadline`` (loop time): follow-up settles, children, ledger."""
+        """Every phase within ``deadline`` (loop time): follow-up settles, a ledger flush (rows
+        are complete once requests are drained: they must not wait behind slow children),
+        the children, then the ledger's last flush and close."""
         loop = asyncio.get_running_loop()
         if self._background:
             await asyncio.wait(self._background, timeout=max(0.1, deadline - loop.time()))
+        await self._bounded(self.ledger.flush(), deadline, "flush")
         await self.supervisor.stop(deadline)
-        try:
-            async with asyncio.timeout(max(1.0, deadline - loop.time())):
-                await self.ledger.close()
-        except TimeoutError:
-            log.error("usage ledger: close did not finish before the shutdown deadline; rows may be lost")
+        await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
         self.access.flush()
         await self.session.close()
+
+    @staticmethod
+    async def _bounded(step: Coroutine[Any, Any, object], deadline: float, what: str) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await step
+        except TimeoutError:
+            log.error("usage ledger: %s did not finish before the shutdown deadline; rows may be lost", what)
