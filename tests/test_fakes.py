@@ -492,3 +492,109 @@ async def test_sigterm_while_loading_exits_at_once(script: Any) -> None:
     started = time.monotonic()
     assert await fake.stop(timeout_s=3) == 0
     assert time.monotonic() - started < 2
+
+
+# ---------------------------------------------------------------- wire profiles
+
+
+async def read_pieces(url: str, body: dict[str, Any], **headers: str) -> tuple[aiohttp.ClientResponse, list[bytes]]:
+    """The answer's body as the reads that delivered it, undecoded (gzip stays gzip)."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session, \
+            session.post(url, json=body, headers=headers) as resp:
+        return resp, [piece async for piece in resp.content.iter_any()]
+
+
+async def test_wire_chaos_frames_every_way_a_parser_can_trip_on() -> None:
+    """1. --fake-wire chaos. 2. A chat stream with include_usage comes as "data:" without a
+    space, CRLF line ends, spaced JSON, OpenAI's role chunk (refusal null), usage null on every
+    chunk, no timings; some read ends between "\\r" and "\\n". 3. Parsed by the SSE rules, it
+    is the same answer as the native one."""
+    from tests.sse import parse
+
+    async with await start_fake(FAKE_LLAMA, *FAST, "--fake-wire", "chaos") as fake:
+        body = chat(max_tokens=4, stream=True, stream_options={"include_usage": True})
+        resp, pieces = await read_pieces(fake.url + "/v1/chat/completions", body)
+        raw = b"".join(pieces)
+        assert resp.status == 200
+        assert raw.startswith(b"data:{") and b"data: " not in raw
+        assert raw.count(b"\r\n\r\n") == raw.count(b"data:") and b"\n\n" not in raw.replace(b"\r\n", b"")
+        assert b'", "' in raw and b'": ' in raw and b"timings" not in raw
+        assert any(p.endswith(b"\r") for p in pieces), pieces  # a CRLF cut across two reads
+        assert len(pieces) > raw.count(b"data:")  # events span reads
+        events = parse(raw)
+        assert events[-1].done
+        docs = [e.json() for e in events[:-1]]
+        assert docs[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+        assert "".join(d["choices"][0]["delta"].get("content") or "" for d in docs if d["choices"]) == "t0 t1 t2 t3"
+        assert all("usage" in d for d in docs) and [d["usage"] for d in docs if d["usage"]] == [
+            {"completion_tokens": 4, "prompt_tokens": 6, "total_tokens": 10,
+             "prompt_tokens_details": {"cached_tokens": 0}}]
+
+
+async def test_wire_gzip_only_when_the_request_accepts_it() -> None:
+    """Non-stream answers in a gzip profile are compressed only for a request that sends
+    Accept-Encoding: gzip; the native profile never compresses."""
+    import gzip
+
+    async with await start_fake(FAKE_LLAMA, *FAST, "--fake-wire", "openai", "--embeddings") as fake:
+        resp, pieces = await read_pieces(fake.url + "/v1/chat/completions", chat(max_tokens=2),
+                                         **{"Accept-Encoding": "gzip, deflate"})
+        assert resp.headers["Content-Encoding"] == "gzip"
+        doc = json.loads(gzip.decompress(b"".join(pieces)))
+        assert doc["choices"][0]["message"]["content"] == "t0 t1" and "timings" not in doc
+        assert doc["choices"][0]["message"]["refusal"] is None
+        resp, pieces = await read_pieces(fake.url + "/v1/embeddings", {"input": "a b"},
+                                         **{"Accept-Encoding": "gzip"})
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert json.loads(gzip.decompress(b"".join(pieces)))["usage"]["prompt_tokens"] == 2
+        resp, pieces = await read_pieces(fake.url + "/v1/chat/completions", chat(max_tokens=2),
+                                         **{"Accept-Encoding": "identity"})
+        assert "Content-Encoding" not in resp.headers and json.loads(b"".join(pieces))["usage"]
+    async with await start_fake(FAKE_LLAMA, *FAST) as fake:
+        resp, pieces = await read_pieces(fake.url + "/v1/chat/completions", chat(max_tokens=2),
+                                         **{"Accept-Encoding": "gzip"})
+        assert "Content-Encoding" not in resp.headers and json.loads(b"".join(pieces))["timings"]
+
+
+async def test_wire_per_request_control_and_no_usage_profile() -> None:
+    """1. "fake": {"wire": NAME} or {knob: value} overrides the process's profile for one
+    request; an unknown profile is a 400. 2. "no-usage" ignores include_usage and sends no
+    timings: nothing in the stream says how many tokens there were."""
+    from tests.sse import payloads
+
+    async with await start_fake(FAKE_LLAMA, *FAST) as fake:
+        _, pieces = await read_pieces(fake.url + "/v1/chat/completions",
+                                      chat(max_tokens=2, stream=True, fake={"wire": {"json": "spaced"}}))
+        raw = b"".join(pieces)
+        assert raw.startswith(b"data: {") and b'"finish_reason": null' in raw and b"timings" in raw
+        _, pieces = await read_pieces(fake.url + "/v1/completions",
+                                      {"prompt": "a b", "max_tokens": 3, "stream": True,
+                                       "fake": {"wire": "no-usage"}})
+        docs = payloads(b"".join(pieces))
+        assert "".join(d["choices"][0]["text"] for d in docs) == "t0 t1 t2"
+        assert not any("usage" in d or "timings" in d for d in docs)
+        status, body = await post(fake, "/v1/chat/completions", chat(fake={"wire": "nope"}))
+        assert status == 400 and "nope" in body["error"]["message"]
+
+
+async def test_fake_controls_flag_applies_to_every_request() -> None:
+    """--fake-controls '{"drop": true}': every request is reset before its headers (a replica
+    that accepts connections but fails them); a request's own controls still win."""
+    async with await start_fake(FAKE_LLAMA, *FAST, "--fake-controls", '{"drop": true}') as fake:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await post(fake, "/v1/chat/completions", chat())
+        status, _ = await post(fake, "/v1/chat/completions", chat(fake={"drop": False}))
+        assert status == 200
+
+
+async def test_vllm_fake_takes_wire_profiles_too() -> None:
+    from tests.sse import parse
+
+    async with await start_fake(FAKE_VLLM, *FAST, "--fake-wire", "chaos") as fake:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+        _, pieces = await read_pieces(fake.url + "/v1/chat/completions", body)
+        events = parse(b"".join(pieces))
+        assert events[-1].done and b"data:{" in b"".join(pieces)
+        docs = [e.json() for e in events[:-1]]
+        assert docs[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+        assert [d["choices"][0]["finish_reason"] for d in docs[1:]] == [None, None, "length"]
