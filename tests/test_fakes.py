@@ -281,7 +281,8 @@ async def test_llama_info_routes_and_errors() -> None:
     assert len(tokens["tokens"]) == 3 and tokens["tokens"][0] == tokens["tokens"][2]
     assert (status_404, body_404) == (404, {"error": {"message": "File Not Found", "type": "not_found_error",
                                                       "code": 404}})
-    assert status_bad == 400 and body_bad["error"]["message"].startswith("[json.exception.parse_error.101]")
+    assert (status_bad, body_bad["error"]["type"]) == (500, "server_error")
+    assert body_bad["error"]["message"].startswith("[json.exception.parse_error.101]")
     assert status_missing == 400 and missing["error"]["message"] == "'messages' is required"
     assert (status_emb, emb["error"]["type"]) == (501, "not_supported_error")
     assert status_metrics == 501  # no --metrics
