@@ -148,6 +148,24 @@ async def test_complete_stream_is_billed_exactly_whatever_the_wire(llmd: Llmd) -
     assert (outcome, prompt, completion) == ("ok", PROMPT_TOKENS, 5)
 
 
+async def test_client_abort_bills_exactly_the_chunks_relayed(llmd: Llmd) -> None:
+    """1. The replica sends its role chunk and 1 token, then hangs, so llmd can have relayed
+    exactly one token when 2. the client, having read it, hangs up. 3. The row: client_abort,
+    completion_tokens 1 (the role announcement is not a token, whatever its framing: OpenAI's
+    carries "refusal":null), prompt_tokens the replica's tokenization."""
+    parser = SseParser()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s, s.post(
+        llmd.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True, "messages": MESSAGES, "max_tokens": 20,
+              "fake": {"hang_after_tokens": 1}},
+    ) as r:
+        async for data in r.content.iter_any():
+            if any(is_token_chunk(e.json()) for e in parser.feed(data) if not e.done):
+                break
+    ((_, _, outcome, prompt, completion),) = await rows(llmd, 1)
+    assert (outcome, prompt, completion) == ("client_abort", PROMPT_TOKENS, 1)
+
+
 async def _retries_total(llmd: Llmd) -> float:
     async with aiohttp.ClientSession() as s, s.get(llmd.url + "/metrics") as r:
         text = await r.text()
