@@ -4,7 +4,7 @@
     python tests/fake_backend.py --host 127.0.0.1 --port 8081 -m model.gguf -np 2 -c 4096 --metrics
         [--embeddings] [--pooling mean] [--alias NAME] [--no-jinja] [-n N] [--no-slots]
         [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
-        [--fake-embedding-dim 640]
+        [--fake-embedding-dim 640] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
 Any other llama-server flag is accepted and ignored. Behaviour worth knowing (all from the real one):
 
