@@ -110,14 +110,16 @@ def test_config_checks_default_models_and_remote_routes(tmp_path: Path) -> None:
     doc = base_config(tmp_path, {"m": remote}, server={"default_model": "m"},
                       keys=[{"id": "k", "sha256": "0" * 64, "default_model": "m", "models": ["m"]}])  # fmt: skip
     config_mod.load(write_config(tmp_path / "c.yaml", doc))
-    bad = base_config(tmp_path, {"m": {**remote, "routes": ["chat", "teleport"]},
-                                 "s": {"backend": "llama-server", "model": "x.gguf", "routes": ["chat"]}},
+    unknown = base_config(tmp_path, {"m": {**remote, "routes": ["chat", "teleport"]}})
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(write_config(tmp_path / "c.yaml", unknown))
+    assert "models.m.routes: expected a list of one of 'chat'" in str(e.value) and "'teleport'" in str(e.value)
+    bad = base_config(tmp_path, {"m": remote, "s": {"backend": "llama-server", "model": "x.gguf", "routes": ["chat"]}},
                       server={"default_model": "nope"},
                       keys=[{"id": "k", "sha256": "0" * 64, "default_model": "s", "models": ["m"]}])  # fmt: skip
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(write_config(tmp_path / "c.yaml", bad))
     text = "\n".join(e.value.errors)
-    assert "models.m.routes: expected a list of one of 'chat'" in text and "'teleport'" in text
     assert "models.s.routes: only for backend openai" in text
     assert "server.default_model: 'nope'" in text
     assert "keys[0].default_model: 's' is not in the key's models" in text
