@@ -1,0 +1,285 @@
+"""The fault matrix: every way an upstream, a replica, the disk, a reload or a client can misbehave,
+against real processes and sockets; each row asserts what the client saw, the ledger row, and
+that nothing leaked (replica, limiter and admission counters back at zero).
+
+Upstream faults are played by ``faultkit.RawUpstream`` (raw asyncio streams on a loopback socket,
+so it can hang, reset, send garbage or compress), replica faults by the fake llama-server that
+llmd itself supervises, the ledger's disk by a tiny tmpfs mounted in tmp_path (the tests run as
+root), reloads by a real ``llmd serve`` and SIGHUP, hostile clients by raw sockets, through the
+shipped nginx site where nginx is the one that must cut them.
+
+``bench/fault_matrix.py`` runs this module and prints the matrix (fault, expected, seen, rows lost)
+from the JSON lines each test writes to ``$LLMD_FAULT_MATRIX``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Llmd, base_config, run_llmd, write_config
+from tests.faultkit import (
+    GOOD_USAGE,
+    HTML,
+    STREAM_TOKENS,
+    Matrix,
+    RawUpstream,
+    Seen,
+    assert_no_leaks,
+    call,
+    ledger_rows,
+    whole_answer,
+)
+
+# --- shared ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the matrix, written when the test's ``with`` block ends (pass or fail)."""
+
+    fault: str
+    expected: str
+    seen: str = "(not reached)"
+    rows_lost: int = 0
+
+
+@contextlib.contextmanager
+def matrix_row(fault: str, expected: str) -> Iterator[Row]:
+    row = Row(fault, expected)
+    try:
+        yield row
+    except BaseException as e:
+        row.seen = f"FAILED: {row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
+        raise
+    finally:
+        Matrix.row(row.fault, row.expected, row.seen, row.rows_lost)
+
+
+def config(tmp_path: Path, urls: list[str], *, first_byte_s: float = 10, total_s: float = 30,
+           retries: int = 2, **sections: Any) -> Path:
+    """Model ``m`` relayed to ``urls`` (round-robin: the first request goes to urls[1], so a
+    bad replica listed second is always tried)."""
+    doc = base_config(tmp_path, {"m": {"backend": "openai", "urls": urls, "slots": 4}}, **sections)
+    doc["routing"].update(strategy="round-robin", retries=retries,
+                          timeouts={"connect_s": 2, "first_byte_s": first_byte_s, "total_s": total_s})
+    return write_config(tmp_path / "config.yaml", doc)
+
+
+async def rows_of(llmd: Llmd, seen: list[Seen]) -> tuple[list[dict[str, Any]], int]:
+    """The ledger rows of these requests, in order, and how many are missing."""
+    rids = [s.request_id for s in seen]
+    rows = await ledger_rows(llmd.services, llmd.services.ledger.path, rids)
+    return [rows[r] for r in rids if r in rows], len(rids) - len(rows)
+
+
+def brief(s: Seen) -> str:
+    """The client's view in a few words, for the matrix."""
+    if s.exception:
+        return s.exception[:60]
+    if s.events or s.headers.get("content-type", "").startswith("text/event-stream"):
+        err = s.errors[0].get("code") if s.errors else None
+        tail = (f", error event {err}" if err else "") + (", [DONE]" if s.done else "")
+        return f"{s.status} SSE {s.tokens} tok{tail}"
+    try:
+        code = s.envelope.get("code")
+        return f"{s.status} envelope {code}"
+    except (ValueError, AssertionError):
+        return f"{s.status} {s.headers.get('content-type', '')} {len(s.body)} B"
+
+
+def row_brief(r: dict[str, Any]) -> str:
+    return f"row {r['status']}/{r['outcome']} p{r['prompt_tokens']} c{r['completion_tokens']} {r['token_method']}"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+# --- upstream hangs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_upstream_hangs_before_headers(tmp_path: Path, session: aiohttp.ClientSession, stream: bool) -> None:
+    """1. The upstream reads the request and never answers. 2. After first_byte_s (1 s) the
+    client gets 504 in the envelope (a stream too: no header went out yet), not retried.
+    3. Row: 504, outcome timeout, no tokens."""
+    with matrix_row(f"upstream hangs before headers ({'stream' if stream else 'whole'})",
+                    "504 upstream_timeout after first_byte_s; row 504/timeout") as m:
+        async with RawUpstream("hang_headers") as up, run_llmd(config(tmp_path, [up.url], first_byte_s=1)) as llmd:
+            s = await call(session, llmd.url, stream=stream)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)} in {s.elapsed_s:.1f}s; {row_brief(row)}"
+            assert s.status == 504 and s.envelope["code"] == "upstream_timeout", s
+            assert 0.9 <= s.elapsed_s < 8, s.elapsed_s
+            assert len(up.requests) == 1  # a timeout is not retried: the upstream may still be working on it
+            assert (row["status"], row["outcome"], row["completion_tokens"]) == (504, "timeout", 0)
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_upstream_hangs_after_headers(tmp_path: Path, session: aiohttp.ClientSession, stream: bool) -> None:
+    """1. The upstream sends 200 headers (an event stream, or JSON of 1000 bytes) and no body.
+    2. At total_s (2 s): a stream gets an in-band error event (upstream_timeout) and its end; a
+    whole answer gets 504 in the envelope. 3. Row: outcome timeout, no completion tokens."""
+    with matrix_row(f"upstream hangs after headers ({'stream' if stream else 'whole'})",
+                    "stream: error event + end at total_s; whole: 504; row timeout") as m:
+        async with RawUpstream("hang_body") as up, \
+                run_llmd(config(tmp_path, [up.url], first_byte_s=1, total_s=2)) as llmd:
+            s = await call(session, llmd.url, stream=stream)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)} in {s.elapsed_s:.1f}s; {row_brief(row)}"
+            assert s.exception is None, s.exception
+            assert 1.9 <= s.elapsed_s < 9, s.elapsed_s
+            if stream:
+                assert s.status == 200 and s.tokens == 0 and not s.done
+                assert [e["code"] for e in s.errors] == ["upstream_timeout"], s.events
+                assert (row["status"], row["outcome"], row["completion_tokens"]) == (200, "timeout", 0)
+                assert row["token_method"].startswith("stream_chunks+")
+            else:
+                assert s.status == 504 and s.envelope["code"] == "upstream_timeout"
+                assert (row["status"], row["outcome"], row["completion_tokens"]) == (504, "timeout", 0)
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("fault", ["hang_mid", "reset_mid"])
+async def test_stream_breaks_after_the_first_byte(tmp_path: Path, session: aiohttp.ClientSession, fault: str) -> None:
+    """1. The upstream streams 3 token chunks, then hangs (until total_s, 2 s) or resets the
+    connection (RST). Two replicas: after the first byte nothing may be retried.
+    2. The client has the 3 tokens, then one in-band error event (upstream_timeout or
+    upstream_unreachable) and the end of the stream, no [DONE].
+    3. Row: 200, outcome timeout / upstream_error, completion_tokens == the 3 chunks the client got."""
+    code, outcome = (
+        ("upstream_timeout", "timeout") if fault == "hang_mid" else ("upstream_unreachable", "upstream_error")
+    )
+    with matrix_row(f"stream {'hangs' if fault == 'hang_mid' else 'reset (RST)'} mid-stream",
+                    f"3 tok + error event {code}; row 200/{outcome} c3") as m:
+        async with RawUpstream(fault) as up, RawUpstream(fault) as up2, \
+                run_llmd(config(tmp_path, [up.url, up2.url], first_byte_s=1, total_s=2)) as llmd:
+            s = await call(session, llmd.url, stream=True)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}; {row_brief(row)}"
+            assert s.exception is None and s.status == 200, s
+            assert s.tokens == 3 and not s.done
+            assert [e["code"] for e in s.errors] == [code], s.events
+            assert len(up.requests) + len(up2.requests) == 1  # not retried after the first byte
+            assert (row["status"], row["outcome"]) == (200, outcome)
+            assert row["completion_tokens"] == s.tokens == 3
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("fault", ["hang_mid", "reset_mid", "garbage_status"])
+async def test_whole_answer_breaks_on_the_only_replica(tmp_path: Path, session: aiohttp.ClientSession,
+                                                       fault: str) -> None:
+    """1. One replica. It sends 100 of 1000 promised bytes and then hangs or resets, or it
+    answers a status line that is not HTTP at all.
+    2. The client gets the envelope: 504 upstream_timeout (hang, at total_s) or 502
+    upstream_unreachable. 3. Row: that status, outcome timeout / upstream_error."""
+    status, code, outcome = ((504, "upstream_timeout", "timeout") if fault == "hang_mid"
+                             else (502, "upstream_unreachable", "upstream_error"))
+    label = {"hang_mid": "hangs mid-body", "reset_mid": "resets mid-body",
+             "garbage_status": "garbage status line"}[fault]
+    with matrix_row(f"whole answer {label}, one replica", f"{status} {code}; row {status}/{outcome}") as m:
+        async with RawUpstream(fault) as up, \
+                run_llmd(config(tmp_path, [up.url], first_byte_s=1, total_s=2)) as llmd:
+            s = await call(session, llmd.url)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}; {row_brief(row)}"
+            assert s.status == status and s.envelope["code"] == code, s
+            assert (row["status"], row["outcome"]) == (status, outcome)
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("fault", ["reset_mid", "garbage_status"])
+async def test_whole_answer_breaks_and_another_replica_answers(tmp_path: Path, session: aiohttp.ClientSession,
+                                                               fault: str) -> None:
+    """1. Two replicas, a good one and a bad one (resets mid-body / garbage status line).
+    2. Two requests (round-robin: one is sent to the bad replica first): both 200 with the
+    good answer, the bad replica saw at least one of them. 3. Rows: 200/ok, served by the good replica, with the
+    upstream's usage."""
+    label = {"reset_mid": "resets mid-body", "garbage_status": "garbage status line"}[fault]
+    with matrix_row(f"whole answer {label}, 2 replicas", "retried: 200 from the other; rows 200/ok") as m:
+        async with RawUpstream("ok") as good, RawUpstream(fault) as bad, \
+                run_llmd(config(tmp_path, [good.url, bad.url])) as llmd:
+            seen = [await call(session, llmd.url) for _ in range(2)]
+            rows, m.rows_lost = await rows_of(llmd, seen)
+            m.seen = f"{[s.status for s in seen]}, bad replica tried {len(bad.requests)}x; " + \
+                "; ".join(row_brief(r) for r in rows)
+            assert [s.status for s in seen] == [200, 200], seen
+            assert all(s.json() == json.loads(whole_answer()) for s in seen)
+            assert len(bad.requests) >= 1 and len(good.requests) == 2
+            assert [(r["status"], r["outcome"], r["replica"]) for r in rows] == [(200, "ok", "m/0")] * 2
+            assert all((r["prompt_tokens"], r["completion_tokens"]) == (12, STREAM_TOKENS) for r in rows)
+            await assert_no_leaks(llmd.services)
+
+
+# --- odd answers ----------------------------------------------------------------------------------
+
+
+async def test_malformed_sse_is_relayed(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. The upstream's stream holds garbage lines, non-JSON and binary data, JSON of the
+    wrong shape, a comment, then 2 good token chunks and [DONE].
+    2. The client gets every data event relayed, the 2 tokens and [DONE]; llmd does not crash.
+    3. Row: 200/ok, completion_tokens == the 2 token chunks (no usage came)."""
+    with matrix_row("malformed SSE (garbage, non-JSON data)", "relayed as is, 2 tok + [DONE]; row 200/ok c2") as m:
+        async with RawUpstream("malformed_sse") as up, run_llmd(config(tmp_path, [up.url])) as llmd:
+            s = await call(session, llmd.url, stream=True)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}, {len(s.events)} data events; {row_brief(row)}"
+            assert s.status == 200 and s.tokens == 2 and s.done and not s.errors, s
+            assert b"{not json" in s.events and b"[1, 2, 3]" in s.events
+            assert (row["status"], row["outcome"], row["completion_tokens"]) == (200, "ok", 2)
+            assert row["token_method"].startswith("stream_chunks+")
+            # Still serving.
+            up.mode = "ok"
+            assert (await call(session, llmd.url)).status == 200
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_gzip_answer_although_identity_was_asked(tmp_path: Path, session: aiohttp.ClientSession,
+                                                       stream: bool) -> None:
+    """1. The upstream compresses its answer (Content-Encoding: gzip) although llmd sent
+    Accept-Encoding: identity. 2. The client gets the decompressed answer (valid JSON, or the
+    6 tokens and [DONE]) without a Content-Encoding header. 3. Row: 200/ok with the upstream's usage."""
+    with matrix_row(f"gzip answer not asked for ({'stream' if stream else 'whole'})",
+                    "decoded, no Content-Encoding; row 200/ok with usage") as m:
+        async with RawUpstream("gzip") as up, run_llmd(config(tmp_path, [up.url])) as llmd:
+            s = await call(session, llmd.url, stream=stream)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}, content-encoding={s.headers.get('content-encoding')}; {row_brief(row)}"
+            assert up.requests[0].headers.get("accept-encoding") == "identity"
+            assert s.status == 200 and "content-encoding" not in s.headers, s.headers
+            if stream:
+                assert s.tokens == STREAM_TOKENS and s.done and not s.errors
+                assert not any(b'"usage"' in e for e in s.events)  # llmd asked for it: hidden
+            else:
+                assert s.json() == json.loads(whole_answer())
+            assert (row["status"], row["outcome"], row["token_method"]) == (200, "ok", "upstream")
+            assert (row["prompt_tokens"], row["completion_tokens"]) == (
+                GOOD_USAGE["prompt_tokens"], GOOD_USAGE["completion_tokens"])
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_html_answer_is_relayed_as_is(tmp_path: Path, session: aiohttp.ClientSession, stream: bool) -> None:
+    """1. The upstream answers 200 text/html (a misconfigured url reaching a web server).
+    2. The client gets it as it is (status, content type, bytes). 3. Row: 200/ok, no completion tokens."""
+    with matrix_row(f"text/html 200 from upstream ({'stream' if stream else 'whole'})",
+                    "relayed as is; row 200/ok c0") as m:
+        async with RawUpstream("html") as up, run_llmd(config(tmp_path, [up.url])) as llmd:
+            s = await call(session, llmd.url, stream=stream)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}; {row_brief(row)}"
+            assert s.status == 200 and s.headers["content-type"].startswith("text/html") and s.body == HTML, s
+            assert (row["status"], row["outcome"], row["completion_tokens"]) == (200, "ok", 0)
+            await assert_no_leaks(llmd.services)
