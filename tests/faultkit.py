@@ -311,8 +311,9 @@ class Seen:
 
 async def call(session: aiohttp.ClientSession, base_url: str, *, stream: bool = False, model: str = "m",
                headers: dict[str, str] | None = None, body: dict[str, Any] | None = None,
-               timeout_s: float = 30.0) -> Seen:
-    """One chat completion through llmd; an SSE answer is read to its end, event by event."""
+               timeout_s: float = 30.0, on_event: Callable[[Seen], None] | None = None) -> Seen:
+    """One chat completion through llmd; an SSE answer is read to its end, event by event
+    (``on_event(seen)`` after each, e.g. to kill a replica once some tokens arrived)."""
     rid = f"fm-{uuid.uuid4().hex}"
     doc: dict[str, Any] = {"model": model, "messages": MSG, "max_tokens": STREAM_TOKENS}
     if stream:
@@ -333,6 +334,8 @@ async def call(session: aiohttp.ClientSession, base_url: str, *, stream: bool = 
                     *events, buf = buf.split(b"\n\n")
                     for ev in events:
                         _take_event(seen, ev)
+                        if on_event is not None:
+                            on_event(seen)
                 if buf.strip():
                     _take_event(seen, buf)
             else:

@@ -14,8 +14,13 @@ from the JSON lines each test writes to ``$LLMD_FAULT_MATRIX``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Llmd, base_config, run_llmd, write_config
+from tests.conftest import Llmd, base_config, run_llmd, wait_for, write_config
+from tests.fakeproc import FAKE_LLAMA
 from tests.faultkit import (
     GOOD_USAGE,
     HTML,
@@ -282,4 +288,96 @@ async def test_html_answer_is_relayed_as_is(tmp_path: Path, session: aiohttp.Cli
             m.seen = f"{brief(s)}; {row_brief(row)}"
             assert s.status == 200 and s.headers["content-type"].startswith("text/html") and s.body == HTML, s
             assert (row["status"], row["outcome"], row["completion_tokens"]) == (200, "ok", 0)
+            await assert_no_leaks(llmd.services)
+
+
+# --- supervised replica dies or freezes mid-stream -------------------------------------------------
+
+
+def supervised_config(tmp_path: Path) -> Path:
+    """Model ``s``: one llama-server replica that llmd supervises, whose command is the fake
+    llama-server; health every 0.2 s, 2 failures make it unhealthy, short backoff."""
+    launchers = {"llama-server": {
+        "command": [sys.executable, str(FAKE_LLAMA)], "start_timeout_s": 15, "stop_timeout_s": 1,
+        "health_interval_s": 0.2, "health_failures": 2, "restart_delay_s": 0.3, "restart_max_delay_s": 2,
+    }}  # fmt: skip
+    model = {"backend": "llama-server", "model": str(tmp_path / "fake.gguf"),
+             "args": ["-np", "2", "--load-delay-s", "0.1"]}
+    return write_config(tmp_path / "config.yaml", base_config(tmp_path, {"s": model}, launchers=launchers))
+
+
+class StateLog:
+    """Every state a replica passes through, sampled every 10 ms (BACKOFF lasts 0.3 s here)."""
+
+    def __init__(self, replica: Any) -> None:
+        self.replica = replica
+        self.states: list[str] = [replica.state.value]
+        self._task = asyncio.create_task(self._sample())
+
+    def _take(self) -> None:
+        if self.replica.state.value != self.states[-1]:
+            self.states.append(self.replica.state.value)
+
+    async def _sample(self) -> None:
+        while True:
+            self._take()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._take()  # the state the caller waited for, if it came after the last sample
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+async def test_supervised_replica_dies_mid_stream(tmp_path: Path, session: aiohttp.ClientSession,
+                                                   sig: signal.Signals) -> None:
+    """1. llmd supervises one fake llama-server; a stream of 60 tokens, 100 ms apart, starts.
+    2. After 3 tokens reached the client the replica gets SIGKILL, or SIGSTOP (it freezes: its
+       health checks time out, llmd finds it unhealthy and kills it, SIGKILL after stop_timeout_s).
+    3. The client has its tokens, then an in-band error event (upstream_unreachable) and the end.
+    4. The replica goes BACKOFF, then READY again as a new process, and serves the next request.
+    5. Rows: the broken stream 200/upstream_error with completion_tokens == the chunks the client
+       got; the next request 200/ok with the upstream's usage. Nothing leaked."""
+    name = sig.name
+    with matrix_row(f"replica {name} mid-stream (supervised)",
+                    "tokens + error event; BACKOFF -> READY; row 200/upstream_error c=chunks") as m:
+        async with run_llmd(supervised_config(tmp_path)) as llmd:
+            (replica,) = llmd.services.supervisor.replicas("s")
+            await wait_for(lambda: replica.state.value == "ready", 20)
+            old_pid = replica.pid
+            assert old_pid is not None
+            states = StateLog(replica)
+            sent: list[float] = []
+
+            def strike(seen: Seen) -> None:
+                if seen.tokens >= 3 and not sent:
+                    os.kill(old_pid, sig)
+                    sent.append(time.monotonic())
+
+            try:
+                s = await call(session, llmd.url, model="s", stream=True, on_event=strike,
+                               body={"max_tokens": 60, "fake": {"token_delay_ms": 100}})
+                await wait_for(lambda: replica.state.value == "ready" and replica.pid != old_pid, 20)
+            finally:
+                await states.stop()
+                if sig == signal.SIGSTOP:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(old_pid, signal.SIGCONT)
+            after = await call(session, llmd.url, model="s")
+            rows, m.rows_lost = await rows_of(llmd, [s, after])
+            m.seen = f"{brief(s)}; states {'>'.join(states.states)}; next {after.status}; " + \
+                "; ".join(row_brief(r) for r in rows)
+            assert s.status == 200 and s.exception is None and s.tokens >= 3 and not s.done, s
+            assert [e["code"] for e in s.errors] == ["upstream_unreachable"], s.events
+            assert "backoff" in states.states and states.states[-1] == "ready", states.states
+            assert replica.restarts >= 1
+            assert after.status == 200, after
+            assert m.rows_lost == 0
+            broken, ok = rows
+            assert (broken["status"], broken["outcome"]) == (200, "upstream_error")
+            assert broken["completion_tokens"] == s.tokens
+            assert broken["token_method"].startswith("stream_chunks+")
+            assert (ok["status"], ok["outcome"], ok["token_method"]) == (200, "ok", "upstream")
             await assert_no_leaks(llmd.services)
