@@ -19,6 +19,8 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +43,7 @@ from tests.faultkit import (
     assert_no_leaks,
     call,
     ledger_rows,
+    read_rows,
     whole_answer,
 )
 
@@ -380,4 +383,151 @@ async def test_supervised_replica_dies_mid_stream(tmp_path: Path, session: aioht
             assert broken["completion_tokens"] == s.tokens
             assert broken["token_method"].startswith("stream_chunks+")
             assert (ok["status"], ok["outcome"], ok["token_method"]) == (200, "ok", "upstream")
+            await assert_no_leaks(llmd.services)
+
+
+# --- the ledger's disk -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "512k") -> Iterator[Path]:
+    """A tiny tmpfs at ``path`` (a disk that can really fill up or go read-only); needs root."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the file system is full (ENOSPC); returns it (delete it to heal)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # unbuffered: nothing left to flush at close
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def truncate_wal(db_path: Path) -> None:
+    """Checkpoint the ledger's WAL into the database and truncate it to 0 bytes: the next
+    write must grow the WAL, so a full disk fails it (instead of reusing old WAL frames)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0 and os.path.getsize(f"{db_path}-wal") == 0
+
+
+async def remount(path: Path, mode: str, timeout_s: float = 10.0) -> None:
+    """``mount -o remount,ro|rw``: retried while the ledger has its file open (EBUSY); after a
+    failed write it closes its connection and waits (backoff) before it opens a new one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        assert time.monotonic() < deadline, done.stderr
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+async def test_ledger_disk_fails_and_heals(tmp_path: Path, session: aiohttp.ClientSession, fault: str) -> None:
+    """1. The ledger lives on a 512 KiB tmpfs; one request writes its row (the file exists).
+    2. The disk fills up (the WAL truncated first, so the next write must grow it); for
+       read_only, once a write failed (the ledger closed its file) the tmpfs is remounted read-only.
+    3. 20 requests (streams and whole answers) are all answered 200 while every write fails:
+       the rows wait in memory (pending_rows), none is dropped.
+    4. The disk heals (read-write again, the filler deleted): every row reaches the file."""
+    with matrix_row(f"ledger disk {'full' if fault == 'full' else 'read-only'}",
+                    "requests answered; rows kept in memory, written once healed; 0 dropped") as m:
+        async with RawUpstream("ok") as up:
+            with tmpfs(tmp_path / "disk") as disk:
+                db = disk / "usage.sqlite3"
+                path = config(tmp_path, [up.url], usage={"path": str(db)})
+                async with run_llmd(path) as llmd:
+                    ledger = llmd.services.ledger
+                    errors: list[BaseException] = []
+                    ledger.on_flush_error = errors.append
+                    first = await call(session, llmd.url)
+                    assert first.status == 200 and await ledger.flush()
+                    truncate_wal(db)
+                    filler = fill(disk)
+                    seen = [await call(session, llmd.url, stream=i % 2 == 1) for i in range(10)]
+                    await wait_for(lambda: ledger.write_errors >= 1, 10)
+                    if fault == "read_only":
+                        await remount(disk, "ro")
+                        n = ledger.write_errors
+                        await wait_for(lambda: ledger.write_errors > n, 10)  # a write on the read-only disk
+                    seen += [await call(session, llmd.url, stream=i % 2 == 1) for i in range(10)]
+                    await wait_for(lambda: ledger.write_errors >= 2, 10)
+                    pending, healthy = ledger.pending_rows, ledger.healthy
+                    if fault == "read_only":
+                        await remount(disk, "rw")
+                    filler.unlink()
+                    rows, m.rows_lost = await rows_of(llmd, seen)
+                    m.seen = (f"{sum(s.status == 200 for s in seen)}/20 answered 200; {pending} rows pending, "
+                              f"{ledger.write_errors} failed writes ({type(errors[-1]).__name__}: {errors[-1]}); "
+                              f"healed: {len(rows)} rows written, {ledger.dropped_rows} dropped")
+                    assert [s.status for s in seen] == [200] * 20
+                    assert all(s.done for s in seen[1::2])
+                    assert not healthy and pending == 20, (healthy, pending)
+                    assert m.rows_lost == 0 and ledger.dropped_rows == 0 and ledger.pending_rows == 0
+                    assert all((r["status"], r["outcome"]) == (200, "ok") for r in rows)
+                    await assert_no_leaks(llmd.services)
+
+
+async def test_ledger_over_max_pending_rows_drops_the_oldest(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. usage.max_pending_rows: 5; the ledger's disk fills up. 2. 15 requests, all answered 200.
+    3. Only the 5 newest rows are kept; 10 are dropped and counted (dropped_rows, /admin/status).
+    4. The disk heals: those 5 rows are written."""
+    with matrix_row("ledger disk full, over max_pending_rows=5",
+                    "requests answered; oldest rows dropped and counted; newest written") as m:
+        async with RawUpstream("ok") as up:
+            with tmpfs(tmp_path / "disk") as disk:
+                db = disk / "usage.sqlite3"
+                path = config(tmp_path, [up.url], usage={"path": str(db), "max_pending_rows": 5})
+                async with run_llmd(path) as llmd:
+                    ledger = llmd.services.ledger
+                    assert (await call(session, llmd.url)).status == 200 and await ledger.flush()
+                    truncate_wal(db)
+                    filler = fill(disk)
+                    seen = [await call(session, llmd.url) for _ in range(15)]
+                    await wait_for(lambda: ledger.write_errors >= 1, 10)
+                    async with session.get(llmd.url + "/admin/status") as resp:
+                        usage = (await resp.json())["usage"]
+                    filler.unlink()
+                    rows, lost = await rows_of(llmd, seen)
+                    m.rows_lost = lost
+                    m.seen = (f"{sum(s.status == 200 for s in seen)}/15 answered 200; /admin/status usage {usage}; "
+                              f"healed: {len(rows)} written")
+                    assert [s.status for s in seen] == [200] * 15
+                    assert usage == {"pending_rows": 5, "dropped_rows": 10}
+                    assert lost == 10 and ledger.dropped_rows == 10
+                    assert set(read_rows(db, [s.request_id for s in seen])) == {s.request_id for s in seen[10:]}
+                    await assert_no_leaks(llmd.services)
+
+
+async def test_ledger_file_deleted(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. A request writes its row. 2. The ledger's file (and its -wal, -shm) is deleted while
+    llmd runs. 3. 10 requests are answered 200. 4. The ledger notices, creates a fresh file, and
+    every one of the 10 rows is in it (the first row went with the deleted file)."""
+    with matrix_row("ledger file deleted while running", "requests answered; fresh file with every new row") as m:
+        async with RawUpstream("ok") as up, run_llmd(config(tmp_path, [up.url])) as llmd:
+            ledger = llmd.services.ledger
+            db = Path(ledger.path)
+            assert (await call(session, llmd.url)).status == 200 and await ledger.flush()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink()
+            seen = [await call(session, llmd.url, stream=i % 2 == 1) for i in range(10)]
+            rows, m.rows_lost = await rows_of(llmd, seen)
+            m.seen = f"{sum(s.status == 200 for s in seen)}/10 answered 200; {len(rows)} rows in the new file"
+            assert [s.status for s in seen] == [200] * 10
+            assert m.rows_lost == 0 and ledger.dropped_rows == 0 and db.exists()
             await assert_no_leaks(llmd.services)
