@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -31,8 +32,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Llmd, base_config, run_llmd, wait_for, write_config
-from tests.fakeproc import FAKE_LLAMA
+from tests.conftest import Llmd, base_config, llmd_process, run_llmd, wait_for, write_config
+from tests.fakeproc import FAKE_LLAMA, FakeProc
 from tests.faultkit import (
     GOOD_USAGE,
     HTML,
@@ -531,3 +532,89 @@ async def test_ledger_file_deleted(tmp_path: Path, session: aiohttp.ClientSessio
             assert [s.status for s in seen] == [200] * 10
             assert m.rows_lost == 0 and ledger.dropped_rows == 0 and db.exists()
             await assert_no_leaks(llmd.services)
+
+
+# --- SIGHUP storm ------------------------------------------------------------------------------------
+
+STORM_KEY = "sk-fault-storm-0123456789abcdef0123456789"
+STORM_REQUESTS, STORM_CONCURRENCY, STORM_RELOADS = 300, 8, 10
+
+
+def write_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the config in one rename, as config management does: a reload never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_config(tmp, doc)
+    os.replace(tmp, path)
+
+
+def storm_config(tmp_path: Path, fake_url: str, variant: int) -> dict[str, Any]:
+    """Two valid configs that differ in an alias and a key: variant 0 serves alias-a, variant 1
+    alias-b and has an extra key. The load's key and model are in both."""
+    keys = [{"id": "load", "sha256": hashlib.sha256(STORM_KEY.encode()).hexdigest()}]
+    if variant:
+        keys.append({"id": "extra", "sha256": hashlib.sha256(b"sk-extra-key-for-variant-b").hexdigest()})
+    model = {"backend": "openai", "urls": [fake_url + "/v1"], "slots": 8, "aliases": [f"alias-{'ab'[variant]}"]}
+    return base_config(tmp_path, {"m": model}, keys=keys)
+
+
+async def test_sighup_storm_under_load(tmp_path: Path, fake: FakeProc) -> None:
+    """1. `llmd serve` (a real process) relays model m to the fake llama-server.
+    2. 300 requests run at concurrency 8, streams and whole answers in turn; meanwhile the config
+       is replaced 10 times (alternating two valid files: another alias, another key) and each
+       time llmd gets SIGHUP, the next one once the previous reload is logged.
+    3. Every request succeeds (200, streams end with [DONE], no error event): 0 failed.
+    4. The last config is in force (alias-a answers, alias-b is unknown).
+    5. SIGTERM: llmd exits 0 and the ledger has exactly one ok row per request, with the
+       fake's usage (completion_tokens == max_tokens)."""
+    fault = f"SIGHUP storm: {STORM_RELOADS} reloads under {STORM_REQUESTS} requests at c={STORM_CONCURRENCY}"
+    with matrix_row(fault, "0 failed; rows == requests") as m:
+        path = tmp_path / "config.yaml"
+        write_config(path, storm_config(tmp_path, fake.url, 0))
+        async with llmd_process(path) as llmd, aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {STORM_KEY}"}
+            results: list[tuple[Seen, int]] = []
+            storm_done = asyncio.Event()
+            counter = iter(range(10**6))
+
+            async def worker() -> None:
+                # Keep going until both the planned load is done and the storm is over, so every
+                # reload lands while requests are in flight.
+                while True:
+                    i = next(counter)
+                    if i >= STORM_REQUESTS and storm_done.is_set():
+                        return
+                    n = i % 5 + 1
+                    msgs = [{"role": "user", "content": "w " * (i % 7 + 1)}]
+                    s = await call(session, llmd.url, stream=i % 2 == 1, headers=headers,
+                                   body={"max_tokens": n, "messages": msgs})
+                    results.append((s, n))
+
+            async def storm() -> None:
+                for k in range(STORM_RELOADS):
+                    while len(results) < (k + 1) * STORM_REQUESTS // (STORM_RELOADS + 2):
+                        await asyncio.sleep(0.01)  # spread the reloads over the load
+                    write_atomic(path, storm_config(tmp_path, fake.url, (k + 1) % 2))
+                    os.kill(llmd.pid, signal.SIGHUP)
+                    await wait_for(lambda k=k: sum(d.get("msg") == "reloaded" for d in llmd.logs()) >= k + 1, 15)
+                storm_done.set()
+
+            await asyncio.gather(storm(), *(worker() for _ in range(STORM_CONCURRENCY)))
+            failed = [s for s, _ in results if s.status != 200 or s.errors or s.exception
+                      or (s.headers.get("content-type", "").startswith("text/event-stream") and not s.done)]
+            alias_a = await call(session, llmd.url, model="alias-a", headers=headers)
+            alias_b = await call(session, llmd.url, model="alias-b", headers=headers)
+            reloads = sum(d.get("msg") == "reloaded" for d in llmd.logs())
+            llmd.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(llmd.proc.wait(), 30)
+        seen = [s for s, _ in results]
+        rows = read_rows(tmp_path / "usage.sqlite3", [s.request_id for s in seen])
+        m.rows_lost = len(seen) - len(rows)
+        m.seen = (f"{len(seen)} requests, {len(failed)} failed, {reloads} reloads; "
+                  f"{len(rows)} rows; exit {code}")
+        assert not failed, [brief(s) for s in failed[:5]]
+        assert reloads == STORM_RELOADS and code == 0
+        assert (alias_a.status, alias_b.status) == (200, 404)  # variant 0 is the last one loaded
+        assert m.rows_lost == 0
+        for s, n in results:
+            r = rows[s.request_id]
+            assert (r["status"], r["outcome"], r["completion_tokens"]) == (200, "ok", n), r
