@@ -474,7 +474,8 @@ async def test_ledger_disk_fails_and_heals(tmp_path: Path, session: aiohttp.Clie
                     filler.unlink()
                     rows, m.rows_lost = await rows_of(llmd, seen)
                     m.seen = (f"{sum(s.status == 200 for s in seen)}/20 answered 200; {pending} rows pending, "
-                              f"{ledger.write_errors} failed writes ({type(errors[-1]).__name__}: {errors[-1]}); "
+                              f"{ledger.write_errors} failed writes ({type(errors[-1]).__name__}: "
+                              f"{str(errors[-1]).replace(str(db), 'usage.sqlite3')}); "
                               f"healed: {len(rows)} rows written, {ledger.dropped_rows} dropped")
                     assert [s.status for s in seen] == [200] * 20
                     assert all(s.done for s in seen[1::2])
