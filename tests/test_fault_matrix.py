@@ -619,3 +619,112 @@ async def test_sighup_storm_under_load(tmp_path: Path, fake: FakeProc) -> None:
         for s, n in results:
             r = rows[s.request_id]
             assert (r["status"], r["outcome"], r["completion_tokens"]) == (200, "ok", n), r
+
+
+# --- hostile clients straight at llmd ----------------------------------------------------------------
+
+GOOD_KEY = "sk-fault-good-0123456789abcdef0123456789ab"
+
+
+async def raw_http(port: int, data: bytes, timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as it is on a fresh connection, reading at the same time (a server that
+    refuses a huge request answers and closes before it is all sent); (status, headers, body)
+    of the answer, status 0 if the connection closed without one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(data), 65536):
+                writer.write(data[i:i + 65536])
+                await writer.drain()
+
+    sender = asyncio.create_task(send())
+    raw = b""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while piece := await reader.read(65536):
+                raw += piece
+    except ConnectionError:
+        pass
+    finally:
+        sender.cancel()
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/"):
+        return 0, {}, raw
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def keyed_config(tmp_path: Path, url: str) -> Path:
+    doc = base_config(tmp_path, {"m": {"backend": "openai", "urls": [url], "slots": 4}},
+                      keys=[{"id": "good", "sha256": hashlib.sha256(GOOD_KEY.encode()).hexdigest()}])
+    return write_config(tmp_path / "config.yaml", doc)
+
+
+FLOODS = {
+    "5000 headers": b"".join(b"X-Flood-%d: v\r\n" % i for i in range(5000)),
+    "one 1 MB header": b"X-Big: " + b"a" * 1_000_000 + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("flood", list(FLOODS))
+async def test_header_flood_straight_at_llmd(tmp_path: Path, session: aiohttp.ClientSession, flood: str) -> None:
+    """1. A client sends llmd (no nginx in front) a request with thousands of headers, or one
+    header of 1 MB. 2. It gets a 4xx and its connection ends. 3. llmd still answers a normal
+    request; no row is written for a request that never got parsed."""
+    with matrix_row(f"header flood straight at llmd: {flood}", "4xx, no crash, next request 200") as m:
+        async with RawUpstream("ok") as up, run_llmd(keyed_config(tmp_path, up.url)) as llmd:
+            body = b'{"model": "m", "messages": []}'
+            request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmd\r\nContent-Type: application/json\r\n"
+                       + FLOODS[flood] + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            status, _, answer = await raw_http(llmd.daemon.port, request)
+            after = await call(session, llmd.url, headers={"Authorization": f"Bearer {GOOD_KEY}"})
+            rows, lost = await rows_of(llmd, [after])
+            m.rows_lost = lost
+            m.seen = f"{status} {answer[:40].decode(errors='replace')!r}; next request {after.status}"
+            assert 400 <= status < 500, (status, answer[:200])
+            assert after.status == 200 and len(rows) == 1
+            assert not up.requests[:-1]  # only the normal request reached the upstream
+            await assert_no_leaks(llmd.services)
+
+
+AUTH_VARIANTS = {
+    "unicode key": b"Authorization: Bearer sk-\xc3\xbc\xc3\xb1\xc3\xaf\r\n",
+    "non-UTF-8 bytes": b"Authorization: Bearer sk-\xff\xfe\x80\r\n",
+    "em space before the good key": b"Authorization: Bearer \xe2\x80\x83" + GOOD_KEY.encode() + b"\r\n",
+    "no-break space after the good key": b"Authorization: Bearer " + GOOD_KEY.encode() + b"\xc2\xa0\r\n",
+    "tab instead of space": b"Authorization: Bearer\t" + GOOD_KEY.encode() + b"\r\n",
+    "space inside the key": b"Authorization: Bearer " + f"{GOOD_KEY[:10]} {GOOD_KEY[10:]}".encode() + b"\r\n",
+    "empty bearer": b"Authorization: Bearer \r\n",
+    "scheme only": b"Authorization: Bearer\r\n",
+    "unicode scheme": b"Authorization: B\xc3\xa9arer " + GOOD_KEY.encode() + b"\r\n",
+    "X-API-Key non-UTF-8": b"X-API-Key: \xff\xfe\r\n",
+    "X-API-Key unicode": b"X-API-Key: \xe2\x80\x83\xe2\x80\x83\r\n",
+}
+
+
+async def test_odd_authorization_headers_are_401(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. llmd with one key. 2. Requests whose Authorization / X-API-Key hold unicode, bytes that
+    are not UTF-8, Unicode spaces around the good key, a tab, an empty credential.
+    3. Each is 401 invalid_api_key in the OpenAI envelope (never 500, never accepted); the good
+    key with plain spaces around it still works."""
+    with matrix_row(f"Authorization with unicode/whitespace/non-UTF-8 ({len(AUTH_VARIANTS)} variants)",
+                    "401 invalid_api_key envelope each, no 500") as m:
+        async with RawUpstream("ok") as up, run_llmd(keyed_config(tmp_path, up.url)) as llmd:
+            body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+            got: dict[str, tuple[int, Any]] = {}
+            for label, header in AUTH_VARIANTS.items():
+                status, headers, answer = await raw_http(llmd.daemon.port, (
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmd\r\nConnection: close\r\n"
+                    b"Content-Type: application/json\r\n" + header + b"Content-Length: %d\r\n\r\n" % len(body) + body))
+                code = json.loads(answer)["error"]["code"] if headers.get("content-type", "").startswith(
+                    "application/json") else answer[:40]
+                got[label] = (status, code)
+            plain = await call(session, llmd.url, headers={"Authorization": f"Bearer   {GOOD_KEY}  "})
+            m.seen = ", ".join(sorted({f"{s} {c}" for s, c in got.values()})) + f"; padded good key {plain.status}"
+            bad = {k: v for k, v in got.items() if v != (401, "invalid_api_key")}
+            assert not bad, bad
+            assert plain.status == 200 and len(up.requests) == 1
+            await assert_no_leaks(llmd.services)
