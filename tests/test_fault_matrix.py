@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -47,6 +48,8 @@ from tests.faultkit import (
     read_rows,
     whole_answer,
 )
+from tests.nginxproc import Rendered, render, run_nginx, substitute
+from tests.nginxproc import free_port as nginx_free_port
 
 # --- shared ---------------------------------------------------------------------------------------
 
@@ -727,4 +730,139 @@ async def test_odd_authorization_headers_are_401(tmp_path: Path, session: aiohtt
             bad = {k: v for k, v in got.items() if v != (401, "invalid_api_key")}
             assert not bad, bad
             assert plain.status == 200 and len(up.requests) == 1
+            await assert_no_leaks(llmd.services)
+
+
+# --- hostile clients through the shipped nginx site ----------------------------------------------------
+
+# The site's client_header_timeout (10s) is shortened in the test's rendered copy, so that the
+# module stays fast; the directive, its place in the site and nginx's behaviour are what is tested.
+SLOW_HEADER_TIMEOUT_S = 2
+
+
+@contextlib.asynccontextmanager
+async def nginx_in_front(tmp_path: Path, llmd_port: int) -> AsyncIterator[tuple[int, ssl.SSLContext, Rendered]]:
+    """nginx with nginx/llm-api.conf (rendered for the test, client_header_timeout 2 s) proxying
+    to llmd; yields (https port, a TLS context trusting its throw-away certificate, the render)."""
+    https_port = nginx_free_port()
+    rendered = render(tmp_path / "nginx", https_port=https_port, http_port=nginx_free_port(), upstream_port=llmd_port)
+    site = rendered.prefix / "llm-api.conf"
+    site.write_text(substitute(site.read_text(), r"^(\s*client_header_timeout)\s+\S+;",
+                               rf"\1 {SLOW_HEADER_TIMEOUT_S}s;", 1))
+    async with run_nginx(rendered, https_port):
+        yield https_port, ssl.create_default_context(cafile=str(rendered.cert)), rendered
+
+
+async def tls_connect(port: int, tls: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="llm.internal")
+
+
+async def timed_normal_request(session: aiohttp.ClientSession, port: int, tls: ssl.SSLContext) -> tuple[int, float]:
+    """(status, seconds) of one ordinary chat through nginx."""
+    t0 = time.monotonic()
+    async with session.post(f"https://127.0.0.1:{port}/v1/chat/completions", ssl=tls,
+                            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                            timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        await resp.read()
+        return resp.status, time.monotonic() - t0
+
+
+async def test_slowloris_through_nginx(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. nginx (the shipped site, client_header_timeout 2 s for the test) in front of llmd.
+    2. A client sends a request's headers one byte per 100 ms over TLS.
+    3. While it does, an ordinary request through nginx answers 200 quickly.
+    4. nginx closes the slow connection once client_header_timeout has passed (no answer; its
+       access log says 408); llmd never saw that request (no row, nothing in flight)."""
+    with matrix_row("slowloris via nginx (headers 1 B / 100 ms)",
+                    "nginx closes it at client_header_timeout (408); llmd unaffected") as m:
+        async with RawUpstream("ok") as up, run_llmd(config(tmp_path, [up.url])) as llmd, \
+                nginx_in_front(tmp_path, llmd.daemon.port) as (port, tls, rendered):
+            reader, writer = await tls_connect(port, tls)
+            slow = b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm.internal\r\nContent-Type: application/json\r\n" \
+                + b"X-Padding: " + b"x" * 200 + b"\r\n\r\n"
+            t0 = time.monotonic()
+            closed_after: float | None = None
+            normal: tuple[int, float] | None = None
+            sent = 0
+            try:
+                for i, byte in enumerate(slow):
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    sent += 1
+                    if i == 5:
+                        normal = await timed_normal_request(session, port, tls)
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(reader.read(1024), 0.1) == b"":
+                            closed_after = time.monotonic() - t0
+                            break
+            except ConnectionError:
+                closed_after = time.monotonic() - t0
+            finally:
+                writer.close()
+            await asyncio.sleep(0.2)  # the access log line is written when nginx closes
+            access = (rendered.prefix / "logs" / "llm-api.access.log").read_text()
+            ordinary = normal and f"{normal[0]} in {normal[1]:.2f}s"
+            m.seen = (f"closed after {closed_after and round(closed_after, 1)}s ({sent} of {len(slow)} bytes sent); "
+                      f"access log 408: {' 408 ' in access}; normal request {ordinary}; "
+                      f"llmd saw {len(up.requests)} upstream request(s)")
+            assert closed_after is not None and SLOW_HEADER_TIMEOUT_S - 0.5 <= closed_after < 15, closed_after
+            assert sent < len(slow)
+            assert ' 408 ' in access, access
+            assert normal is not None and normal[0] == 200 and normal[1] < 5, normal
+            assert len(up.requests) == 1  # the normal one only
+            await llmd.services.ledger.flush()
+            with contextlib.closing(sqlite3.connect(llmd.services.ledger.path)) as db:
+                assert db.execute("SELECT COUNT(*) FROM requests").fetchone() == (1,)
+            await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_100_mb_body_through_nginx(tmp_path: Path, session: aiohttp.ClientSession, framing: str) -> None:
+    """1. nginx (the shipped site) in front of llmd. 2. A client uploads a 100 MB body, with a
+    Content-Length that says so, or chunked without one. 3. nginx answers 413 in the OpenAI
+    envelope (code request_too_large) at once (Content-Length) or after 8 MiB (chunked) and
+    llmd sees nothing of it. 4. An ordinary request answers 200 meanwhile."""
+    with matrix_row(f"100 MB body via nginx ({framing})", "nginx 413 request_too_large; llmd unaffected") as m:
+        async with RawUpstream("ok") as up, run_llmd(config(tmp_path, [up.url])) as llmd, \
+                nginx_in_front(tmp_path, llmd.daemon.port) as (port, tls, _):
+            reader, writer = await tls_connect(port, tls)
+            size = 100 * 1024 * 1024
+            framing_header = f"Content-Length: {size}" if framing == "content-length" else "Transfer-Encoding: chunked"
+            writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: llm.internal\r\n"
+                         f"Content-Type: application/json\r\n{framing_header}\r\n\r\n".encode())
+            block = b'{"model": "m", "messages": [' + b" " * (1024 * 1024 - 28)
+
+            async def upload() -> int:
+                sent = 0
+                with contextlib.suppress(ConnectionError):
+                    while sent < size:
+                        writer.write(block if framing == "content-length" else b"%x\r\n%s\r\n" % (len(block), block))
+                        await writer.drain()
+                        sent += len(block)
+                return sent
+
+            uploader = asyncio.create_task(upload())
+            t0 = time.monotonic()
+            answer = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(30):
+                    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                        piece = await reader.read(4096)
+                        if not piece:
+                            break
+                        answer += piece
+            elapsed = time.monotonic() - t0
+            normal = await timed_normal_request(session, port, tls)
+            uploader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uploader
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/") else 0
+            code = json.loads(body)["error"]["code"] if body.strip().startswith(b"{") else body[:40]
+            m.seen = f"{status} {code} after {elapsed:.2f}s; normal request {normal[0]} in {normal[1]:.2f}s"
+            assert status == 413, answer[:300]
+            assert json.loads(body)["error"]["code"] == "request_too_large"
+            assert normal[0] == 200 and normal[1] < 5, normal
+            assert len(up.requests) == 1  # the normal one only
             await assert_no_leaks(llmd.services)
