@@ -64,7 +64,8 @@ def main() -> int:
     print(markdown(rows) if args.markdown else table(rows))
     lost = sum(int(r.get("rows_lost") or 0) for r in rows)
     failed = sum(str(r.get("seen", "")).startswith("FAILED") for r in rows)
-    print(f"\n{len(rows)} faults, {failed} failed, {lost} rows lost in all; "
+    known = sum(str(r.get("seen", "")).startswith("KNOWN BUG") for r in rows)
+    print(f"\n{len(rows)} faults, {failed} failed, {known} known bugs (xfail), {lost} rows lost in all; "
           f"pytest exit {done.returncode} in {elapsed:.0f} s")
     return done.returncode
 

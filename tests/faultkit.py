@@ -154,6 +154,16 @@ async def _reset_mid(up: RawUpstream, req: UpstreamRequest, w: asyncio.StreamWri
     await _three_then(up, req, w, "reset")
 
 
+async def _reset_mid_unframed(up: RawUpstream, req: UpstreamRequest, w: asyncio.StreamWriter) -> None:
+    # HTTP/1.0-style framing (no Content-Length, not chunked: the body ends when the connection
+    # does), 3 token chunks, then a RST: on the wire only the missing [DONE] tells it from an end.
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+    w.write(b"".join(chunk(i) for i in range(3)))
+    await w.drain()
+    await asyncio.sleep(0.05)
+    reset(w)
+
+
 async def _malformed_sse(up: RawUpstream, req: UpstreamRequest, w: asyncio.StreamWriter) -> None:
     # Garbage lines, a non-JSON data field, binary junk, an unknown field, a JSON array, an
     # event with no blank line before the next: then two good token chunks and [DONE].
@@ -205,6 +215,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "hang_body": _hang_body,
     "hang_mid": _hang_mid,
     "reset_mid": _reset_mid,
+    "reset_mid_unframed": _reset_mid_unframed,
     "malformed_sse": _malformed_sse,
     "gzip": _gzip,
     "html": _html,

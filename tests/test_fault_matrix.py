@@ -70,7 +70,9 @@ def matrix_row(fault: str, expected: str) -> Iterator[Row]:
     try:
         yield row
     except BaseException as e:
-        row.seen = f"FAILED: {row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
+        # A known bug (an xfail row) says so itself; anything else is a failure of this run.
+        prefix = "" if row.seen.startswith("KNOWN BUG") else "FAILED: "
+        row.seen = f"{prefix}{row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
         raise
     finally:
         Matrix.row(row.fault, row.expected, row.seen, row.rows_lost)
@@ -188,6 +190,31 @@ async def test_stream_breaks_after_the_first_byte(tmp_path: Path, session: aioht
             assert (row["status"], row["outcome"]) == (200, outcome)
             assert row["completion_tokens"] == s.tokens == 3
             await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "llmd bug: an SSE body framed by connection close (no Content-Length, not chunked) that is "
+    "reset mid-stream reads as a clean end (aiohttp ends such a body at EOF, RST or FIN alike), and "
+    "relay._stream does not check for the terminal [DONE]: the client gets no error event and the "
+    "row says ok"))
+async def test_unframed_stream_reset_mid_stream(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """1. The upstream streams without Content-Length or chunked framing (the body ends with the
+    connection), sends 3 token chunks and resets the connection, with no [DONE].
+    2. The client must learn that the stream broke: 3 tokens, then an in-band error event.
+    3. Row: 200/upstream_error, completion_tokens 3."""
+    with matrix_row("stream reset mid-stream, body framed by close",
+                    "3 tok + error event; row 200/upstream_error c3") as m:
+        async with RawUpstream("reset_mid_unframed") as up, run_llmd(config(tmp_path, [up.url])) as llmd:
+            s = await call(session, llmd.url, stream=True)
+            (row,), m.rows_lost = await rows_of(llmd, [s])
+            m.seen = f"{brief(s)}; {row_brief(row)}"
+            await assert_no_leaks(llmd.services)
+            assert s.status == 200 and s.tokens == 3 and not s.done, s
+            assert row["completion_tokens"] == 3
+            if not s.errors or row["outcome"] != "upstream_error":
+                m.seen = "KNOWN BUG (xfail): " + m.seen
+            assert [e["code"] for e in s.errors] == ["upstream_unreachable"], s.events
+            assert (row["status"], row["outcome"]) == (200, "upstream_error")
 
 
 @pytest.mark.parametrize("fault", ["hang_mid", "reset_mid", "garbage_status"])
@@ -541,6 +568,7 @@ async def test_ledger_file_deleted(tmp_path: Path, session: aiohttp.ClientSessio
 # --- SIGHUP storm ------------------------------------------------------------------------------------
 
 STORM_KEY = "sk-fault-storm-0123456789abcdef0123456789"
+STORM_ADMIN = "sk-fault-storm-admin-0123456789abcdef01234"
 STORM_REQUESTS, STORM_CONCURRENCY, STORM_RELOADS = 300, 8, 10
 
 
@@ -554,7 +582,8 @@ def write_atomic(path: Path, doc: dict[str, Any]) -> None:
 def storm_config(tmp_path: Path, fake_url: str, variant: int) -> dict[str, Any]:
     """Two valid configs that differ in an alias and a key: variant 0 serves alias-a, variant 1
     alias-b and has an extra key. The load's key and model are in both."""
-    keys = [{"id": "load", "sha256": hashlib.sha256(STORM_KEY.encode()).hexdigest()}]
+    keys = [{"id": "load", "sha256": hashlib.sha256(STORM_KEY.encode()).hexdigest()},
+            {"id": "ops", "admin": True, "sha256": hashlib.sha256(STORM_ADMIN.encode()).hexdigest()}]
     if variant:
         keys.append({"id": "extra", "sha256": hashlib.sha256(b"sk-extra-key-for-variant-b").hexdigest()})
     model = {"backend": "openai", "urls": [fake_url + "/v1"], "slots": 8, "aliases": [f"alias-{'ab'[variant]}"]}
@@ -568,7 +597,8 @@ async def test_sighup_storm_under_load(tmp_path: Path, fake: FakeProc) -> None:
        time llmd gets SIGHUP, the next one once the previous reload is logged.
     3. Every request succeeds (200, streams end with [DONE], no error event): 0 failed.
     4. The last config is in force (alias-a answers, alias-b is unknown).
-    5. SIGTERM: llmd exits 0 and the ledger has exactly one ok row per request, with the
+    5. Nothing is left in flight or queued (/admin/status).
+    6. SIGTERM: llmd exits 0 and the ledger has exactly one ok row per request, with the
        fake's usage (completion_tokens == max_tokens)."""
     fault = f"SIGHUP storm: {STORM_RELOADS} reloads under {STORM_REQUESTS} requests at c={STORM_CONCURRENCY}"
     with matrix_row(fault, "0 failed; rows == requests") as m:
@@ -608,15 +638,21 @@ async def test_sighup_storm_under_load(tmp_path: Path, fake: FakeProc) -> None:
             alias_a = await call(session, llmd.url, model="alias-a", headers=headers)
             alias_b = await call(session, llmd.url, model="alias-b", headers=headers)
             reloads = sum(d.get("msg") == "reloaded" for d in llmd.logs())
+            async with session.get(llmd.url + "/admin/status",
+                                   headers={"Authorization": f"Bearer {STORM_ADMIN}"}) as resp:
+                status = await resp.json()
             llmd.proc.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(llmd.proc.wait(), 30)
         seen = [s for s, _ in results]
         rows = read_rows(tmp_path / "usage.sqlite3", [s.request_id for s in seen])
         m.rows_lost = len(seen) - len(rows)
+        leaked = {"in_flight": sum(r["in_flight"] for r in status["replicas"]),
+                  "queued": sum(status["queues"].values())}
         m.seen = (f"{len(seen)} requests, {len(failed)} failed, {reloads} reloads; "
-                  f"{len(rows)} rows; exit {code}")
+                  f"{len(rows)} rows; afterwards {leaked}; exit {code}")
         assert not failed, [brief(s) for s in failed[:5]]
         assert reloads == STORM_RELOADS and code == 0
+        assert leaked == {"in_flight": 0, "queued": 0}
         assert (alias_a.status, alias_b.status) == (200, 404)  # variant 0 is the last one loaded
         assert m.rows_lost == 0
         for s, n in results:
