@@ -71,8 +71,8 @@ def matrix_row(fault: str, expected: str) -> Iterator[Row]:
         yield row
     except BaseException as e:
         # A known bug (an xfail row) says so itself; anything else is a failure of this run.
-        prefix = "" if row.seen.startswith("KNOWN BUG") else "FAILED: "
-        row.seen = f"{prefix}{row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
+        if not row.seen.startswith("KNOWN BUG"):
+            row.seen = f"FAILED: {row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
         raise
     finally:
         Matrix.row(row.fault, row.expected, row.seen, row.rows_lost)
