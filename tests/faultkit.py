@@ -397,15 +397,17 @@ def read_rows(db_path: Path | str, request_ids: list[str]) -> dict[str, dict[str
 
 
 async def ledger_rows(services: Any, db_path: Path | str, request_ids: list[str],
-                      timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+                      timeout_s: float = 10.0, expect: int | None = None) -> dict[str, dict[str, Any]]:
     """The rows of ``request_ids`` once they are all written (flushing as it waits: a row of an
     aborted stream is recorded only after its prompt is counted, off the request path);
-    what was there when ``timeout_s`` ran out otherwise (the caller counts the missing)."""
+    what was there when ``timeout_s`` ran out otherwise (the caller counts the missing).
+    ``expect``: return once that many are there (some rows are meant to be missing)."""
     deadline = time.monotonic() + timeout_s
+    want = len(set(request_ids)) if expect is None else expect
     while True:
         await services.ledger.flush()
         rows = read_rows(db_path, request_ids)
-        if len(rows) >= len(set(request_ids)) or time.monotonic() > deadline:
+        if len(rows) >= want or time.monotonic() > deadline:
             return rows
         await asyncio.sleep(0.05)
 

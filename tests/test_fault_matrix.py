@@ -88,10 +88,11 @@ def config(tmp_path: Path, urls: list[str], *, first_byte_s: float = 10, total_s
     return write_config(tmp_path / "config.yaml", doc)
 
 
-async def rows_of(llmd: Llmd, seen: list[Seen]) -> tuple[list[dict[str, Any]], int]:
-    """The ledger rows of these requests, in order, and how many are missing."""
+async def rows_of(llmd: Llmd, seen: list[Seen], expect: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The ledger rows of these requests, in order, and how many are missing (waiting for
+    ``expect`` of them, all by default)."""
     rids = [s.request_id for s in seen]
-    rows = await ledger_rows(llmd.services, llmd.services.ledger.path, rids)
+    rows = await ledger_rows(llmd.services, llmd.services.ledger.path, rids, expect=expect)
     return [rows[r] for r in rids if r in rows], len(rids) - len(rows)
 
 
@@ -448,12 +449,18 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def truncate_wal(db_path: Path) -> None:
+async def truncate_wal(db_path: Path) -> None:
     """Checkpoint the ledger's WAL into the database and truncate it to 0 bytes: the next
-    write must grow the WAL, so a full disk fails it (instead of reusing old WAL frames)."""
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    assert busy == 0 and os.path.getsize(f"{db_path}-wal") == 0
+    write must grow the WAL, so a full disk fails it (instead of reusing old WAL frames).
+    Retried while a reader or writer holds the WAL (busy)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.closing(sqlite3.connect(db_path)) as db:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy == 0 and os.path.getsize(f"{db_path}-wal") == 0:
+            return
+        assert time.monotonic() < deadline, "the WAL could not be truncated"
+        await asyncio.sleep(0.05)
 
 
 async def remount(path: Path, mode: str, timeout_s: float = 10.0) -> None:
@@ -488,7 +495,7 @@ async def test_ledger_disk_fails_and_heals(tmp_path: Path, session: aiohttp.Clie
                     ledger.on_flush_error = errors.append
                     first = await call(session, llmd.url)
                     assert first.status == 200 and await ledger.flush()
-                    truncate_wal(db)
+                    await truncate_wal(db)
                     filler = fill(disk)
                     seen = [await call(session, llmd.url, stream=i % 2 == 1) for i in range(10)]
                     await wait_for(lambda: ledger.write_errors >= 1, 10)
@@ -528,14 +535,14 @@ async def test_ledger_over_max_pending_rows_drops_the_oldest(tmp_path: Path, ses
                 async with run_llmd(path) as llmd:
                     ledger = llmd.services.ledger
                     assert (await call(session, llmd.url)).status == 200 and await ledger.flush()
-                    truncate_wal(db)
+                    await truncate_wal(db)
                     filler = fill(disk)
                     seen = [await call(session, llmd.url) for _ in range(15)]
                     await wait_for(lambda: ledger.write_errors >= 1, 10)
                     async with session.get(llmd.url + "/admin/status") as resp:
                         usage = (await resp.json())["usage"]
                     filler.unlink()
-                    rows, lost = await rows_of(llmd, seen)
+                    rows, lost = await rows_of(llmd, seen, expect=5)
                     m.rows_lost = lost
                     m.seen = (f"{sum(s.status == 200 for s in seen)}/15 answered 200; /admin/status usage {usage}; "
                               f"healed: {len(rows)} written")
