@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Llmd, base_config, llmd_process, run_llmd, wait_for, write_config
-from tests.fakeproc import FAKE_LLAMA, FakeProc
+from tests.fakeproc import FAKE_LLAMA, FakeProc, free_port
 from tests.faultkit import (
     GOOD_USAGE,
     HTML,
@@ -261,6 +261,29 @@ async def test_whole_answer_breaks_and_another_replica_answers(tmp_path: Path, s
             assert [(r["status"], r["outcome"], r["replica"]) for r in rows] == [(200, "ok", "m/0")] * 2
             assert all((r["prompt_tokens"], r["completion_tokens"]) == (12, STREAM_TOKENS) for r in rows)
             await assert_no_leaks(llmd.services)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_upstream_refuses_connections(tmp_path: Path, session: aiohttp.ClientSession, replicas: int) -> None:
+    """1. An upstream url where nothing listens (connection refused), alone or listed second
+    after a good one. 2. Alone: 502 upstream_unreachable at once. With a good one: both of two
+    requests (round-robin: one goes to the dead url first) answer 200. 3. Rows say so."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    expected = "502 upstream_unreachable; row 502/upstream_error" if replicas == 1 else "retried: 200; rows 200/ok"
+    with matrix_row(f"upstream refuses connections, {replicas} replica(s)", expected) as m:
+        async with RawUpstream("ok") as good:
+            urls = [dead] if replicas == 1 else [good.url, dead]
+            async with run_llmd(config(tmp_path, urls)) as llmd:
+                seen = [await call(session, llmd.url) for _ in range(replicas)]
+                rows, m.rows_lost = await rows_of(llmd, seen)
+                m.seen = f"{', '.join(brief(s) for s in seen)}; " + "; ".join(row_brief(r) for r in rows)
+                if replicas == 1:
+                    assert seen[0].status == 502 and seen[0].envelope["code"] == "upstream_unreachable"
+                    assert (rows[0]["status"], rows[0]["outcome"]) == (502, "upstream_error")
+                else:
+                    assert [s.status for s in seen] == [200, 200] and len(good.requests) == 2
+                    assert [(r["status"], r["outcome"], r["replica"]) for r in rows] == [(200, "ok", "m/0")] * 2
+                await assert_no_leaks(llmd.services)
 
 
 # --- odd answers ----------------------------------------------------------------------------------
