@@ -69,6 +69,9 @@ def matrix_row(fault: str, expected: str) -> Iterator[Row]:
     row = Row(fault, expected)
     try:
         yield row
+    except pytest.skip.Exception as e:
+        row.seen = f"SKIPPED: {e.msg}"[:300]
+        raise
     except BaseException as e:
         # A known bug (an xfail row) says so itself; anything else is a failure of this run.
         if not row.seen.startswith("KNOWN BUG"):
