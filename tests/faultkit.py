@@ -414,7 +414,7 @@ async def ledger_rows(services: Any, db_path: Path | str, request_ids: list[str]
 
 def in_flight(services: Any) -> dict[str, int]:
     """Everything that must be back at zero once no request runs."""
-    reps = [r for name in services.pools for r in services._replicas(name)]
+    reps = [r for name in services.pools for r in services.supervisor.replicas(name)]
     return {
         "replica_in_flight": sum(r.in_flight for r in reps),
         "limiter_in_flight": sum(s.in_flight for s in services.runtime.limiter.states.values()),
