@@ -99,6 +99,13 @@ async def rows_of(llmd: Llmd, seen: list[Seen], expect: int | None = None) -> tu
     return [rows[r] for r in rids if r in rows], len(rids) - len(rows)
 
 
+async def all_rows(llmd: Llmd) -> int:
+    """How many rows the ledger holds in all (after a flush)."""
+    await llmd.services.ledger.flush()
+    with contextlib.closing(sqlite3.connect(llmd.services.ledger.path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+
 def brief(s: Seen) -> str:
     """The client's view in a few words, for the matrix."""
     if s.exception:
@@ -801,6 +808,7 @@ async def test_header_flood_straight_at_llmd(tmp_path: Path, session: aiohttp.Cl
             m.seen = f"{status} {answer[:40].decode(errors='replace')!r}; next request {after.status}"
             assert 400 <= status < 500, (status, answer[:200])
             assert after.status == 200 and len(rows) == 1
+            assert await all_rows(llmd) == 1  # the flood never became a request
             assert not up.requests[:-1]  # only the normal request reached the upstream
             await assert_no_leaks(llmd.services)
 
@@ -842,6 +850,7 @@ async def test_odd_authorization_headers_are_401(tmp_path: Path, session: aiohtt
             bad = {k: v for k, v in got.items() if v != (401, "invalid_api_key")}
             assert not bad, bad
             assert plain.status == 200 and len(up.requests) == 1
+            assert await all_rows(llmd) == 1  # refused before the limits: no row (DESIGN "Usage ledger")
             await assert_no_leaks(llmd.services)
 
 
@@ -922,9 +931,7 @@ async def test_slowloris_through_nginx(tmp_path: Path, session: aiohttp.ClientSe
             assert ' 408 ' in access, access
             assert normal is not None and normal[0] == 200 and normal[1] < 5, normal
             assert len(up.requests) == 1  # the normal one only
-            await llmd.services.ledger.flush()
-            with contextlib.closing(sqlite3.connect(llmd.services.ledger.path)) as db:
-                assert db.execute("SELECT COUNT(*) FROM requests").fetchone() == (1,)
+            assert await all_rows(llmd) == 1  # the normal request's
             await assert_no_leaks(llmd.services)
 
 
@@ -977,4 +984,5 @@ async def test_100_mb_body_through_nginx(tmp_path: Path, session: aiohttp.Client
             assert json.loads(body)["error"]["code"] == "request_too_large"
             assert normal[0] == 200 and normal[1] < 5, normal
             assert len(up.requests) == 1  # the normal one only
+            assert await all_rows(llmd) == 1
             await assert_no_leaks(llmd.services)
