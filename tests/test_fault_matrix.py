@@ -4,8 +4,8 @@ that nothing leaked (replica, limiter and admission counters back at zero).
 
 Upstream faults are played by ``faultkit.RawUpstream`` (raw asyncio streams on a loopback socket,
 so it can hang, reset, send garbage or compress), replica faults by the fake llama-server that
-llmd itself supervises, the ledger's disk by a tiny tmpfs mounted in tmp_path (the tests run as
-root), reloads by a real ``llmd serve`` and SIGHUP, hostile clients by raw sockets, through the
+llmd itself supervises, the ledger's disk by a tiny tmpfs mounted in tmp_path (needs root; those
+rows are skipped without it), reloads by a real ``llmd serve`` and SIGHUP, hostile clients by raw sockets, through the
 shipped nginx site where nginx is the one that must cut them.
 
 ``bench/fault_matrix.py`` runs this module and prints the matrix (fault, expected, seen, rows lost)
@@ -66,6 +66,8 @@ class Row:
 
 @contextlib.contextmanager
 def matrix_row(fault: str, expected: str) -> Iterator[Row]:
+    """The block fills in ``seen`` and ``rows_lost`` before it asserts, so that a failing row
+    still shows what happened."""
     row = Row(fault, expected)
     try:
         yield row
@@ -117,7 +119,7 @@ def brief(s: Seen) -> str:
     try:
         code = s.envelope.get("code")
         return f"{s.status} envelope {code}"
-    except (ValueError, AssertionError):
+    except (ValueError, TypeError, AssertionError):
         return f"{s.status} {s.headers.get('content-type', '')} {len(s.body)} B"
 
 
