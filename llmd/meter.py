@@ -59,6 +59,7 @@ class _Delta(msgspec.Struct):
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None  # /v1/completions
+    finish_reason: str | None = None
 
 
 class Chunk(msgspec.Struct):
@@ -141,6 +142,7 @@ class OpenAIMeter:
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
         if payload == DONE:
+            ex.finished = True
             return True
         try:
             chunk = decode_chunk(payload)
@@ -158,6 +160,8 @@ class OpenAIMeter:
         n = tokens_in_chunk(chunk)
         if n:
             ex.token_relayed(n)
+        if chunk.choices and any(c.finish_reason for c in chunk.choices):
+            ex.finished = True  # an upstream that omits [DONE] still said it was done
         return True
 
 
@@ -223,6 +227,8 @@ class AnthropicMeter:
             u = ev.usage
             prompt = u.prompt() if u.input_tokens is not None else ex.prompt_tokens
             ex.take_usage(prompt, u.output_tokens or 0, u.cache_read_input_tokens or ex.cached_tokens)
+        elif t == "message_stop":
+            ex.finished = True
         elif t == "error":
             ex.outcome = Outcome.UPSTREAM_ERROR
         return True
@@ -292,6 +298,7 @@ class ResponsesMeter:
         if t in _RESPONSES_TOKEN_EVENTS:
             ex.token_relayed()
         elif t in ("response.completed", "response.incomplete", "response.failed"):
+            ex.finished = True
             if ev.response is not None and ev.response.usage is not None:
                 _take_responses(ex, ev.response.usage)
             if t == "response.failed":
@@ -342,6 +349,8 @@ class NativeMeter:
             return True
         if r.error:
             ex.outcome = Outcome.UPSTREAM_ERROR
+        if r.stop:
+            ex.finished = True
         if r.content:
             ex.token_relayed()
         self._take(r, ex)
@@ -366,7 +375,7 @@ class ZeroMeter:
         ex.usage_seen = ex.prompt_seen = True
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
-        ex.usage_seen = ex.prompt_seen = True
+        ex.usage_seen = ex.prompt_seen = ex.finished = True
         return True
 
 
