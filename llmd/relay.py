@@ -1,4 +1,4 @@
-"""Forward one call to one replica over the shared ClientSession and relay the answer.
+"""Forward one call to one replica over llmd's upstream client and relay the answer.
 
 Non-stream answers are relayed with the upstream's status and bytes (only an allow-list of
 its headers). Streams are relayed event by event as they arrive (no buffering beyond one
@@ -25,10 +25,12 @@ from .errors import ApiError, sse_error_event, upstream_failed, upstream_timeout
 from .outcome import Outcome
 from .replica import Replica
 from .sse import EventSplitter, data_of
+from .upstream import ConnectFailed, Response, UpstreamError, Upstreams
 
-# Response headers a client may see from an upstream; the rest (cookies, the upstream
-# account's rate limits and organization, server banners, hop-by-hop) stay behind.
-RELAYED_HEADERS = frozenset({"content-type", "retry-after"})
+# Response headers a client may see from an upstream (lower-case name -> as sent); the rest
+# (cookies, the upstream account's rate limits and organization, server banners, hop-by-hop)
+# stay behind.
+RELAYED_HEADERS = {"content-type": "Content-Type", "retry-after": "Retry-After"}
 # After total_s, a client that reads too slowly to take the in-band error and the end of
 # the stream within this long is cut off (the row still says "timeout").
 EOF_GRACE_S = 5.0
@@ -49,8 +51,8 @@ class UpstreamFailed(Exception):
 
 
 class Relay:
-    def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig) -> None:
-        self.session = session
+    def __init__(self, upstreams: Upstreams, timeouts: TimeoutsConfig) -> None:
+        self.upstreams = upstreams
         self.timeouts = timeouts
 
     async def forward(self, call: Call, replica: Replica) -> web.StreamResponse:
@@ -64,50 +66,51 @@ class Relay:
         try:
             async with asyncio.timeout(min(t.first_byte_s, t.total_s)):
                 route = call.route
-                resp = await self.session.post(
+                resp = await self.upstreams.post(
                     (replica.origin() if route.native else replica.url) + route.upstream_path,
-                    data=call.upstream_body,
-                    headers=call.upstream_headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, connect=t.connect_s),
+                    call.upstream_body,
+                    call.upstream_headers,
+                    t.connect_s,
                 )
         except TimeoutError:
             ex.upstream_s += time.monotonic() - start
             msg = f"no response from {replica.name} within {t.first_byte_s:g}s"
             raise UpstreamFailed(upstream_timeout(msg), False) from None
-        except (aiohttp.ClientError, OSError) as e:
-            # Refused, reset, or not HTTP at all (a bad status line is a ClientResponseError):
-            # nothing reached the client, so another replica may answer.
+        except (UpstreamError, OSError) as e:
+            # Refused, reset, or not HTTP at all: nothing reached the client, so another
+            # replica may answer.
             ex.upstream_s += time.monotonic() - start
-            refused = isinstance(e, aiohttp.ClientConnectorError)
+            refused = isinstance(e, ConnectFailed)
             raise UpstreamFailed(
                 upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True, None, refused
             ) from e
         ex.upstream_s += time.monotonic() - start
         try:
             ex.status = resp.status
-            ctype = resp.headers.get("Content-Type", "")
+            ctype = resp.headers.get("content-type", "")
             if resp.status != 200 or not ctype.startswith("text/event-stream"):
                 return await self._whole(call, resp, replica, deadline)
             return await self._stream(call, resp, deadline)
         finally:
             resp.release()
 
-    async def _whole(self, call: Call, resp: aiohttp.ClientResponse, replica: Replica, deadline: float) -> web.Response:
+    async def _whole(self, call: Call, resp: Response, replica: Replica, deadline: float) -> web.Response:
         ex = call.exchange
         t0 = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
-                data = await resp.read()  # decompressed by the session if the upstream compressed anyway
+                data = await resp.read()  # decompressed if the upstream compressed anyway
         except TimeoutError:
             raise UpstreamFailed(upstream_timeout(f"{replica.name} did not finish in time"), False) from None
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
         finally:
             ex.upstream_s += time.monotonic() - t0
         headers = CIMultiDict(call.response_headers)
-        for k, v in resp.headers.items():
-            if k.lower() in RELAYED_HEADERS:
-                headers.setdefault(k, v)
+        for k, name in RELAYED_HEADERS.items():
+            v = resp.headers.get(k)
+            if v is not None:
+                headers.setdefault(name, v)
         out = web.Response(status=resp.status, body=data, headers=headers)
         if resp.status in (502, 503):
             # The replica itself is failing (loading, overloaded, crashed worker): another may answer.
@@ -121,7 +124,7 @@ class Relay:
         ex.client_bytes = len(data)
         return out
 
-    async def _stream(self, call: Call, resp: aiohttp.ClientResponse, deadline: float) -> web.StreamResponse:
+    async def _stream(self, call: Call, resp: Response, deadline: float) -> web.StreamResponse:
         request, ex = call.request, call.exchange
         meter = call.route.meter  # type: ignore[union-attr]
         out = web.StreamResponse(status=200)
@@ -143,10 +146,9 @@ class Relay:
         tail: bytes | None = None  # what is still owed to the client after an upstream failure
         try:
             async with asyncio.timeout_at(deadline):
-                reader = resp.content
                 while True:
                     t0 = time.monotonic()
-                    data = await reader.readany()
+                    data = await resp.readany()
                     ex.upstream_s += time.monotonic() - t0
                     events = splitter.feed(data) if data else splitter.close()
                     if events:
@@ -172,7 +174,7 @@ class Relay:
         except TimeoutError:
             ex.outcome = Outcome.TIMEOUT
             tail = sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s"))
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamError, aiohttp.ClientError, OSError) as e:
             if _client_gone(request):
                 # A write to the client failed (aiohttp raises ClientConnectionResetError there too).
                 ex.outcome = Outcome.CLIENT_ABORT  # leaving here closes the upstream

@@ -32,6 +32,7 @@ from .pool import Pool
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .supervisor import Supervisor
+from .upstream import Upstreams
 from .usage import Ledger, NullLedger, current_month
 
 log = logging.getLogger("llmd")
@@ -99,7 +100,8 @@ class Services:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
-        self.relay = Relay(self.session, cfg.routing.timeouts)
+        self.upstreams = Upstreams()  # the request path's own client (llmd/upstream.py)
+        self.relay = Relay(self.upstreams, cfg.routing.timeouts)
         self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
         self.runtime = Runtime(cfg, self.supervisor, self.metrics)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
@@ -187,6 +189,7 @@ class Services:
         await self.supervisor.stop(deadline)
         await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
         self.access.flush()
+        self.upstreams.close()
         await self.session.close()
 
     @staticmethod

@@ -194,8 +194,9 @@ def test_dist_llmd_is_one_executable_for_the_system_python(artifacts: Artifacts)
         env = json.loads(z.read("environment.json"))
     assert env["entry_point"] == "llmd.cli:main"
     # The compiled dependencies are inside, as wheels for this platform and Python 3.11.
-    for pkg in ("aiohttp", "uvloop", "msgspec", "prometheus_client", "aiosqlite", "yaml", "aiohttp_sse", "llmd"):
+    for pkg in ("aiohttp", "uvloop", "msgspec", "prometheus_client", "aiosqlite", "yaml", "aiohttp_sse", "httptools"):
         assert any(n.startswith(f"site-packages/{pkg}/") for n in names), f"{pkg} is not bundled"
+    assert any(n.startswith("site-packages/llmd/") for n in names), "llmd is not bundled"
     assert any(re.match(r"site-packages/uvloop/loop\.cpython-311-[^/]*\.so$", n) for n in names)
     # No leftovers of the build venv (console scripts with its path in the shebang).
     assert not any(n.startswith("site-packages/bin/") for n in names)
