@@ -98,8 +98,11 @@ class Relay:
         ex = call.exchange
         t0 = time.monotonic()
         try:
-            async with asyncio.timeout_at(deadline):
+            if resp.complete:  # a small answer comes with its head: no timer to arm and cancel
                 data = await resp.read()  # decompressed if the upstream compressed anyway
+            else:
+                async with asyncio.timeout_at(deadline):
+                    data = await resp.read()
         except TimeoutError:
             raise UpstreamFailed(upstream_timeout(f"{replica.name} did not finish in time"), False) from None
         except (UpstreamError, OSError) as e:

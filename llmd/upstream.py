@@ -81,6 +81,11 @@ class Response:
         self._decoder: zlib._Decompress | None = None
         self._released = False
 
+    @property
+    def complete(self) -> bool:
+        """The whole body is here (or the answer failed): reading it will not wait."""
+        return self._complete or self._exc is not None
+
     async def read(self) -> bytes:
         """The whole body, decoded."""
         conn = self._conn
@@ -329,7 +334,10 @@ class Upstreams:
             if len(self._targets) > 4096:  # replicas come and go with new ports: do not grow forever
                 self._targets.clear()
             target = self._targets[url] = _Target(url)
-        conn = self._take(target.key) or await self._connect(target, connect_s)
+        conn = self._take(target.key)
+        fresh = conn is None
+        if conn is None:
+            conn = await self._connect(target, connect_s)
         lines = [f"POST {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\nContent-Length: {len(body)}\r\n"]
         for k, v in headers.items():
             lines.append(f"{k}: {v}\r\n")
@@ -350,6 +358,13 @@ class Upstreams:
                 if resp._exc is not None:
                     raise resp._exc
                 await conn.wait()
+        except Disconnected as e:
+            resp.release()
+            if fresh:
+                # Accepted, then closed without a word: a dying server's listening socket still
+                # takes connections for a moment. It is going away, as if it had refused.
+                raise ConnectFailed(f"{target.host}:{target.port} closed a new connection unanswered: {e}") from e
+            raise
         except BaseException:
             resp.release()  # cancelled or failed before the head: the connection cannot be reused
             raise

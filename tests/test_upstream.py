@@ -169,8 +169,8 @@ async def test_refused_is_connect_failed() -> None:
     ("pieces", "then", "error"),
     [
         ([b"SSH-2.0-OpenSSH_9.2p1 garbage\r\n\r\n"], "keep", BadResponse),
-        ([], "close", Disconnected),  # EOF before any answer
-        ([], "reset", Disconnected),
+        ([], "close", ConnectFailed),  # a new connection closed unanswered: a server going away
+        ([], "reset", ConnectFailed),
         ([answer(b"x", "Content-Encoding: br\r\n")], "keep", BadResponse),
     ],
 )
@@ -196,6 +196,20 @@ async def test_failures_mid_body(then: str) -> None:
             while await asyncio.wait_for(resp.readany(), 5):
                 pass
         resp.release()
+
+
+async def test_a_kept_connection_closed_unanswered_is_disconnected() -> None:
+    # The first answer keeps the connection; the second request on it gets nothing: the server
+    # was there, so it is not "refused" (the relay may retry elsewhere, not wait for a restart).
+    ups = Upstreams()
+    async with serve(lambda n: ([answer(b"ok")], "keep") if n == 1 else ([], "reset")) as srv:
+        resp = await ups.post(url(srv), b"{}", HEADERS, 5)
+        assert await resp.read() == b"ok"
+        resp.release()
+        with pytest.raises(Disconnected):
+            await ups.post(url(srv), b"{}", HEADERS, 5)
+        assert srv.connections == 1
+    ups.close()
 
 
 async def test_an_answer_not_read_to_its_end_closes_its_connection() -> None:
