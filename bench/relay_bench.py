@@ -233,23 +233,29 @@ def run_mock(host: str, port: int) -> None:
     uvloop.run(main())
 
 
-# --- the aiohttp floor (runs in its own process: `relay_bench.py _floor UPSTREAM_PORT`) ---------------
+# --- the floors (each in its own process: `relay_bench.py _floor UPSTREAM_PORT [upstream]`) --------
 
 
-def run_floor(upstream_port: int) -> None:
-    """The least an aiohttp-on-uvloop relay can do: read the body, POST it upstream over one shared
-    ClientSession, relay the answer (streams chunk by chunk). No auth, limits, ledger, metrics or
-    logs. What llmd costs above this is llmd's own code; what this costs is aiohttp's."""
+def run_floor(upstream_port: int, client: str = "aiohttp") -> None:
+    """The least an aiohttp-on-uvloop relay can do: read the body, POST it upstream, relay the
+    answer (streams chunk by chunk). No auth, limits, ledger, metrics or logs. What llmd costs
+    above this is llmd's own code; what this costs is aiohttp's server plus the client:
+    aiohttp's ClientSession (``aiohttp``), or llmd's own (``upstream``: llmd/upstream.py)."""
     import aiohttp
     import uvloop
     from aiohttp import web
 
+    sys.path.insert(0, str(ROOT))
+    from llmd.upstream import Upstreams
+
     url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    upstreams = Upstreams()
 
     async def relay(request: web.Request) -> web.StreamResponse:
         session: aiohttp.ClientSession = request.app["session"]
         body = await request.read()
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as up:
+        async with session.post(url, data=body, headers=headers) as up:
             if not up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 data = await up.read()
                 return web.Response(body=data, status=up.status, content_type="application/json")
@@ -261,13 +267,30 @@ def run_floor(upstream_port: int) -> None:
             await out.write_eof()
             return out
 
+    async def relay_upstream(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        up = await upstreams.post(url, body, headers, 10)
+        try:
+            if not up.headers.get("content-type", "").startswith("text/event-stream"):
+                data = await up.read()
+                return web.Response(body=data, status=up.status, content_type="application/json")
+            out = web.StreamResponse()
+            out.content_type = "text/event-stream"
+            await out.prepare(request)
+            while chunk := await up.readany():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            up.release()
+
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     async def main() -> None:
         app = web.Application()
         app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
-        app.router.add_post("/v1/chat/completions", relay)
+        app.router.add_post("/v1/chat/completions", relay if client == "aiohttp" else relay_upstream)
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -491,19 +514,23 @@ def start_mock(procs: Procs, cpus: set[int] | None, tmp: Path, upstream: str) ->
     return p, port
 
 
-def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int) -> Target:
+def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int, client: str = "aiohttp") -> Target:
     # stderr dropped: wrk closes its connections mid-request at the end of every run, which
     # aiohttp logs as a traceback per connection.
     p = procs.start(
-        [PYTHON, __file__, "_floor", str(upstream_port)], cpus, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [PYTHON, __file__, "_floor", str(upstream_port), client],
+        cpus,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     assert p.stdout is not None
     line = p.stdout.readline().decode()
     if not line.startswith("FLOOR_PORT "):
         raise SystemExit(f"aiohttp floor did not start: {line!r}")
     port = int(line.split()[1])
-    wait_until(lambda: http_get(port, "/health") == 200, "aiohttp floor", p, None)
-    return Target("aiohttp-floor", port, p)
+    name = "aiohttp-floor" if client == "aiohttp" else "upstream-floor"
+    wait_until(lambda: http_get(port, "/health") == 200, name, p, None)
+    return Target(name, port, p)
 
 
 @dataclass(frozen=True)
@@ -867,12 +894,13 @@ def report(
             f"| {l_.p50:.2f} / {l_.p99:.2f} | {l_.p50 - d.p50:+.2f} | {l_.cpu_ms():.3f} ({100 * l_.sys_share:.0f}%) "
             f"| {100 * l_.hop_util:.0f}% | {d.cpu_ms(hop=False):.3f} |"
         )
-    others = [n for n in ("nginx", "aiohttp-floor") if any(k[0] == n for k in results)]
+    others = [n for n in ("nginx", "aiohttp-floor", "upstream-floor") if any(k[0] == n for k in results)]
     if others:
         lines += [
             "",
             "Reference hops in front of the same mock, same rounds (nginx: 1 worker, plain keep-alive proxy; "
-            "aiohttp-floor: a bare aiohttp relay with none of llmd's logic):",
+            "aiohttp-floor: a bare aiohttp relay with none of llmd's logic; upstream-floor: the same "
+            "with llmd/upstream.py as its client):",
             "",
             "| shape | hop | RPS | p50/p99 ms | added p50 ms | CPU ms/req (kernel share) | llmd CPU / hop CPU |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -1080,7 +1108,8 @@ def main() -> int:
     ap.add_argument(
         "--floor",
         action="store_true",
-        help="also run a bare aiohttp relay (no llmd logic): what aiohttp itself costs per hop",
+        help="also run two bare relays (no llmd logic), aiohttp's server with aiohttp's client and with "
+        "llmd/upstream.py's: what they cost per hop",
     )
     ap.add_argument(
         "--upstream",
@@ -1163,6 +1192,7 @@ def main() -> int:
         ]
         if args.floor:
             targets.append(start_floor(procs, hop_cpus, mock_port))
+            targets.append(start_floor(procs, hop_cpus, mock_port, "upstream"))
         if args.candidate:
             cand = LlmdOptions(args.strategy, args.key, args.candidate.resolve())
             targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, True, cand))
@@ -1187,7 +1217,9 @@ def main() -> int:
         shapes: list[Shape] = args.shapes
         plan: list[tuple[Shape, list[str]]] = []
         for s in shapes:
-            names = ["direct", "llmd"] + [n for n in ("candidate", "aiohttp-floor", "nginx") if n in by_name]
+            names = ["direct", "llmd"] + [
+                n for n in ("candidate", "aiohttp-floor", "upstream-floor", "nginx") if n in by_name
+            ]
             if s == C16:
                 # The metrics on/off pairs run interleaved as well.
                 names += [n for n in ("llmd-nometrics", "llmd-noledger", "candidate-nometrics") if n in by_name]
@@ -1242,6 +1274,6 @@ if __name__ == "__main__":
         run_mock("127.0.0.1", 0)
         sys.exit(0)
     if len(sys.argv) >= 3 and sys.argv[1] == "_floor":
-        run_floor(int(sys.argv[2]))
+        run_floor(int(sys.argv[2]), sys.argv[3] if len(sys.argv) >= 4 else "aiohttp")
         sys.exit(0)
     sys.exit(main())
