@@ -23,9 +23,10 @@ import aiohttp
 import pytest
 
 from tests.capture_routes import CAPTURES, LLAMA_VSCODE_INFILL, OUT, Capture
-from tests.fakeproc import FAKE_LLAMA, free_port
+from tests.fakeproc import FAKE_LLAMA, FAKE_VLLM, free_port
 from tests.routeshapes import Answer, answer_gaps, read_capture, stream_shape
 from tests.sse import parse
+from tests.test_real_llama import shape, shape_gaps
 
 FAST = ("--load-delay-s", "0")
 
@@ -265,3 +266,86 @@ async def test_observed_files_are_complete() -> None:
     """Every capture has its file (a renamed capture must be re-captured, not left stale)."""
     names = {p.name for p in Path(OUT).glob("*.http.txt")}
     assert names == {f"{c.name}.http.txt" for c in CAPTURES}
+
+
+# ---- the fake vLLM, against vLLM 0.32's own models (data/vllm-0.32-models/routes.json) ----
+
+VLLM_SHAPES = json.loads((Path(__file__).resolve().parent / "data" / "vllm-0.32-models" / "routes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Iterator[dict[str, str]]:
+    """A generate runner and a pooling runner with a cross-encoder, both serving "m"."""
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    try:
+        for kind, args in (("generate", ()), ("rerank", ("--runner", "pooling", "--fake-reranker"))):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, str(FAKE_VLLM), "m", "--served-model-name", "m", *args, *FAST, "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            urls[kind] = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        for url in urls.values():
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, "fake_vllm.py not healthy"
+                    time.sleep(0.05)
+        yield urls
+    finally:
+        stop_fakes(procs)
+
+
+def named_events(body: bytes) -> dict[str, Any]:
+    return {e.event: e.json() for e in parse(body)}
+
+
+async def test_vllm_messages_and_responses_in_vllms_shapes(vllm: dict[str, str]) -> None:
+    url = vllm["generate"]
+    msg = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 3}
+    answer = await send(url, "POST", "/v1/messages", msg)
+    doc = json.loads(answer.body)
+    assert not shape_gaps(shape(VLLM_SHAPES["messages"]), shape(doc))
+    assert doc["usage"] == {"input_tokens": 6 + 6, "output_tokens": 3}
+    answer = await send(url, "POST", "/v1/messages", {**msg, "stream": True})
+    events = named_events(answer.body)
+    assert [e.event for e in parse(answer.body)] == [
+        "message_start", "content_block_start", *["content_block_delta"] * 3, "content_block_stop", "message_delta",
+        "message_stop"]
+    for name, ref in VLLM_SHAPES["messages_stream"]:
+        assert not shape_gaps(shape(ref), shape(events[name])), name
+    assert events["message_delta"]["usage"] == {"input_tokens": 12, "output_tokens": 3}
+    count = json.loads((await send(url, "POST", "/v1/messages/count_tokens", msg)).body)
+    assert count == {"input_tokens": 12, "context_management": {"original_input_tokens": 12}}
+    missing = await send(url, "POST", "/v1/messages", {"model": "m", "messages": []})
+    assert missing.status == 400 and json.loads(missing.body)["error"]["param"] == "body.max_tokens"
+
+    req = {"model": "m", "input": "Say hello", "instructions": "Be brief.", "max_output_tokens": 3}
+    doc = json.loads((await send(url, "POST", "/v1/responses", req)).body)
+    assert not shape_gaps(shape(VLLM_SHAPES["responses"]), shape(doc))
+    assert doc["status"] == "incomplete" and doc["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert (doc["usage"]["input_tokens"], doc["usage"]["output_tokens"]) == (12, 3)
+    answer = await send(url, "POST", "/v1/responses", {**req, "stream": True})
+    seq = [e.event for e in parse(answer.body)]
+    assert seq == [name for name, _ in VLLM_SHAPES["responses_stream"][:4]] + ["response.output_text.delta"] * 3 + [
+        name for name, _ in VLLM_SHAPES["responses_stream"][5:]]
+    events = named_events(answer.body)
+    for name, ref in VLLM_SHAPES["responses_stream"]:
+        assert not shape_gaps(shape(ref), shape(events[name])), name
+    assert [e.json()["sequence_number"] for e in parse(answer.body)] == list(range(len(seq)))
+
+
+async def test_vllm_rerank_and_detokenize(vllm: dict[str, str]) -> None:
+    body = {"model": "m", "query": "capital of France", "documents": ["Bananas", "Paris capital of France"]}
+    answer = await send(vllm["rerank"], "POST", "/v1/rerank", body)
+    doc = json.loads(answer.body)
+    assert not shape_gaps(shape(VLLM_SHAPES["rerank"]), shape(doc))
+    assert [r["index"] for r in doc["results"]] == [1, 0] and doc["usage"]["prompt_tokens"] == 3 * 2 + 1 + 4
+    assert (await send(vllm["generate"], "POST", "/v1/rerank", body)).status == 404  # not a cross-encoder
+    tokens = json.loads((await send(vllm["generate"], "POST", "/tokenize", {"model": "m", "prompt": "a b"})).body)
+    answer = await send(vllm["generate"], "POST", "/detokenize", {"model": "m", "tokens": tokens["tokens"]})
+    text = json.loads(answer.body)
+    assert text == {"prompt": "a b"}
