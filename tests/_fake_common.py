@@ -19,6 +19,11 @@ function of the request and its flags, so tests can predict every byte:
   servers always evaluate the last prompt token). Any two chat prompts share their leading
   ``<|im_start|>``, so a replica that has served any chat reports at least 1 cached token.
 * Embeddings: a unit vector seeded from sha256 of the input text.
+* Anthropic and Responses requests are chats: their system/instructions and messages/input are
+  converted to chat messages as llama.cpp converts them, then counted as above. /detokenize maps
+  ids back to the words the process has tokenized (or ``t{i}``), joined by spaces.
+* Rerank: a document's score is the share of the query's distinct words it contains; it costs
+  the words of query + document.
 
 Per-request behaviour is steered by an extra body object ``"fake": {...}`` (see ``Controls``); a
 typo in it is a 400 so that tests fail loudly. How answers are framed on the wire (JSON spacing, SSE

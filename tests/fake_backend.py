@@ -2,8 +2,8 @@
 (captured in reference/observed/llama-server/), with a deterministic model (see _fake_common).
 
     python tests/fake_backend.py --host 127.0.0.1 --port 8081 -m model.gguf -np 2 -c 4096 --metrics
-        [--embeddings] [--pooling mean] [--alias NAME] [--no-jinja] [-n N] [--no-slots]
-        [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
+        [--embeddings] [--pooling mean] [--reranking] [--no-fim] [--alias NAME] [--no-jinja] [-n N]
+        [--no-slots] [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
         [--fake-embedding-dim 640] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
 Any other llama-server flag is accepted and ignored. Behaviour worth knowing (all from the real one):
@@ -15,6 +15,18 @@ Any other llama-server flag is accepted and ignored. Behaviour worth knowing (al
   llama.cpp's native formats, exactly as the real server routes them. /chat/completions is an alias.
 * A chat stream sends usage only when ``stream_options.include_usage`` is true; otherwise the
   finish chunk carries just ``timings``. A completions stream always ends with usage + timings.
+* /v1/messages (Anthropic) and /v1/responses (OpenAI) are chats with the same prompt count; their
+  streams are named events without [DONE]. Anthropic's ``input_tokens`` excludes the cache hit
+  (``cache_read_input_tokens``); a missing ``max_tokens`` is allowed. /v1/messages/count_tokens,
+  /v1/responses/input_tokens and /(v1/)chat/completions/input_tokens count without generating.
+* /infill answers like /completion (a FIM model); ``--no-fim`` gives the real 501 of a model
+  without FIM tokens (Gemma 3). /completion and /infill honour ``response_fields``.
+* /rerank, /reranking, /v1/rerank, /v1/reranking: 501 unless ``--reranking`` (= --embeddings
+  --pooling rank); Jina's shape for ``documents``, TEI's bare list for ``texts``.
+* /tokenize, /detokenize, /apply-template and the token counts are helpers: no slot, not in
+  /fake/stats' ``requests``; a request's own ``"fake"`` controls still apply.
+* Shapes are checked against the captures in tests/data/observed/llama-server/routes/
+  (test_fake_routes.py) and against a live llama-server (test_real_routes_shapes.py).
 """
 
 from __future__ import annotations
