@@ -1007,7 +1007,8 @@ class FakeServer:
         ms = ctl.token_delay_ms if ctl.token_delay_ms is not None else self.opts["token_delay_ms"]
         return max(ms, 0.0) / 1000.0
 
-    def control_error(self, ctl: Controls) -> web.Response:
+    def control_error(self, ctl: Controls, request: web.Request) -> web.Response:
+        """The answer to a ``status`` control: the server's error envelope for that route."""
         status = ctl.status or 500
         if ctl.body is not None:
             return web.Response(text=ctl.body, status=status, headers=ctl.headers)
@@ -1039,7 +1040,7 @@ class FakeServer:
         if ctl.delay_ms:
             await asyncio.sleep(ctl.delay_ms / 1000.0)
         if ctl.status is not None:
-            return self.control_error(ctl)
+            return self.control_error(ctl, request)
         if ctl.drop:
             abort_connection(request)
             await asyncio.Future()  # the connection_lost cancellation ends this handler

@@ -421,6 +421,21 @@ class ResponsesRenderer(VllmRenderer):
         return self._event("error", code="internal_error", message=message, param=None)
 
 
+# Set on a request whose handler errors vLLM renders in Anthropic's envelope (/v1/messages)
+ANTHROPIC_ERRORS = web.RequestKey("fake_anthropic_errors", bool)
+
+
+def anthropic_error(error: web.Response) -> web.Response:
+    """vLLM's translate_error_response: an error the Messages handler returns, re-enveloped as
+    {"type": "error", "error": {"type", "message"}} with the same status."""
+    doc = json.loads(error.body) if isinstance(error.body, bytes) else {}
+    inner = doc.get("error") or {}
+    body = {"type": "error", "error": {"type": inner.get("type", error_type_for(error.status)),
+                                       "message": inner.get("message", "")}}
+    headers = {k: v for k, v in error.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response(body, status=error.status, headers=headers)
+
+
 class VllmServer(FakeServer):
     name = "vllm"
     server_header = "uvicorn"
@@ -476,6 +491,10 @@ class VllmServer(FakeServer):
 
     def not_found(self) -> web.Response:
         return self.json({"detail": "Not Found"}, 404)
+
+    def control_error(self, ctl: Controls, request: web.Request) -> web.Response:
+        error = super().control_error(ctl, request)
+        return anthropic_error(error) if request.get(ANTHROPIC_ERRORS) and ctl.body is None else error
 
     def method_not_allowed(self) -> web.Response:
         return self.json({"detail": "Method Not Allowed"}, 405)
@@ -724,12 +743,18 @@ class VllmServer(FakeServer):
         """POST /v1/messages: model, messages and max_tokens are required (pydantic, 400)."""
         if denied := self.check_api_key(request):
             return denied
+        # pydantic's errors come before the handler (OpenAI's envelope); the handler's own, and a
+        # status control, are re-enveloped the Anthropic way
         self.require(body, ("model", str), ("messages", list), ("max_tokens", int))
-        model = self.resolve_model(body)
+        request[ANTHROPIC_ERRORS] = True
+        try:
+            model = self.resolve_model(body)
+            job = self.new_job(chat_prompt(anthropic_chat_messages(body)), {"max_tokens": body["max_tokens"]})
+        except RequestError as exc:
+            return anthropic_error(self.error_response(exc.status, exc.message, error_type=exc.error_type))
         tools = [{"type": "function", "function": {"name": t.get("name", ""),
                                                    "parameters": t.get("input_schema") or {}}}
                  for t in body.get("tools") or () if isinstance(t, dict)]
-        job = self.new_job(chat_prompt(anthropic_chat_messages(body)), {"max_tokens": body["max_tokens"]})
         output = plan_output({"tools": tools}, ctl, job.n_predict, hex_id("chatcmpl-tool-"))
         renderer = AnthropicRenderer(self, job, output, model)
         return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))

@@ -322,6 +322,14 @@ async def test_vllm_messages_and_responses_in_vllms_shapes(vllm: dict[str, str])
     assert count == {"input_tokens": 12, "context_management": {"original_input_tokens": 12}}
     missing = await send(url, "POST", "/v1/messages", {"model": "m", "messages": []})
     assert missing.status == 400 and json.loads(missing.body)["error"]["param"] == "body.max_tokens"
+    # the handler's errors (and a status control) in Anthropic's envelope, pydantic's in OpenAI's
+    unknown = await send(url, "POST", "/v1/messages", {**msg, "model": "nope"})
+    assert unknown.status == 404 and json.loads(unknown.body) == {"type": "error", "error": {
+        "type": "NotFoundError", "message": "The model `nope` does not exist. Valid aliases: m."}}
+    busy = await send(url, "POST", "/v1/messages",
+                      {**msg, "fake": {"status": 503, "message": "busy", "headers": {"Retry-After": "2"}}})
+    assert busy.status == 503 and json.loads(busy.body)["error"] == {"type": "ServiceUnavailableError",
+                                                                     "message": "busy"}
 
     req = {"model": "m", "input": "Say hello", "instructions": "Be brief.", "max_output_tokens": 3}
     doc = json.loads((await send(url, "POST", "/v1/responses", req)).body)
