@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmd.config import UsageConfig
-from llmd.usage import Ledger, UsageRow
+from llmd.schema import UsageRow
+from llmd.usage import Ledger
 
 
 def row(i: int) -> UsageRow:

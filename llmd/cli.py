@@ -64,7 +64,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .usage import LedgerError, format_report, report_file
+    from .report import format_report, report_file
+    from .schema import LedgerError
 
     path = args.db
     if path is None:

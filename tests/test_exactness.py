@@ -28,7 +28,8 @@ from llmd.admission import Admission
 from llmd.auth import Principal
 from llmd.balancer import MAX_HASHED_BYTES, Balancer, block_hashes
 from llmd.config import ConfigError, LimitFields
-from llmd.limits import Limiter, MonthlyCounter, month_of
+from llmd.limits import Limiter, MonthlyCounter
+from llmd.months import month_of
 from llmd.replica import Replica, ReplicaState
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
