@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmd import config
+from llmd import config, configfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ routing: {strategy: random, timeouts: {connect_s: -1}}
 
 def errors_of(text: str) -> list[str]:
     with pytest.raises(config.ConfigError) as e:
-        config.parse(text, "t.yaml")
+        configfile.parse(text, "t.yaml")
     return e.value.errors
 
 
@@ -93,7 +93,7 @@ models:
   g: {backend: llama-server, model: ./m.gguf, aliases: [gpt-4o-mini]}
 """
     )
-    cfg = config.load(p)
+    cfg = configfile.load(p)
     assert cfg.server.port == 8123
     assert cfg.server.host == "127.0.0.1"
     assert cfg.server.max_body_bytes == 8 * 1024 * 1024
@@ -110,7 +110,7 @@ def test_yaml_syntax_error_names_the_line() -> None:
 
 
 def test_default_config_is_valid() -> None:
-    cfg = config.load(ROOT / "config.yaml")
+    cfg = configfile.load(ROOT / "config.yaml")
     assert "gemma-3-270m" in cfg.models
     assert cfg.server.host == "127.0.0.1"
 
@@ -150,7 +150,7 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
     secret = next(line for line in lines if line.startswith("sk-"))
     assert len(secret) >= 3 + 43  # 256 bits, base64url
     entry = "\n".join(line for line in lines if line.startswith("  "))
-    cfg = config.parse(
+    cfg = configfile.parse(
         f"tiers: {{std: {{}}}}\nkeys:\n{entry}\nmodels: {{m: {{backend: openai, urls: [http://x/v1]}}}}\n"
     )
     table = KeyTable(cfg)
