@@ -285,15 +285,15 @@ def report(results: list[RunResult]) -> None:
                      str(s.computed), served, aff, f"{r.wall_s:.0f} s"])
     print("\n".join(md_table(header, rows)))
     print("\n### Ratio round-robin / prefix-affinity, turns >= 2 (goal: p50 ratio >= 5x)\n")
-    rows = []
+    ratio_rows = []
     for conc in sorted({c for c, _ in sums}):
         a, b = sums.get((conc, "prefix-affinity")), sums.get((conc, "round-robin"))
         if a and b:
             ratio = b.p50 / a.p50
-            rows.append([str(conc), f"{ratio:.1f}x", f"{b.p90 / a.p90:.1f}x", f"{b.mean / a.mean:.1f}x",
+            ratio_rows.append([str(conc), f"{ratio:.1f}x", f"{b.p90 / a.p90:.1f}x", f"{b.mean / a.mean:.1f}x",
                          f"{b.computed / max(1, a.computed):.1f}x", "yes" if ratio >= 5 else "NO"])
-    header = ("concurrency", "p50 ratio", "p90 ratio", "mean ratio", "prefilled-tokens ratio", "goal met")
-    print("\n".join(md_table(header, rows)))
+    ratio_header = ("concurrency", "p50 ratio", "p90 ratio", "mean ratio", "prefilled-tokens ratio", "goal met")
+    print("\n".join(md_table(ratio_header, ratio_rows)))
     # The mechanism, independent of routing: a turn that finds its history vs one that does not.
     turns = [(t, {(u.conv, u.turn): u for u in r.turns}) for r in results for t in r.turns if t.turn >= 2]
     hit = [t.ttft_s for t, by in turns if reused_history(t, by[(t.conv, t.turn - 1)])]

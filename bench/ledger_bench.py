@@ -45,13 +45,13 @@ async def main(n: int) -> None:
             await ledger.flush()
         t_write = time.perf_counter() - t1
         await ledger.close()
-        rows = [
+        table = [
             ("rows", f"{n:,}"),
             ("record() on the request path", f"{t_record / n * 1e6:.2f} us/row"),
             ("rows written per second (batched transactions + monthly rollup)", f"{n / t_write:,.0f}"),
             ("flushes", str(ledger.flushes)),
         ]
-        print("\n".join(md_table(("what", "value"), rows, "lr")))
+        print("\n".join(md_table(("what", "value"), table, "lr")))
 
 
 if __name__ == "__main__":

@@ -930,14 +930,16 @@ def summarize_profile(path: Path, top: int = 25) -> str:
             incl_n[f] = incl_n.get(f, 0) + count
     if not total:
         return "(no samples)"
-    rows = ["| self % | inclusive % | function |", "|---:|---:|---|"]
-    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
-        rows.append(f"| {100 * n / total:.1f} | {100 * incl_n[f] / total:.1f} | `{f}` |")
-    rows += ["", "| inclusive % | function (llmd's own) |", "|---:|---|"]
-    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1]):
-        if "(llmd/" in f:
-            rows.append(f"| {100 * n / total:.1f} | `{f}` |")
-    return "\n".join(rows)
+    top_self = [
+        (f"{100 * k / total:.1f}", f"{100 * incl_n[f] / total:.1f}", f"`{f}`")
+        for f, k in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    ours = [
+        (f"{100 * k / total:.1f}", f"`{f}`") for f, k in sorted(incl_n.items(), key=lambda kv: -kv[1]) if "(llmd/" in f
+    ]
+    lines = md_table(("self %", "inclusive %", "function"), top_self, "rr")
+    lines += ["", *md_table(("inclusive %", "function (llmd's own)"), ours, "r")]
+    return "\n".join(lines)
 
 
 # --- main ------------------------------------------------------------------------------------------

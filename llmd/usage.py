@@ -33,6 +33,8 @@ from .config import UsageConfig
 from .months import check_month, month_of
 from .months import current_month as current_month  # runtime.py imports it from here
 from .report import ReportRow, report_query, report_rows
+
+# app.py imports LedgerError and UsageRow from here as well (with Ledger, the ledger's whole API).
 from .schema import (
     BUSY_TIMEOUT_MS,
     INSERT_REQUEST_SQL,
