@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .auth import Principal
-from .errors import ApiError
+from .errors import RateLimited, quota_exhausted
 from .months import month_of, month_start, seconds_to_next_month
 
 MINUTE = 60.0
@@ -184,13 +184,10 @@ class Limiter:
             self.monthly.roll(now)
             used = self.monthly.used.get(p.key_id, 0) + self.monthly.reserved.get(p.key_id, 0)
             if used >= lim.monthly_tokens:
-                raise ApiError(
-                    429,
+                raise quota_exhausted(
                     f"Monthly token quota exhausted for key '{p.key_id}': monthly_tokens={lim.monthly_tokens}{tier} "
                     f"({used} used in {self.monthly.month} UTC).",
-                    type="insufficient_quota",
-                    code="insufficient_quota",
-                    headers={"Retry-After": str(math.ceil(seconds_to_next_month(now)))},
+                    seconds_to_next_month(now),
                 )
         # Admitted: take everything at once (no await between the checks and here).
         s.in_flight += 1
@@ -268,18 +265,6 @@ def _duration(seconds: float) -> str:
     if m:
         return f"{m}m{sec}s"
     return f"{sec}s"
-
-
-class RateLimited(ApiError):
-    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
-        super().__init__(
-            429,
-            message,
-            type="rate_limit_exceeded",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
-        )
-        self.reason = reason
 
 
 def _rate_limited(message: str, retry_after_s: float, reason: str) -> RateLimited:
