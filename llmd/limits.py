@@ -86,7 +86,7 @@ class MonthlyCounter:
 
     def roll(self, now: float) -> None:
         if self._month_span[0] <= now < self._month_span[1]:
-            return  # the common case, without a datetime per request
+            return  # the common case, without working out a month per request
         m = month_of(now)
         if m != self.month:
             # Reservations of requests still running carry over: they settle into the new month.

@@ -8,7 +8,6 @@ per batch, with the SQL below.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -17,20 +16,11 @@ import aiosqlite
 import msgspec
 
 from .months import month_of
+from .outcome import Outcome
 
 log = logging.getLogger("llmd.usage")
 
 BUSY_TIMEOUT_MS = 5000  # wait this long for another writer (a maintenance script) before failing a flush
-
-
-class Outcome(enum.StrEnum):
-    OK = "ok"
-    CLIENT_ABORT = "client_abort"
-    UPSTREAM_ERROR = "upstream_error"
-    REJECTED_RATE = "rejected_rate"
-    REJECTED_QUOTA = "rejected_quota"
-    TIMEOUT = "timeout"
-    REJECTED_QUEUE = "rejected_queue"
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
