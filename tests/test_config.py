@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,38 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
 def test_flags_llmd_sets_itself_are_refused_at_check_time() -> None:
     errs = errors_of("models:\n  g: {backend: llama-server, model: m.gguf, args: ['--port', '9000']}\n")
     assert any(e.startswith("models.g.args: --port is set by llmd") for e in errs), errs
+
+
+def _llmd_imports(path: Path) -> set[str]:
+    """The llmd modules a module imports, at any depth of its code (late imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                names.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif node.module == "llmd":
+                names.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("llmd."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("llmd."))
+    return names - {"__version__"}
+
+
+def test_llmd_has_no_import_cycles_and_config_is_its_bottom() -> None:
+    """1. Every module's llmd imports, late ones included, form a graph without cycles.
+    2. config.py and decode.py import nothing of llmd, so any module may import them."""
+    graph = {p.stem: _llmd_imports(p) for p in (ROOT / "llmd").glob("*.py")}
+    assert graph["config"] == set() and graph["decode"] == set()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
