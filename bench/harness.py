@@ -159,7 +159,7 @@ def install_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-# --- llmd with real llama-server replicas, as a subprocess ------------------------------------------
+# --- llmd with real llama-server replicas, as a subprocess -----------------------------------------
 
 
 @dataclass
@@ -268,7 +268,7 @@ def counter(metrics_text: str, name: str, label: str) -> dict[str, float]:
     return out
 
 
-# --- CPU time and memory of a pid --------------------------------------------------------------------
+# --- CPU time and memory of a pid ------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -331,7 +331,7 @@ def own_cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-# --- wrk ---------------------------------------------------------------------------------------------
+# --- wrk -------------------------------------------------------------------------------------------
 
 # A POST with a fixed body; at the end wrk prints one BENCH_JSON line that ``wrk`` below parses.
 WRK_LUA = """
@@ -468,7 +468,7 @@ def wrk(
     )
 
 
-# --- reports -----------------------------------------------------------------------------------------
+# --- reports ---------------------------------------------------------------------------------------
 
 
 def pct(values: list[float], q: float) -> float:
