@@ -31,6 +31,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics_route)
     app.router.add_get("/version", handlers.version_route)
     app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)
     for route in ROUTES:
         for path in route.paths:

@@ -27,6 +27,7 @@ class Principal:
     limits: LimitFields
     models: frozenset[str] | None  # config model names it may use; None = all
     admin: bool = False
+    default_model: str | None = None  # serves this key's requests that name no model
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -58,7 +59,7 @@ class KeyTable:
                 self._revoked.add(digest)
                 continue
             models = frozenset(names[m] for m in k.models) if k.models is not None else None
-            self._by_hash[digest] = Principal(k.id, k.tier or "", limits_for(cfg, k), models, k.admin)
+            self._by_hash[digest] = Principal(k.id, k.tier or "", limits_for(cfg, k), models, k.admin, k.default_model)
 
     def principals(self) -> list[Principal]:
         return list(self._by_hash.values())

@@ -32,6 +32,7 @@ def check(cfg: Config) -> list[str]:
     ``priority`` (0) and lower-case ``sha256`` hashes."""
     errors: list[str] = []
     _check_server(cfg, errors)
+    _check_default_models(cfg, errors)
     names = _check_models(cfg, errors)
     for t in cfg.tiers.values():
         if t.priority is None:
@@ -61,6 +62,19 @@ def _check_server(cfg: Config, errors: list[str]) -> None:
     for i, o in enumerate(cfg.server.cors_origins):
         if o != "*" and not re.match(r"^https?://[^/]+$", o):
             errors.append(f"server.cors_origins[{i}]: expected an origin like https://host[:port], got {o!r}")
+
+
+def _check_default_models(cfg: Config, errors: list[str]) -> None:
+    """``server.default_model`` and ``keys[].default_model`` name a model the key may use."""
+    names = cfg.model_names()
+    if cfg.server.default_model is not None and cfg.server.default_model not in names:
+        errors.append(f"server.default_model: {cfg.server.default_model!r} is not a model or alias of models:")
+    for i, k in enumerate(cfg.keys):
+        if k.default_model is not None:
+            if k.default_model not in names:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not a model or alias of models:")
+            elif k.models is not None and k.default_model not in k.models:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not in the key's models:")
 
 
 def _check_models(cfg: Config, errors: list[str]) -> dict[str, str]:
@@ -98,6 +112,8 @@ def _check_models(cfg: Config, errors: list[str]) -> dict[str, str]:
                         errors.append(f"{p}.{fld}[{i}]: must not be empty")
             if m.backend == "llama-server" and m.gpus:
                 errors.append(f"{p}.gpus: llama-server replicas here run on CPUs; use cpus")
+        if m.routes is not None and m.backend != "openai":
+            errors.append(f"{p}.routes: only for backend openai; llmd knows what {m.backend} serves")
         if m.slots is not None and m.backend != "openai":
             errors.append(f"{p}.slots: only for backend openai; supervised backends report their own")
     return seen_names

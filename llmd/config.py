@@ -36,6 +36,9 @@ class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     log_format: Literal["json", "text"] = "json"
     access_log_health: bool = False  # /health, /readyz and /metrics are noise in an access log
     metrics: bool = True
+    # Serves requests that name no model (clients written for one llama-server: llama.vscode,
+    # llama.vim, /completion scripts); keys[].default_model overrides it per key.
+    default_model: str | None = None
 
 
 class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +76,7 @@ class KeyConfig(LimitFields, kw_only=True, forbid_unknown_fields=True):
     models: list[str] | None = None
     admin: bool = False
     revoked: bool = False
+    default_model: str | None = None  # for this key's requests without a model
 
 
 class LauncherConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -105,6 +109,11 @@ class LaunchersConfig(_Section, kw_only=True, forbid_unknown_fields=True):
 
 
 Backend = Literal["llama-server", "vllm", "openai"]
+# The names of routes.ROUTES (a test keeps the two equal; config imports nothing of llmd).
+RouteName = Literal[
+    "chat", "completions", "embeddings", "messages", "count_tokens", "responses", "input_tokens",
+    "chat_input_tokens", "infill", "completion", "tokenize", "detokenize", "apply_template", "rerank",
+]  # fmt: skip
 
 
 class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -121,6 +130,7 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     api_key_env: str | None = None
     slots: PositiveInt | None = None
     start_timeout_s: PositiveFloat | None = None  # overrides the launcher's
+    routes: list[RouteName] | None = None  # backend openai: what the remote serves (default the OpenAI three)
 
 
 class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):

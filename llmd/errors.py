@@ -54,8 +54,28 @@ class ApiError(Exception):
     def body(self) -> bytes:
         return _encoder.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
 
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=self.headers)
+    def anthropic_body(self) -> bytes:
+        """Anthropic's envelope, whose ``error.type`` its SDK and Claude Code read."""
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return _encoder.encode({"type": "error", "error": {"type": kind, "message": self.message}})
+
+    def response(self, style: str = "openai") -> web.Response:
+        body = self.anthropic_body() if style == "anthropic" else self.body()
+        return web.Response(status=self.status, body=body, content_type="application/json", headers=self.headers)
+
+
+# Anthropic's error types by status (its API's own table; 529 is its overloaded, llmd says 503).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

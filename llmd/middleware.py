@@ -51,7 +51,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         else:
             resp = await handler(request)
     except ApiError as e:
-        resp = e.response()
+        resp = e.response(call.route.errors if call.route is not None else "openai")
     except web.HTTPException as e:
         resp = _http_exception(e, request)
     except asyncio.CancelledError:
@@ -60,7 +60,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error", extra={"request_id": call.request_id})
-        resp = internal_error().response()
+        resp = internal_error().response(call.route.errors if call.route is not None else "openai")
     if call.route is None:
         body = getattr(resp, "body", None)
         _own_route_done(call, resp.status, len(body) if isinstance(body, bytes) else 0)

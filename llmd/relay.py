@@ -60,8 +60,9 @@ class Relay:
         start = time.monotonic()  # loop.time() is cached per iteration under uvloop: too coarse
         try:
             async with asyncio.timeout(min(t.first_byte_s, t.total_s)):
+                route = call.route
                 resp = await self.session.post(
-                    replica.url + call.route.upstream_path,
+                    (replica.origin() if route.native else replica.url) + route.upstream_path,
                     data=call.upstream_body,
                     headers=call.upstream_headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, connect=t.connect_s),
@@ -107,6 +108,9 @@ class Relay:
             raise UpstreamFailed(upstream_failed(resp.status, f"{replica.name} answered {resp.status}"), True, out)
         if resp.status == 200:
             call.route.meter.whole(data, ex)  # type: ignore[union-attr]
+            if call.rewrite is not None:
+                data = call.rewrite.whole(data)
+                out.body = data
         ex.outcome = Outcome.OK if resp.status < 400 else Outcome.UPSTREAM_ERROR
         ex.client_bytes = len(data)
         return out
@@ -129,7 +133,7 @@ class Relay:
         ex.first_byte_sent = True
         ex.streamed = True
         splitter = EventSplitter()
-        hide_usage = call.hide_usage
+        hide_usage, rewrite = call.hide_usage, call.rewrite
         tail: bytes | None = None  # what is still owed to the client after an upstream failure
         try:
             async with asyncio.timeout_at(deadline):
@@ -144,6 +148,8 @@ class Relay:
                         for ev in events:
                             payload = data_of(ev)
                             if payload is None or meter.event(payload, ex, hide_usage):
+                                if rewrite is not None and payload is not None:
+                                    ev = b"data: " + rewrite.event(payload)
                                 parts.append(ev)
                                 parts.append(b"\n\n")
                         if parts:
