@@ -34,7 +34,9 @@ class Principal:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogateescape: a header with bytes that are not UTF-8 arrives with them as lone
+    # surrogates; hash those bytes as sent (matching no key: 401) instead of failing (500).
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_secret() -> str:
@@ -81,11 +83,16 @@ class KeyTable:
         return principal
 
 
+# HTTP's whitespace around a credential: spaces and tabs only. str.strip() would also take
+# Unicode spaces (U+2003...) off, so "Bearer \u2003<secret>" would authenticate as <secret>.
+_OWS = " \t"
+
+
 def _secret_from(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+        if scheme.lower() == "bearer" and value.strip(_OWS):
+            return value.strip(_OWS)
     key = request.headers.get("X-API-Key") or request.headers.get("api-key")
-    return key.strip() if key and key.strip() else None
+    return key.strip(_OWS) if key and key.strip(_OWS) else None
