@@ -31,6 +31,7 @@ class Exchange:
     client_bytes: int = 0
     first_byte_sent: bool = False
     streamed: bool = False  # 200 event-stream headers went out
+    finished: bool = False  # the stream's last event came ([DONE], message_stop, response.completed, stop)
 
     def take_usage(self, prompt: int, completion: int, cached: int | None = None) -> None:
         self.usage_seen = self.prompt_seen = True

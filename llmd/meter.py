@@ -59,6 +59,7 @@ class _Delta(msgspec.Struct):
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None  # /v1/completions
+    finish_reason: str | None = None
 
 
 class Chunk(msgspec.Struct):
@@ -141,6 +142,7 @@ class OpenAIMeter:
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
         if payload == DONE:
+            ex.finished = True
             return True
         try:
             chunk = decode_chunk(payload)
@@ -158,6 +160,8 @@ class OpenAIMeter:
         n = tokens_in_chunk(chunk)
         if n:
             ex.token_relayed(n)
+        if chunk.choices and any(c.finish_reason for c in chunk.choices):
+            ex.finished = True  # an upstream that omits [DONE] still said it was done
         return True
 
 
@@ -223,6 +227,8 @@ class AnthropicMeter:
             u = ev.usage
             prompt = u.prompt() if u.input_tokens is not None else ex.prompt_tokens
             ex.take_usage(prompt, u.output_tokens or 0, u.cache_read_input_tokens or ex.cached_tokens)
+        elif t == "message_stop":
+            ex.finished = True
         elif t == "error":
             ex.outcome = Outcome.UPSTREAM_ERROR
         return True
@@ -292,6 +298,7 @@ class ResponsesMeter:
         if t in _RESPONSES_TOKEN_EVENTS:
             ex.token_relayed()
         elif t in ("response.completed", "response.incomplete", "response.failed"):
+            ex.finished = True
             if ev.response is not None and ev.response.usage is not None:
                 _take_responses(ex, ev.response.usage)
             if t == "response.failed":
@@ -316,9 +323,11 @@ class _Native(msgspec.Struct):
     stop: bool | None = None
     timings: _NativeTimings | None = None
     error: msgspec.Raw = msgspec.Raw(b"")
+    # A ``response_fields`` filter (llama.vscode, llama.vim) flattens the paths it keeps.
+    flat_predicted_n: int | None = msgspec.field(default=None, name="timings/predicted_n")
 
 
-_decode_native = msgspec.json.Decoder(_Native).decode
+_decode_native = msgspec.json.Decoder(_Native | list[_Native]).decode  # n_cmpl > 1: a list
 
 
 class NativeMeter:
@@ -328,20 +337,42 @@ class NativeMeter:
 
     def whole(self, data: bytes, ex: Exchange) -> None:
         try:
-            r = _decode_native(data)
+            doc = _decode_native(data)
         except msgspec.DecodeError:
             return
-        self._take(r, ex)
-        if not ex.usage_seen:
-            ex.completion_tokens = (len(r.content or "") + 3) // 4
+        answers = doc if isinstance(doc, list) else [doc]
+        prompt = completion = cached = 0
+        known = bool(answers)
+        for r in answers:
+            one = Exchange(t_start=ex.t_start)
+            self._take(r, one)
+            known = known and one.usage_seen
+            # n_cmpl completions share one prompt; each generates its own tokens.
+            prompt, cached = max(prompt, one.prompt_tokens), max(cached, one.cached_tokens)
+            if one.usage_seen:
+                completion += one.completion_tokens
+            elif r.flat_predicted_n is not None:
+                # A response_fields filter kept timings/predicted_n: exact for the output; the
+                # prompt (timings/prompt_n is only its uncached part) is tokenized by the pipeline.
+                completion += r.flat_predicted_n
+            else:
+                completion += (len(r.content or "") + 3) // 4
+        if known:
+            ex.take_usage(prompt, completion, cached)
+        else:
+            ex.completion_tokens = completion
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
         try:
             r = _decode_native(payload)
         except msgspec.DecodeError:
             return True
+        if isinstance(r, list):
+            return True
         if r.error:
             ex.outcome = Outcome.UPSTREAM_ERROR
+        if r.stop:
+            ex.finished = True
         if r.content:
             ex.token_relayed()
         self._take(r, ex)
@@ -356,6 +387,7 @@ class NativeMeter:
             ex.take_prompt(r.tokens_evaluated, cached)
 
 
+
 # --- token-only routes (/tokenize, count_tokens, ...) ----------------------------------------
 
 
@@ -366,7 +398,7 @@ class ZeroMeter:
         ex.usage_seen = ex.prompt_seen = True
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
-        ex.usage_seen = ex.prompt_seen = True
+        ex.usage_seen = ex.prompt_seen = ex.finished = True
         return True
 
 

@@ -38,11 +38,14 @@ class UpstreamFailed(Exception):
     """Nothing reached the client yet. ``retryable``: another replica may answer instead.
     ``response``: the upstream's own answer (e.g. its 503) to relay if no retry is left."""
 
-    def __init__(self, error: ApiError, retryable: bool, response: web.Response | None = None) -> None:
+    def __init__(
+        self, error: ApiError, retryable: bool, response: web.Response | None = None, refused: bool = False
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.retryable = retryable
         self.response = response
+        self.refused = refused  # no connection at all: the server is not there (yet, or any more)
 
 
 class Relay:
@@ -75,7 +78,10 @@ class Relay:
             # Refused, reset, or not HTTP at all (a bad status line is a ClientResponseError):
             # nothing reached the client, so another replica may answer.
             ex.upstream_s += time.monotonic() - start
-            raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
+            refused = isinstance(e, aiohttp.ClientConnectorError)
+            raise UpstreamFailed(
+                upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True, None, refused
+            ) from e
         ex.upstream_s += time.monotonic() - start
         try:
             ex.status = resp.status
@@ -158,6 +164,11 @@ class Relay:
                             ex.client_bytes += len(relay)
                     if not data:
                         break
+            if not ex.finished and ex.outcome is Outcome.OK:
+                # A clean end of the body without the protocol's last event: the upstream broke
+                # off (a body framed by the connection reads a reset as its end).
+                ex.outcome = Outcome.UPSTREAM_ERROR
+                tail = sse_error_event(upstream_unreachable(f"{ex.replica} ended the stream before its last event"))
         except TimeoutError:
             ex.outcome = Outcome.TIMEOUT
             tail = sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s"))
@@ -229,7 +240,7 @@ async def count_prompt_tokens(
                     if r.status != 200:
                         return None
                     text = msgspec.json.decode(await r.read(), type=_Template).prompt
-            elif route == "completions" and isinstance(doc.get("prompt"), str):
+            elif route in ("completions", "completion") and isinstance(doc.get("prompt"), str):
                 text = doc["prompt"]
             else:
                 return None

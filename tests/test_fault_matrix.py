@@ -74,9 +74,7 @@ def matrix_row(fault: str, expected: str) -> Iterator[Row]:
         row.seen = f"SKIPPED: {e.msg}"[:300]
         raise
     except BaseException as e:
-        # A known bug (an xfail row) says so itself; anything else is a failure of this run.
-        if not row.seen.startswith("KNOWN BUG"):
-            row.seen = f"FAILED: {row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
+        row.seen = f"FAILED: {row.seen} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
         raise
     finally:
         Matrix.row(row.fault, row.expected, row.seen, row.rows_lost)
@@ -204,11 +202,6 @@ async def test_stream_breaks_after_the_first_byte(tmp_path: Path, session: aioht
             await assert_no_leaks(llmd.services)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "llmd bug: an SSE body framed by connection close (no Content-Length, not chunked) that is "
-    "reset mid-stream reads as a clean end (aiohttp ends such a body at EOF, RST or FIN alike), and "
-    "relay._stream does not check for the terminal [DONE]: the client gets no error event and the "
-    "row says ok"))
 async def test_unframed_stream_reset_mid_stream(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     """1. The upstream streams without Content-Length or chunked framing (the body ends with the
     connection), sends 3 token chunks and resets the connection, with no [DONE].
@@ -223,8 +216,6 @@ async def test_unframed_stream_reset_mid_stream(tmp_path: Path, session: aiohttp
             await assert_no_leaks(llmd.services)
             assert s.status == 200 and s.tokens == 3 and not s.done, s
             assert row["completion_tokens"] == 3
-            if not s.errors or row["outcome"] != "upstream_error":
-                m.seen = "KNOWN BUG (xfail): " + m.seen
             assert [e["code"] for e in s.errors] == ["upstream_unreachable"], s.events
             assert (row["status"], row["outcome"]) == (200, "upstream_error")
 
@@ -452,11 +443,6 @@ async def test_supervised_replica_dies_mid_stream(tmp_path: Path, session: aioht
             await assert_no_leaks(llmd.services)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "llmd bug: requests queued for a model's only replica are dispatched, when the in-flight stream "
-    "fails and frees the slot, to the replica that just died (still READY: the supervisor has not "
-    "seen the exit yet); the connection is refused, no other replica exists, so they get 502 within "
-    "milliseconds instead of waiting (queue_timeout_s) for the restart that follows ~1 s later"))
 async def test_replica_killed_with_requests_queued(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     """1. llmd supervises one fake llama-server with one slot; a long stream holds the slot and two
     more requests wait in the model's queue (admission depth 2).
@@ -489,8 +475,6 @@ async def test_replica_killed_with_requests_queued(tmp_path: Path, session: aioh
             m.seen = f"{brief(s)}; queued: {', '.join(brief(w) for w in waited)}"
             await assert_no_leaks(llmd.services)
             assert [e["code"] for e in s.errors] == ["upstream_unreachable"], s.events
-            if [w.status for w in waited] != [200, 200]:
-                m.seen = "KNOWN BUG (xfail): " + m.seen
             assert [w.status for w in waited] == [200, 200], [brief(w) for w in waited]
             assert [(r["status"], r["outcome"]) for r in rows] == [(200, "upstream_error"), (200, "ok"), (200, "ok")]
 

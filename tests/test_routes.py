@@ -65,6 +65,14 @@ def test_responses_and_native_meters() -> None:
     ex = Exchange(t_start=0.0)
     NATIVE.whole(json.dumps({"content": "abcdefgh"}).encode(), ex)  # response_fields dropped the counts
     assert (ex.usage_seen, ex.completion_tokens) == (False, 2)
+    ex = Exchange(t_start=0.0)  # llama.vscode's response_fields keep timings/predicted_n, flattened
+    NATIVE.whole(json.dumps({"content": "ab", "timings/prompt_n": 4, "timings/predicted_n": 3}).encode(), ex)
+    assert (ex.usage_seen, ex.completion_tokens) == (False, 3)
+    ex = Exchange(t_start=0.0)  # n_cmpl: 2 answers to one prompt
+    both = [{"content": "a", "tokens_evaluated": 5, "tokens_predicted": 2},
+            {"content": "b", "tokens_evaluated": 5, "tokens_predicted": 3}]  # fmt: skip
+    NATIVE.whole(json.dumps(both).encode(), ex)
+    assert (ex.usage_seen, ex.prompt_tokens, ex.completion_tokens) == (True, 5, 5)
     ex = Exchange(t_start=0.0)
     ZERO.whole(b'{"tokens": [1, 2, 3]}', ex)
     assert (ex.usage_seen, ex.prompt_tokens, ex.completion_tokens) == (True, 0, 0)
