@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -94,7 +93,7 @@ def _describe_exit(code: int | None) -> str:
 class ManagedProcess:
     """Runs one replica's child: spawn, health, restart with backoff, stop.
 
-    ``replica`` is updated in place (state, pid, port, url, slots, restarts, started_at,
+    ``replica`` is updated in place (state, pid, port, url, slots, restarts,
     backend_metrics) and ``on_change(replica)`` is called after every state change and
     when a passing health check clears relay failures (the replica is routable again).
     A ManagedProcess is used once: after ``stop()``, ``start()`` does nothing.
@@ -273,7 +272,6 @@ class ManagedProcess:
         ]
         r = self.replica
         r.pid, r.port, r.url = proc.pid, spec.port, f"{spec.origin}/v1"
-        r.started_at = time.time()
         r.backend_metrics = {}
         log.info(
             "%s: started pid %d on port %d: %s",
