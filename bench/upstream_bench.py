@@ -1,6 +1,6 @@
 """What one upstream request costs the client: aiohttp's ClientSession (as llmd configured it
 before llmd/upstream.py) against llmd's own client (``llmd.upstream.Upstreams``), on the same
-mock upstream (relay_bench.py's raw uvloop server), in one uvloop process.
+mock upstream (bench/relay_upstreams.py, relay_bench's raw uvloop server), in one uvloop process.
 
 Each run keeps ``--conns`` requests in flight for ``--duration`` seconds, non-stream (read the
 whole body) or stream (read every chunk as it arrives), and reports requests/s and this
@@ -147,7 +147,7 @@ def cli() -> None:
     mock_cpus = {cpus[0]} if len(cpus) > 1 else None
     here = {cpus[1]} if len(cpus) > 1 else None
     mock = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "relay_bench.py"), "_mock"],
+        [sys.executable, str(ROOT / "bench" / "relay_upstreams.py"), "mock"],
         stdout=subprocess.PIPE,
         preexec_fn=(lambda: os.sched_setaffinity(0, mock_cpus)) if mock_cpus else None,
     )

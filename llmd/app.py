@@ -25,6 +25,7 @@ def create_app(services: Services) -> web.Application:
     # reload may change it); aiohttp's own cap stays out of the way.
     app = web.Application(middlewares=[middleware], client_max_size=2**62)
     app[SERVICES] = services
+    app.cleanup_ctx.append(services.lifetime)  # session, supervisor, ledger: opened and closed with the app
     app.on_response_prepare.append(on_prepare)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/readyz", handlers.readyz)

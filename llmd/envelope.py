@@ -33,6 +33,7 @@ class Envelope(msgspec.Struct):
     max_output_tokens: Positive | None = None  # OpenAI Responses
     n_predict: NPredict | None = None  # llama.cpp native
     n: Positive | None = None
+    n_cmpl: Positive | None = None  # llama.cpp native: parallel completions, each one a slot's work
     # UNSET (absent) differs from None (``"stream_options": null``): only when absent may
     # llmd add the field by inserting bytes; a present one is re-encoded (JSON parsers keep
     # the last duplicate key, so an inserted field in front of a null would be overridden).

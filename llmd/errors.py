@@ -196,7 +196,8 @@ def quota_exhausted(message: str, retry_after_s: float) -> ApiError:
         message,
         type="insufficient_quota",
         code="insufficient_quota",
-        headers={"Retry-After": str(math.ceil(retry_after_s))},
+        # Until next month: the OpenAI and Anthropic SDKs honour x-should-retry and stop there.
+        headers={"Retry-After": str(math.ceil(retry_after_s)), "x-should-retry": "false"},
         outcome=Outcome.REJECTED_QUOTA,
     )
 

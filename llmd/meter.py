@@ -255,6 +255,7 @@ class _Response(msgspec.Struct):
 class _ResponsesEvent(msgspec.Struct):
     type: str = ""
     response: _Response | None = None
+    error: msgspec.Raw = msgspec.Raw(b"")  # llama-server's unnamed in-band error
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
@@ -303,7 +304,7 @@ class ResponsesMeter:
                 _take_responses(ex, ev.response.usage)
             if t == "response.failed":
                 ex.outcome = Outcome.UPSTREAM_ERROR
-        elif t == "error":
+        elif t == "error" or ev.error:
             ex.outcome = Outcome.UPSTREAM_ERROR
         return True
 
@@ -323,9 +324,11 @@ class _Native(msgspec.Struct):
     stop: bool | None = None
     timings: _NativeTimings | None = None
     error: msgspec.Raw = msgspec.Raw(b"")
+    # A ``response_fields`` filter (llama.vscode, llama.vim) flattens the paths it keeps.
+    flat_predicted_n: int | None = msgspec.field(default=None, name="timings/predicted_n")
 
 
-_decode_native = msgspec.json.Decoder(_Native).decode
+_decode_native = msgspec.json.Decoder(_Native | list[_Native]).decode  # n_cmpl > 1: a list
 
 
 class NativeMeter:
@@ -335,17 +338,37 @@ class NativeMeter:
 
     def whole(self, data: bytes, ex: Exchange) -> None:
         try:
-            r = _decode_native(data)
+            doc = _decode_native(data)
         except msgspec.DecodeError:
             return
-        self._take(r, ex)
-        if not ex.usage_seen:
-            ex.completion_tokens = (len(r.content or "") + 3) // 4
+        answers = doc if isinstance(doc, list) else [doc]
+        prompt = completion = cached = 0
+        known = bool(answers)
+        for r in answers:
+            one = Exchange(t_start=ex.t_start)
+            self._take(r, one)
+            known = known and one.usage_seen
+            # n_cmpl completions share one prompt; each generates its own tokens.
+            prompt, cached = max(prompt, one.prompt_tokens), max(cached, one.cached_tokens)
+            if one.usage_seen:
+                completion += one.completion_tokens
+            elif r.flat_predicted_n is not None:
+                # A response_fields filter kept timings/predicted_n: exact for the output; the
+                # prompt (timings/prompt_n is only its uncached part) is tokenized by the pipeline.
+                completion += r.flat_predicted_n
+            else:
+                completion += (len(r.content or "") + 3) // 4
+        if known:
+            ex.take_usage(prompt, completion, cached)
+        else:
+            ex.completion_tokens = completion
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
         try:
             r = _decode_native(payload)
         except msgspec.DecodeError:
+            return True
+        if isinstance(r, list):
             return True
         if r.error:
             ex.outcome = Outcome.UPSTREAM_ERROR
@@ -363,6 +386,7 @@ class NativeMeter:
             ex.take_usage(r.tokens_evaluated, r.tokens_predicted, cached)
         elif r.tokens_evaluated is not None:
             ex.take_prompt(r.tokens_evaluated, cached)
+
 
 
 # --- token-only routes (/tokenize, count_tokens, ...) ----------------------------------------

@@ -86,6 +86,8 @@ async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
     if call is None:
         return
     resp.headers["X-Request-ID"] = call.request_id
+    if call.route is not None and call.route.errors == "anthropic":
+        resp.headers["request-id"] = call.request_id  # what the anthropic SDK reads and reports
     if call.cors_origin is not None:
         resp.headers["Access-Control-Allow-Origin"] = call.cors_origin
         resp.headers["Vary"] = "Origin"

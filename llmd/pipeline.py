@@ -118,7 +118,7 @@ def admit(call: Call, rt: Runtime, services: Services) -> None:
     p, env = call.principal, call.env
     assert p is not None and env is not None
     limiter = rt.limiter
-    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or 1)
+    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or env.n_cmpl or 1)
     call.reached_limits = True  # from here on the request has a usage row, admitted or not
     try:
         call.grant = limiter.admit(p, reserve)

@@ -245,7 +245,7 @@ async def count_prompt_tokens(
                     if r.status != 200:
                         return None
                     text = msgspec.json.decode(await r.read(), type=_Template).prompt
-            elif route == "completions" and isinstance(doc.get("prompt"), str):
+            elif route in ("completions", "completion") and isinstance(doc.get("prompt"), str):
                 text = doc["prompt"]
             else:
                 return None
