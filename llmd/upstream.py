@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-KEEPALIVE_S = 60.0  # an idle connection older than this is closed instead of reused
+# An idle connection older than this is closed instead of reused: llama-server (cpp-httplib) and
+# vLLM (uvicorn) close theirs after 5 s, and a request sent as the server closes would fail.
+KEEPALIVE_S = 4.0
 HIGH_WATER = 1 << 20  # buffered body bytes above which the socket is not read until the caller reads
 
 
@@ -68,7 +70,18 @@ class Response:
     ``release()`` always: a connection whose answer was read to its end goes back to the pool,
     any other is closed."""
 
-    __slots__ = ("_complete", "_conn", "_decoder", "_exc", "_parts", "_released", "_size", "headers", "status")
+    __slots__ = (
+        "_complete",
+        "_conn",
+        "_decoder",
+        "_exc",
+        "_parts",
+        "_released",
+        "_size",
+        "_whole",
+        "headers",
+        "status",
+    )
 
     def __init__(self, conn: _Conn) -> None:
         self.status = 0
@@ -80,6 +93,7 @@ class Response:
         self._exc: UpstreamError | None = None
         self._decoder: zlib._Decompress | None = None
         self._released = False
+        self._whole = False  # read() wants it all: no high-water mark
 
     @property
     def complete(self) -> bool:
@@ -89,10 +103,11 @@ class Response:
     async def read(self) -> bytes:
         """The whole body, decoded."""
         conn = self._conn
+        self._whole = True
+        conn.resume()
         while not self._complete:
             if self._exc is not None:
                 raise self._exc
-            conn.resume()  # the whole body is wanted: no high-water mark
             await conn.wait()
         if self._exc is not None:
             raise self._exc
@@ -231,7 +246,7 @@ class _Conn(asyncio.Protocol):
             return
         resp._parts.append(body)
         resp._size += len(body)
-        if resp._size > HIGH_WATER and not self._paused and self.transport is not None:
+        if resp._size > HIGH_WATER and not resp._whole and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()

@@ -254,3 +254,36 @@ async def test_a_header_with_a_line_break_is_refused() -> None:
             await ups.post(url(srv), b"{}", {**HEADERS, "X-Evil": "a\r\nHost: other"}, 5)
         assert srv.requests == []
     ups.close()
+
+
+async def test_big_bodies_whole_and_streamed() -> None:
+    # Past the high-water mark a stream is read only as fast as the caller reads; a whole read
+    # takes it all. Both get every byte, in order.
+    ups = Upstreams()
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    streamed = chunked(*[big[i : i + 65536] for i in range(0, len(big), 65536)])
+    async with serve(lambda n: ([answer(big) if n == 1 else streamed], "keep")) as srv:
+        resp = await ups.post(url(srv), b"{}", HEADERS, 5)
+        assert await resp.read() == big
+        resp.release()
+        resp = await ups.post(url(srv), b"{}", HEADERS, 5)
+        out = []
+        while data := await resp.readany():
+            out.append(data)
+            await asyncio.sleep(0.001)  # a slow client
+        assert b"".join(out) == big
+        resp.release()
+        assert srv.connections == 1
+    ups.close()
+
+
+async def test_an_idle_connection_past_keepalive_is_not_reused() -> None:
+    ups = Upstreams(keepalive_s=0.05)
+    async with serve(lambda n: ([answer(b"ok")], "keep")) as srv:
+        for _ in range(2):
+            resp = await ups.post(url(srv), b"{}", HEADERS, 5)
+            assert await resp.read() == b"ok"
+            resp.release()
+            await asyncio.sleep(0.1)
+        assert srv.connections == 2
+    ups.close()
