@@ -173,7 +173,7 @@ def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int, client:
     if not line.startswith("FLOOR_PORT "):
         raise SystemExit(f"aiohttp floor did not start: {line!r}")
     port = int(line.split()[1])
-    name = "aiohttp-floor" if client == "aiohttp" else "upstream-floor"
+    name = {"aiohttp": "aiohttp-floor", "upstream": "upstream-floor", "lean": "lean-floor"}[client]
     wait_until(lambda: http_status(port, "/health") == 200, name, p, None)
     return Target(name, port, p)
 
@@ -368,6 +368,7 @@ def start_targets(
     if args.floor:
         targets.append(start_floor(procs, hop_cpus, mock_port))
         targets.append(start_floor(procs, hop_cpus, mock_port, "upstream"))
+        targets.append(start_floor(procs, hop_cpus, mock_port, "lean"))
     if args.candidate:
         cand = LlmdOptions(args.strategy, args.key, args.candidate.resolve())
         targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, True, cand))
@@ -386,7 +387,7 @@ def plan(shapes: list[Shape], by_name: dict[str, Target]) -> list[tuple[Shape, l
     out: list[tuple[Shape, list[str]]] = []
     for s in shapes:
         names = ["direct", "llmd"] + [
-            n for n in ("candidate", "aiohttp-floor", "upstream-floor", "nginx") if n in by_name
+            n for n in ("candidate", "aiohttp-floor", "upstream-floor", "lean-floor", "nginx") if n in by_name
         ]
         if s == C16:
             # The metrics on/off pairs run interleaved as well.
@@ -541,7 +542,7 @@ def _llmd_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape]) -> l
 
 def _reference_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape]) -> list[str]:
     """nginx and the bare aiohttp relay, when they ran."""
-    others = [n for n in ("nginx", "aiohttp-floor", "upstream-floor") if any(k[0] == n for k in results)]
+    others = [n for n in ("nginx", "aiohttp-floor", "upstream-floor", "lean-floor") if any(k[0] == n for k in results)]
     if not others:
         return []
     rows = []
@@ -564,7 +565,7 @@ def _reference_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape])
         "",
         "Reference hops in front of the same mock, same rounds (nginx: 1 worker, plain keep-alive proxy; "
         "aiohttp-floor: a bare aiohttp relay with none of llmd's logic; upstream-floor: the same "
-        "with llmd/upstream.py as its client):",
+        "with llmd/upstream.py as its client; lean-floor: no aiohttp, an httptools server + llmd/upstream.py):",
         "",
         *md_table(header, rows, "llrrrrr"),
     ]
@@ -765,8 +766,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--floor",
         action="store_true",
-        help="also run two bare relays (no llmd logic), aiohttp's server with aiohttp's client and with "
-        "llmd/upstream.py's: what they cost per hop",
+        help="also run bare relays (no llmd logic): aiohttp's server with aiohttp's client, with "
+        "llmd/upstream.py's, and an httptools server with llmd/upstream.py's: what each costs per hop",
     )
     ap.add_argument(
         "--upstream",

@@ -3,6 +3,7 @@
     relay_upstreams.py mock                  # the raw mock: prints MOCK_PORT <port> once listening
     relay_upstreams.py floor UPSTREAM_PORT   # the bare aiohttp relay: prints FLOOR_PORT <port>
     relay_upstreams.py floor UPSTREAM_PORT upstream   # the same with llmd/upstream.py as its client
+    relay_upstreams.py floor UPSTREAM_PORT lean       # no aiohttp: httptools server + llmd/upstream.py
 
 The mock answers POST /v1/chat/completions with a fixed body, or a fixed 8-event SSE stream when
 the request has ``"stream": true`` (plus the usage chunk when ``include_usage`` is asked, like
@@ -250,10 +251,97 @@ def run_floor(upstream_port: int, client: str = "aiohttp") -> None:
     uvloop.run(main())
 
 
+# --- the lean floor (`relay_upstreams.py floor UPSTREAM_PORT lean`) --------------------------------
+
+
+def run_lean_floor(upstream_port: int) -> None:
+    """A relay with no framework at all: an asyncio.Protocol HTTP/1.1 server on httptools' request
+    parser (keep-alive, Content-Length request bodies), llmd/upstream.py as its client. What a
+    server side without aiohttp's would cost per hop: a measurement, not a design for llmd."""
+    from pathlib import Path
+
+    import httptools
+    import uvloop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from llmd.upstream import Upstreams
+
+    url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    upstreams = Upstreams()
+
+    class Conn(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport: asyncio.Transport | None = None
+            self.url = b""
+            self.body: list[bytes] = []
+            self.queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+            self.task = asyncio.get_running_loop().create_task(self.serve())
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.task.cancel()
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            self.queue.put_nowait((self.url, b"".join(self.body)))
+            self.url, self.body = b"", []
+
+        async def serve(self) -> None:  # one request at a time, in order (pipelining-safe)
+            while True:
+                path, body = await self.queue.get()
+                t = self.transport
+                assert t is not None
+                if path == b"/health":
+                    t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                up = await upstreams.post(url, body, headers, 10)
+                try:
+                    if not up.headers.get("content-type", "").startswith("text/event-stream"):
+                        data = await up.read()
+                        t.write(
+                            b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                            % (up.status, len(data), data)
+                        )
+                        continue
+                    t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    while chunk := await up.readany():
+                        t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    t.write(b"0\r\n\r\n")
+                finally:
+                    up.release()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Conn, "127.0.0.1", 0, backlog=1024)
+        print(f"FLOOR_PORT {server.sockets[0].getsockname()[1]}", flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        server.close()
+
+    uvloop.run(main())
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "mock":
         run_mock("127.0.0.1", 0)
     elif len(sys.argv) >= 3 and sys.argv[1] == "floor":
-        run_floor(int(sys.argv[2]), sys.argv[3] if len(sys.argv) >= 4 else "aiohttp")
+        if len(sys.argv) >= 4 and sys.argv[3] == "lean":
+            run_lean_floor(int(sys.argv[2]))
+        else:
+            run_floor(int(sys.argv[2]), sys.argv[3] if len(sys.argv) >= 4 else "aiohttp")
     else:
         sys.exit(__doc__)
