@@ -743,9 +743,46 @@ def summarize_profile(path: Path, top: int = 25) -> str:
     ours = [
         (f"{100 * k / total:.1f}", f"`{f}`") for f, k in sorted(incl_n.items(), key=lambda kv: -kv[1]) if "(llmd/" in f
     ]
-    lines = md_table(("self %", "inclusive %", "function"), top_self, "rr")
+    lines = md_table(("part", "share of llmd's CPU samples"), profile_parts(path), "lr")
+    lines += ["", *md_table(("self %", "inclusive %", "function"), top_self, "rr")]
     lines += ["", *md_table(("inclusive %", "function (llmd's own)"), ours, "r")]
     return "\n".join(lines)
+
+
+# Which part of llmd a sample belongs to: the innermost frame (leaf first) that names one. A leaf in
+# shared code (asyncio, aiohttp's streams and writer) counts for whoever called it.
+PARTS = [
+    (r"aiosqlite/|llmd/usage\.py", "ledger (usage row + SQLite thread)"),
+    (r"llmd/log\.py|logging/", "access log"),
+    (r"llmd/metrics\.py|prometheus_client", "metrics"),
+    (r"llmd/(auth|limits)\.py", "auth + limits"),
+    (r"llmd/upstream\.py", "upstream client (llmd/upstream.py)"),
+    (r"aiohttp/(client|connector|tracing|cookiejar)", "aiohttp client"),
+    (r"aiohttp/(web_|http_parser|base_protocol)", "aiohttp server"),
+    (r"llmd/relay\.py", "llmd relay (relay.py's own lines)"),
+    (r"llmd/(admission|balancer|pool|replica|supervisor)\.py", "llmd pool, admission, balancer"),
+    (r"llmd/(?!daemon|cli|__main__)", "llmd middleware, pipeline, envelope, meter, call"),  # not the roots
+]
+
+
+def profile_parts(path: Path) -> list[tuple[str, str]]:
+    """Shares of the samples by part (PARTS); samples in no part are the event loop itself (uvloop's
+    C code under ``Runner.run``: socket I/O, callbacks) or unattributable."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        total += int(n)
+        part = "event loop (uvloop's C code, task steps) and the rest"
+        for frame in reversed(stack.split(";")):
+            found = next((name for rx, name in PARTS if re.search(rx, frame)), None)
+            if found is not None:
+                part = found
+                break
+        counts[part] = counts.get(part, 0) + int(n)
+    return [(k, f"{100 * v / max(1, total):.1f}%") for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 # --- main ------------------------------------------------------------------------------------------
