@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from . import __version__
+from . import __version__, openapi
 from .auth import Principal
 from .balancer import MAX_HASHED_BYTES, block_hashes
 from .errors import ApiError, bad_request, model_not_found, not_found_route, overloaded
@@ -653,6 +653,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/version", version_route)
+    app.router.add_get("/openapi.json", openapi.handler(services))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     for path in ROUTES:
