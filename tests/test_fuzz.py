@@ -1,0 +1,111 @@
+"""llmd's OpenAPI document, and schema fuzzing against it (tests/fuzzing.py).
+
+The fuzz run sends a few hundred schemathesis-generated requests (valid and hostile) to llmd
+over a fake upstream, then checks: no 5xx of llmd's own, every 4xx of llmd's in its envelope,
+every response documented (status, content type, headers, llmd's own bodies), one ledger row
+per request that reached the limits, and nothing left held (limiter, monthly reservations,
+replica slots, admission queue). bench/fuzz_bench.py does the same with 10,000+.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import schemathesis
+from openapi_spec_validator import validate
+
+from llmd import __version__, openapi
+from llmd.app import Envelope
+from llmd.auth import hash_secret
+from llmd.config import parse
+from tests import fuzzing
+from tests.fakeproc import FakeProc
+
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+SERVED = {
+    "/v1/models", "/v1/models/{model}", *INFERENCE_PATHS, "/health", "/readyz", "/metrics", "/version",
+    "/openapi.json", "/admin/status", "/admin/usage",
+}  # fmt: skip
+
+
+async def test_openapi_json_is_served_without_a_key_and_is_a_valid_document(fake: FakeProc, llmd_for) -> None:
+    """1. llmd with keys: GET /openapi.json answers 200 with no key, the same bytes twice.
+    2. It validates as OpenAPI 3.1 and schemathesis loads every operation.
+    3. It names llmd's routes, version, models (enum of names and aliases) and both key schemes."""
+    keys = [{"id": "k", "sha256": hash_secret("sk-test")}]
+    async with llmd_for(fake, keys=keys) as llmd, aiohttp.ClientSession() as s:
+        async with s.get(llmd.url + "/openapi.json") as r:
+            assert r.status == 200 and r.content_type == "application/json"
+            first = await r.read()
+        async with s.get(llmd.url + "/openapi.json") as r:
+            assert await r.read() == first  # encoded once, then cached
+    doc = msgspec.json.decode(first)
+    validate(doc)
+    assert all(op.ok() for op in schemathesis.openapi.from_dict(doc).get_all_operations())
+    assert set(doc["paths"]) == SERVED
+    assert doc["info"]["version"] == __version__
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert doc["components"]["securitySchemes"]["apiKey"]["name"] == "X-API-Key"
+    assert {} not in doc["security"]  # keys configured: a key is required
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["properties"]["model"]["enum"] == ["gpt-4o-mini", "m"]
+
+
+def test_every_inference_route_documents_every_error_llmd_produces() -> None:
+    """Each of the three inference routes lists 400, 401, 403, 404, 413, 429, 502, 503 and 504
+    (and 500, a bug) in the error envelope; 429 and 503 require Retry-After. The body lists
+    every field of app.Envelope, requires model and the route's own field, and lets the rest
+    through (additionalProperties)."""
+    cfg = parse('models: {m: {backend: openai, urls: ["http://127.0.0.1:9/v1"]}}')
+    doc = openapi.build(cfg)
+    assert {} in doc["security"]  # no keys: open mode, no key needed
+    envelope_fields = {f.name for f in msgspec.structs.fields(Envelope)}
+    seen_fields: set[str] = set()
+    for path, required in zip(INFERENCE_PATHS, ("messages", "prompt", "input"), strict=True):
+        op = doc["paths"][path]["post"]
+        for status in ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"):
+            resp = op["responses"][status]
+            assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+            assert ("Retry-After" in resp["headers"]) == (status in ("429", "503")), (path, status)
+        body = op["requestBody"]["content"]["application/json"]["schema"]
+        assert body["required"] == ["model", required] and body["additionalProperties"] is True
+        seen_fields |= set(body["properties"])
+    assert envelope_fields <= seen_fields
+    error = doc["components"]["schemas"]["Error"]
+    assert error["required"] == ["message", "type", "param", "code"]
+    assert doc["components"]["headers"]["Retry-After"]["required"] is True
+
+
+def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path) -> None:
+    """1. 400 generated requests (positive and negative, every route, five identities: two
+    tiers, admin, revoked, none, made-up) against llmd over the fake.
+    2. Per response: no llmd 5xx, llmd's 4xx in its envelope, 429 with Retry-After, an
+    x-request-id, and schemathesis's conformance checks pass (status, content type,
+    headers, llmd's own bodies).
+    3. After: the ledger has exactly one row per request that reached the limits (same
+    request ids), and the limiter, monthly reservations, replica slots and queues are all
+    back to zero."""
+    logging.getLogger("llmd.access").setLevel(logging.WARNING)  # 400 access lines are noise here
+    try:
+        with fuzzing.Stack(tmp_path) as stack:
+            found = fuzzing.fuzz(stack, 400)
+            state = stack.settle()
+            errors = [r.getMessage() for r in stack.errors]
+    finally:
+        logging.getLogger("llmd.access").setLevel(logging.NOTSET)
+    by_status = found.by_status()
+    assert len(found.sent) == 400
+    assert found.problems == [], "\n\n".join(found.problems[:5])
+    assert not found.conformance, found.conformance_examples
+    assert errors == []
+    # The run exercised what it is meant to: successes, limits and each early refusal.
+    assert by_status[200] > 20 and by_status[429] > 5
+    assert all(by_status[s] for s in (400, 401, 403, 404)), by_status
+    rows = fuzzing.ledger_rows(fuzzing.ledger_path(stack))
+    expected = found.expected_rows()
+    assert list(fuzzing.ledger_mismatch(expected, rows)) == []
+    assert sum(rows.values()) == sum(expected.values()) > 50
+    assert fuzzing.leaks(state) == []
