@@ -137,7 +137,12 @@ def _upstream_body(body: bytes, env: Envelope, upstream_model: str) -> tuple[byt
         start = body.index(b"{") + 1
         sep = b"," if body[start:].strip() != b"}" else b""
         return body[:start] + b'"stream_options":{"include_usage":true}' + sep + body[start:], True
-    doc: dict[str, Any] = _generic(body)
+    try:
+        doc: dict[str, Any] = _generic(body)
+    except msgspec.DecodeError as e:
+        # The envelope decoder skips the fields it does not read without checking them all
+        # (a number like 1e999, invalid UTF-8): only a re-encoded body meets them.
+        raise bad_request(f"We could not parse the JSON body of your request: {e}.", code="invalid_json") from None
     doc["model"] = upstream_model
     if hide_usage:
         opts = doc.get("stream_options") if isinstance(doc.get("stream_options"), dict) else {}
@@ -205,6 +210,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
         raise model_not_found(env.model)
     ctx.model, ctx.stream = model, bool(env.stream)
     mcfg = rt.cfg.models[model]
+    upstream_model = mcfg.upstream_model or model
+    # Before the limits: a body that cannot be re-encoded is the client's 400, not a request.
+    out_body, hide_usage = _upstream_body(body, env, upstream_model)
 
     reserve = rt.limiter.reserve_for(
         principal, _estimate_prompt_tokens(env), env.max_completion_tokens or env.max_tokens, env.n or 1
@@ -223,10 +231,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     ex = Exchange(t_start=ctx.start)
     ctx.exchange = ex
     status = 0
-    upstream_model = mcfg.upstream_model or model
-    out_body = body
     try:
-        out_body, hide_usage = _upstream_body(body, env, upstream_model)
         prefix = env.messages if route == "chat" else env.prompt if route == "completions" else b""
         hashes = (
             block_hashes(bytes(memoryview(prefix)[:MAX_HASHED_BYTES]))

@@ -109,3 +109,23 @@ def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path
     assert list(fuzzing.ledger_mismatch(expected, rows)) == []
     assert sum(rows.values()) == sum(expected.values()) > 50
     assert fuzzing.leaks(state) == []
+
+
+async def test_a_body_llmd_must_re_encode_but_cannot_is_a_400_before_the_limits(fake: FakeProc, llmd_for) -> None:
+    """Found by fuzzing: the envelope decoder skips fields it does not read, so a number out of
+    range there (``1e999``) passed it; when llmd then re-encoded the body (an alias, or usage
+    to hide on a stream) the full decode failed and the client got a 500.
+    1. Alias 'gpt-4o-mini' and a stream with stream_options: both re-encode; both are 400
+       ``invalid_json`` in llmd's envelope. 2. No ledger row, the upstream never saw them."""
+    bodies = [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"x":1e999}',
+        b'{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":false},"x":-1e999}',
+    ]
+    async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
+        for body in bodies:
+            async with s.post(llmd.url + "/v1/chat/completions", data=body) as r:
+                doc = await r.json()
+                assert r.status == 400, doc
+                assert doc["error"]["code"] == "invalid_json" and set(doc["error"]) == fuzzing.ENVELOPE_KEYS
+        await llmd.services.ledger.flush()
+        assert llmd.services.ledger.rows_written == 0
