@@ -77,8 +77,14 @@ def _error_response(status: int, description: str | None = None) -> Schema:
 def _ok(description: str, schema: Schema, media: str = "application/json", stream: bool = False) -> Schema:
     content: Schema = {media: {"schema": schema}}
     if stream:
+        # The schema of one event (as OpenAPI 3.2's itemSchema means it): `data` is a chunk's
+        # JSON, or `[DONE]`; the events are relayed as the upstream writes them.
         content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "Server-sent events, relayed as the upstream writes them."}
+            "schema": {
+                "type": "object",
+                "description": "One server-sent event.",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+            }
         }
     return {
         "description": description,

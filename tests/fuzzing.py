@@ -21,20 +21,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hypothesis
 import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisDeprecationWarning
 from schemathesis import Case, GenerationMode
 
 from llmd import config as config_mod
@@ -283,7 +287,9 @@ class Findings:
         return out
 
 
-def send(case: Case, identity: str, base_url: str, session: requests.Session, findings: Findings) -> Sent:
+def send(
+    case: Case, identity: str, base_url: str, session: requests.Session, findings: Findings, lock: threading.Lock
+) -> Sent:
     headers = auth_headers(case, identity)
     # Through schemathesis's own transport: its serialization of bodies and odd headers.
     case.headers = headers
@@ -301,17 +307,20 @@ def send(case: Case, identity: str, base_url: str, session: requests.Session, fi
         got,
         case.as_curl_command(headers=headers),
     )
-    findings.sent.append(sent)
-    _judge(sent, findings)
+    with lock:
+        findings.sent.append(sent)
+        _judge(sent, findings)
     # An upstream's own error is relayed in its own shape (llama-server's has no ``param``):
     # the document's error schemas are llmd's, so only its status and headers are checked then.
     relayed_error = sent.status >= 400 and error_envelope(sent.body) is None and _upstream_shaped(sent.body)
     try:
         case.validate_response(resp, checks=_conformance_checks(schemas=not relayed_error))
-    except Exception as e:  # schemathesis raises one failure, or a group of them
-        for name in _failed_checks(e):
-            findings.conformance[name] += 1
-            findings.conformance_examples.setdefault(name, f"{sent.request}\n-> {sent.status} {sent.body[:300]!r}")
+    except (Exception, BaseExceptionGroup) as e:  # one failure, or a FailureGroup (a BaseExceptionGroup)
+        with lock:
+            for name in _failed_checks(e):
+                findings.conformance[name] += 1
+                example = f"{sent.request}\n-> {sent.status} {sent.body[:300]!r}"
+                findings.conformance_examples.setdefault(name, example)
     return sent
 
 
@@ -365,15 +374,30 @@ def fuzz(
     n: int,
     *,
     seed: int = 0,
-    findings: Findings | None = None,
+    workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> Findings:
-    """Generate and send ``n`` requests (deterministic for a seed)."""
-    findings = findings or Findings()
+    """Generate and send ``n`` requests (the same ones for a seed; 0: hypothesis's derandomized
+    sequence). With ``workers`` > 1, one thread generates (hypothesis is not for threads) and
+    that many send at once, each with its own session."""
+    findings = Findings()
     schema = load_schema(stack.url)
-    session = requests.Session()
     base_url = stack.url
+    todo: queue.Queue[tuple[Case, str] | None] = queue.Queue(maxsize=4 * workers)
+    failures: list[BaseException] = []
+    lock = threading.Lock()
     t0 = time.monotonic()
+
+    def sender(session: requests.Session) -> None:
+        while (item := todo.get()) is not None:
+            if failures:
+                continue  # drain: the generator must not block on a full queue
+            try:
+                send(item[0], item[1], base_url, session, findings, lock)
+            except BaseException as e:
+                failures.append(e)
+            if progress is not None:
+                progress(len(findings.sent))
 
     @settings(
         max_examples=n,
@@ -382,23 +406,58 @@ def fuzz(
         derandomize=seed == 0,
         phases=[Phase.generate],  # no shrinking: findings are collected, not raised
         suppress_health_check=list(HealthCheck),
-        report_multiple_bugs=False,
     )
     @given(case_strategy(schema))
-    def one(item: tuple[Case, str]) -> None:
-        case, identity = item
-        send(case, identity, base_url, session, findings)
-        if progress is not None:
-            progress(len(findings.sent))
+    def generate(item: tuple[Case, str]) -> None:
+        todo.put(item)
 
     if seed:
-        from hypothesis import seed as seed_decorator
-
-        one = seed_decorator(seed)(one)
-    one()
-    session.close()
+        generate = hypothesis.seed(seed)(generate)
+    sessions = [requests.Session() for _ in range(workers)]
+    threads = [threading.Thread(target=sender, args=(s,), name=f"fuzz-send-{i}") for i, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    try:
+        with warnings.catch_warnings():
+            # llmd, in this process, draws request ids from `random` while hypothesis generates;
+            # hypothesis's own randomness is seeded apart, so its warning about it is moot here.
+            warnings.filterwarnings("ignore", "Do not use the `random` module", HypothesisDeprecationWarning)
+            generate()
+    finally:
+        for _ in threads:
+            todo.put(None)
+        for t in threads:
+            t.join()
+        for session in sessions:
+            session.close()
+    if failures:
+        raise failures[0]
     findings.seconds += time.monotonic() - t0
     return findings
+
+
+# Well-formed requests that reach the upstream and succeed, streamed and not: sent after the
+# generated ones so that every run checks 200s (JSON and SSE) against the document too.
+KNOWN: list[tuple[str, str, dict[str, Any]]] = [
+    ("roomy", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+    ("roomy", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [], "stream": True}),
+    ("admin", "/v1/chat/completions", {"model": "m", "messages": [], "stream": True, "stream_options": None}),
+    ("tight-x-api-key", "/v1/completions", {"model": "m", "prompt": "a b c", "stream": True, "max_tokens": 3}),
+    ("admin", "/v1/completions", {"model": "e", "prompt": ["x"], "max_tokens": 2}),
+    ("admin", "/v1/embeddings", {"model": "embed", "input": "hello"}),
+    ("revoked", "/v1/embeddings", {"model": "e", "input": "hello"}),
+]
+
+
+def send_known(stack: Stack, findings: Findings) -> None:
+    schema = load_schema(stack.url)
+    lock = threading.Lock()
+    with requests.Session() as session:
+        for identity, path, body in KNOWN:
+            op = schema.find_operation_by_path("POST", path)
+            assert op is not None
+            case = op.Case(body=body, media_type="application/json", headers={})
+            send(case, identity, stack.url, session, findings, lock)
 
 
 def ledger_rows(path: Path) -> Counter[str]:

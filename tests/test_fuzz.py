@@ -81,7 +81,8 @@ def test_every_inference_route_documents_every_error_llmd_produces() -> None:
 
 def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path) -> None:
     """1. 400 generated requests (positive and negative, every route, five identities: two
-    tiers, admin, revoked, none, made-up) against llmd over the fake.
+    tiers, admin, revoked, none, made-up) against llmd over the fake, then a few well-formed
+    ones (streamed and not) so that 200s are always checked too.
     2. Per response: no llmd 5xx, llmd's 4xx in its envelope, 429 with Retry-After, an
     x-request-id, and schemathesis's conformance checks pass (status, content type,
     headers, llmd's own bodies).
@@ -92,12 +93,14 @@ def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path
     try:
         with fuzzing.Stack(tmp_path) as stack:
             found = fuzzing.fuzz(stack, 400)
+            fuzzing.send_known(stack, found)
             state = stack.settle()
             errors = [r.getMessage() for r in stack.errors]
     finally:
         logging.getLogger("llmd.access").setLevel(logging.NOTSET)
     by_status = found.by_status()
-    assert len(found.sent) == 400
+    assert len(found.sent) == 400 + len(fuzzing.KNOWN)
+    assert [s.status for s in found.sent[-len(fuzzing.KNOWN) :]] == [200] * (len(fuzzing.KNOWN) - 1) + [401]
     assert found.problems == [], "\n\n".join(found.problems[:5])
     assert not found.conformance, found.conformance_examples
     assert errors == []
