@@ -12,7 +12,9 @@ setup-vllm:
 run: setup
 	.venv/bin/llmd serve -c config.yaml
 
-# Fake-backend tests in parallel (2 workers), then the few real llama-server tests serially.
+# Fake-backend tests in parallel (2 workers), then the few real llama-server tests serially,
+# the .deb booted under a real systemd among them (tests/test_systemd_boot.py: root, a
+# systemd-nspawn container of Debian 12 minbase cached in ~/.cache/llmd, ~1 min cold).
 test: setup setup-vllm
 	.venv/bin/python -m pytest -q -n 2 -m "not real"
 	.venv/bin/python -m pytest -q -m real -p no:xdist

@@ -172,11 +172,7 @@ class Admission:
     def _wake_after_ejection(self, replicas: Sequence[Replica], now: float) -> None:
         """An ejected replica with free slots returns when its ejection runs out, and no event
         says so: dispatch again then."""
-        ends = [
-            r.ejected_until
-            for r in replicas
-            if r.accepting and r.free_slots > 0 and r.ejected_until > now
-        ]
+        ends = [r.ejected_until for r in replicas if r.accepting and r.free_slots > 0 and r.ejected_until > now]
         if not ends or (self._timer is not None and not self._timer.cancelled() and self._timer_at <= min(ends)):
             return
         if self._timer is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .config import Config, LimitFields, limits_for
-from .errors import ApiError
+from .errors import invalid_key
 
 log = logging.getLogger("llmd.auth")
 
@@ -39,10 +39,6 @@ def hash_secret(secret: str) -> str:
 def new_secret() -> str:
     """A fresh key: 'sk-' + 256 bits of randomness, URL-safe."""
     return "sk-" + secrets.token_urlsafe(32)
-
-
-def invalid_key(message: str = "Incorrect API key provided.") -> ApiError:
-    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 class KeyTable:

@@ -3,11 +3,14 @@
 Signal handlers only set events; the work happens in ``Daemon.run``'s loop, one thing at a
 time, so reloads are serialized and a reload never races a shutdown.
 
-Shutdown order, all phases sharing one deadline (``server.drain_seconds``):
+Shutdown order, all phases sharing one deadline (``server.drain_seconds`` + STOP_BUDGET_S):
   1. stop accepting (listening socket closed), readiness goes 503;
-  2. let in-flight requests, streams included, finish (aiohttp's graceful shutdown);
-  3. flush the usage ledger;
-  4. stop the children (SIGTERM the group, wait, SIGKILL, reap).
+  2. let in-flight requests, streams included, finish (aiohttp's graceful shutdown, up to
+     drain_seconds);
+  3. finish follow-up settles (aborted streams whose prompt is being tokenized);
+  4. flush the usage ledger;
+  5. stop the children (SIGTERM the group, wait, SIGKILL, reap);
+  6. close the ledger.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from .notify import Notifier
 from .runtime import Services
 
 log = logging.getLogger("llmd")
+
+# After the drain: time for follow-up settles, replicas' SIGTERM/SIGKILL and the last ledger flush.
+STOP_BUDGET_S = 10.0
 
 
 class Daemon:
@@ -50,7 +56,7 @@ class Daemon:
     async def start(self) -> bool:
         """Start services and listen. False (after cleaning up) when the address is taken."""
         srv = self.cfg.server
-        await self.services.start()
+        await self.services.open()
         app = create_app(self.services)
         self._runner = runner = web.AppRunner(
             app,
@@ -65,7 +71,7 @@ class Daemon:
             await site.start()
         except OSError as e:
             log.error("cannot listen", extra={"host": srv.host, "port": srv.port, "error": str(e)})
-            await self.services.close(asyncio.get_running_loop().time() + 10)
+            await self.services.close(asyncio.get_running_loop().time() + STOP_BUDGET_S)
             await runner.cleanup()
             return False
         server = getattr(site, "_server", None)
@@ -77,17 +83,19 @@ class Daemon:
         return True
 
     async def stop(self) -> None:
-        """Drain and stop; every phase shares one deadline."""
+        """Drain and stop. One deadline for every phase: in-flight requests get
+        drain_seconds, then follow-up settles, children and the ledger share what is left of
+        STOP_BUDGET_S beyond it (TimeoutStopSec in the unit is above both)."""
         loop = asyncio.get_running_loop()
         self.notifier.stopping()
         drain = self.services.runtime.cfg.server.drain_seconds
-        deadline = loop.time() + drain
+        deadline = loop.time() + drain + STOP_BUDGET_S
         log.info("stopping: draining in-flight requests", extra={"drain_seconds": drain})
         self.services.draining = True
         await self._runner.cleanup()  # stops listening, waits for in-flight handlers up to drain_seconds
         for t in self._tasks:
             t.cancel()
-        await self.services.close(max(deadline, loop.time() + 5))
+        await self.services.close(deadline)
         log.info("stopped")
 
     async def run(self) -> int:
@@ -133,8 +141,6 @@ class Daemon:
         for name in restart_only_changes(self.cfg, cfg):
             log.warning("%s changed: it takes effect at the next restart; the running value stays", name)
         self.cfg = cfg
-        if self.services.runtime.keys.open:
-            log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
         metrics.reloads.labels("ok").inc()
         log.info("reloaded", extra={"config": str(self.config_path), "models": list(cfg.models)})
         self.notifier.ready()

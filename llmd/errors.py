@@ -1,14 +1,17 @@
-"""Errors that carry their HTTP form: every error llmd produces is one ApiError,
-rendered once by the app's middleware as OpenAI's envelope
-``{"error": {"message", "type", "param", "code"}}``.
+"""Errors that carry their HTTP form and their outcome: every error llmd produces is one
+ApiError, rendered once by the app's middleware as OpenAI's envelope
+``{"error": {"message", "type", "param", "code"}}``; every constructor lives here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
+
+from .outcome import Outcome
 
 
 class ErrorBody(msgspec.Struct):
@@ -37,6 +40,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        outcome: Outcome = Outcome.INVALID,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -45,6 +49,7 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.outcome = outcome
 
     def body(self) -> bytes:
         return _encoder.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
@@ -70,12 +75,73 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
+def model_not_allowed(key_id: str, model: str) -> ApiError:
+    return ApiError(
+        403,
+        f"Key '{key_id}' may not use model '{model}'.",
+        type="permission_error",
+        code="model_not_allowed",
+        param="model",
+    )
+
+
+def route_not_served(model: str, backend: str, path: str) -> ApiError:
+    return ApiError(
+        404,
+        f"Model '{model}' (backend {backend}) does not serve {path}.",
+        code="route_not_supported",
+        param="model",
+    )
+
+
+def invalid_key(message: str = "Incorrect API key provided.") -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def admin_required(message: str = "This route needs an admin key.") -> ApiError:
+    return ApiError(403, message, type="permission_error", code="admin_required")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"Request body too large: the limit is {limit} bytes (server.max_body_bytes).", code="request_too_large"
+    )
+
+
+def method_not_allowed(method: str, path: str) -> ApiError:
+    return ApiError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+
+
+def cors_forbidden(origin: str) -> ApiError:
+    return ApiError(403, f"Origin {origin} is not allowed (server.cors_origins).", code="cors_forbidden")
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "Internal error in llmd; see its log for this request id.", type="server_error")
+
+
+def ledger_unavailable(detail: str) -> ApiError:
+    return ApiError(503, f"The usage ledger cannot be read: {detail}", type="server_error")
+
+
 def upstream_unreachable(detail: str) -> ApiError:
-    return ApiError(502, f"Upstream unreachable: {detail}", type="upstream_error", code="upstream_unreachable")
+    return ApiError(
+        502,
+        f"Upstream unreachable: {detail}",
+        type="upstream_error",
+        code="upstream_unreachable",
+        outcome=Outcome.UPSTREAM_ERROR,
+    )
+
+
+def upstream_failed(status: int, detail: str) -> ApiError:
+    return ApiError(status, detail, type="upstream_error", outcome=Outcome.UPSTREAM_ERROR)
 
 
 def upstream_timeout(detail: str) -> ApiError:
-    return ApiError(504, f"Upstream timed out: {detail}", type="upstream_error", code="upstream_timeout")
+    return ApiError(
+        504, f"Upstream timed out: {detail}", type="upstream_error", code="upstream_timeout", outcome=Outcome.TIMEOUT
+    )
 
 
 def overloaded(message: str, retry_after_s: int) -> ApiError:
@@ -85,6 +151,33 @@ def overloaded(message: str, retry_after_s: int) -> ApiError:
         type="server_overloaded",
         code="server_overloaded",
         headers={"Retry-After": str(max(1, retry_after_s))},
+        outcome=Outcome.REJECTED_QUEUE,
+    )
+
+
+class RateLimited(ApiError):
+    """429 from a per-key window or max_concurrent; ``reason`` labels the metric."""
+
+    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
+        super().__init__(
+            429,
+            message,
+            type="rate_limit_exceeded",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
+            outcome=Outcome.REJECTED_RATE,
+        )
+        self.reason = reason
+
+
+def quota_exhausted(message: str, retry_after_s: float) -> ApiError:
+    return ApiError(
+        429,
+        message,
+        type="insufficient_quota",
+        code="insufficient_quota",
+        headers={"Retry-After": str(math.ceil(retry_after_s))},
+        outcome=Outcome.REJECTED_QUOTA,
     )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from .auth import Principal
-from .errors import ApiError
+from .errors import RateLimited, quota_exhausted
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -199,13 +199,10 @@ class Limiter:
             self.monthly.roll(now)
             used = self.monthly.used.get(p.key_id, 0) + self.monthly.reserved.get(p.key_id, 0)
             if used >= lim.monthly_tokens:
-                raise ApiError(
-                    429,
+                raise quota_exhausted(
                     f"Monthly token quota exhausted for key '{p.key_id}': monthly_tokens={lim.monthly_tokens}{tier} "
                     f"({used} used in {self.monthly.month} UTC).",
-                    type="insufficient_quota",
-                    code="insufficient_quota",
-                    headers={"Retry-After": str(math.ceil(seconds_to_next_month(now)))},
+                    seconds_to_next_month(now),
                 )
         # Admitted: take everything at once (no await between the checks and here).
         s.in_flight += 1
@@ -227,15 +224,15 @@ class Limiter:
         s = self.state(key)
         s.in_flight -= 1
         used_tokens = max(0, used_tokens)
+        now = time.time() if now is None else now
         if g.entry is not None:
+            s.prune(now)  # is the reservation still in the window?
             if g.entry.live:
                 s.tokens_in_window += used_tokens - g.entry.tokens
                 g.entry.tokens = used_tokens
             elif used_tokens > g.entry.tokens:
                 # The request outlived its window (a long stream): its reservation already left
                 # the window, so the tokens beyond it count now, in the current minute.
-                now = time.time() if now is None else now
-                s.prune(now)
                 extra = _TokenEntry(now, used_tokens - g.entry.tokens)
                 s.tokens.append(extra)
                 s.tokens_in_window += extra.tokens
@@ -283,18 +280,6 @@ def _duration(seconds: float) -> str:
     if m:
         return f"{m}m{sec}s"
     return f"{sec}s"
-
-
-class RateLimited(ApiError):
-    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
-        super().__init__(
-            429,
-            message,
-            type="rate_limit_exceeded",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
-        )
-        self.reason = reason
 
 
 def _rate_limited(message: str, retry_after_s: float, reason: str) -> RateLimited:

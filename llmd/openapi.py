@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import Config
+from .routes import ROUTES
 
 if TYPE_CHECKING:
     from .runtime import Services
@@ -104,8 +105,9 @@ _REQUEST_ID_PARAM: Schema = {"$ref": "#/components/parameters/X-Request-ID"}
 # --- request bodies: app.Envelope --------------------------------------------------------------
 
 
-def _envelope(models: list[str], required: str, body_field: Schema, extra: dict[str, Schema]) -> Schema:
-    """The fields ``app.Envelope`` decodes; anything else passes through to the upstream."""
+def _envelope(models: list[str], required: str, body_field: Schema) -> Schema:
+    """``envelope.Envelope``'s fields (the same on every route; each route requires its own
+    field); anything else passes through to the upstream."""
     model: Schema = {"type": "string", "minLength": 1, "description": "A model name or alias from the config."}
     if models:
         model["enum"] = models
@@ -113,20 +115,6 @@ def _envelope(models: list[str], required: str, body_field: Schema, extra: dict[
     props: dict[str, Schema] = {
         "model": model,
         required: body_field,
-        "max_tokens": {**positive, "description": "Sizes the token reservation against tokens_per_minute."},
-        "n": positive,
-        **extra,
-    }
-    return {
-        "type": "object",
-        "required": ["model", required],
-        "properties": props,
-        "additionalProperties": True,
-    }
-
-
-def _stream_fields() -> dict[str, Schema]:
-    return {
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable(
             {
@@ -135,6 +123,15 @@ def _stream_fields() -> dict[str, Schema]:
                 "additionalProperties": True,
             }
         ),
+        "max_tokens": {**positive, "description": "Sizes the token reservation against tokens_per_minute."},
+        "max_completion_tokens": positive,
+        "n": positive,
+    }
+    return {
+        "type": "object",
+        "required": ["model", required],
+        "properties": props,
+        "additionalProperties": True,
     }
 
 
@@ -251,6 +248,14 @@ def _schemas() -> dict[str, Schema]:
 # --- the document ------------------------------------------------------------------------------
 
 
+# Per route name (routes.py): summary, operationId (OpenAI's), success body.
+_ROUTE_DOCS: dict[str, tuple[str, str, Schema]] = {
+    "chat": ("Chat completion, relayed to a replica", "createChatCompletion", _ref("CreateChatCompletionResponse")),
+    "completions": ("Text completion, relayed to a replica", "createCompletion", _ref("CreateCompletionResponse")),
+    "embeddings": ("Embeddings, relayed to a replica", "createEmbedding", _ref("CreateEmbeddingResponse")),
+}
+
+
 def _inference(summary: str, op_id: str, body: Schema, ok: Schema, stream: bool) -> Schema:
     responses: Schema = {"200": _ok("The upstream's answer, relayed.", ok, stream=stream)}
     for status in INFERENCE_ERRORS:
@@ -285,19 +290,11 @@ def build(cfg: Config) -> dict[str, Any]:
     models = sorted(cfg.model_names())
     open_mode = not cfg.keys
     ok_json = {"type": "object", "additionalProperties": True}
-    chat = _envelope(
-        models,
-        "messages",
-        {"type": "array", "items": _MESSAGE, "description": "Required; llmd checks it is an array."},
-        {**_stream_fields(), "max_completion_tokens": _nullable({"type": "integer", "minimum": 1})},
-    )
-    completions = _envelope(models, "prompt", _PROMPT, _stream_fields())
-    embeddings = _envelope(
-        models,
-        "input",
-        {"description": "Text, texts or token ids; passed through.", "anyOf": _PROMPT["anyOf"]},
-        {},
-    )
+    fields: dict[str, Schema] = {
+        "messages": {"type": "array", "items": _MESSAGE, "description": "Required; llmd checks it is an array."},
+        "prompt": _PROMPT,
+        "input": {"description": "Text, texts or token ids; passed through.", "anyOf": _PROMPT["anyOf"]},
+    }
     auth_errors = {str(s): _error_response(s) for s in (401, 500)}
     admin_errors = {
         "401": _error_response(401),
@@ -308,23 +305,6 @@ def build(cfg: Config) -> dict[str, Any]:
     if open_mode:
         security.append({})  # no keys configured: every caller is 'anonymous'
     paths: dict[str, Schema] = {
-        "/v1/chat/completions": _inference(
-            "Chat completion, relayed to a replica",
-            "createChatCompletion",
-            chat,
-            _ref("CreateChatCompletionResponse"),
-            True,
-        ),
-        "/v1/completions": _inference(
-            "Text completion, relayed to a replica",
-            "createCompletion",
-            completions,
-            _ref("CreateCompletionResponse"),
-            True,
-        ),
-        "/v1/embeddings": _inference(
-            "Embeddings, relayed to a replica", "createEmbedding", embeddings, _ref("CreateEmbeddingResponse"), False
-        ),
         "/v1/models": _get(
             "listModels",
             "Models and aliases this key may use",
@@ -411,6 +391,12 @@ def build(cfg: Config) -> dict[str, Any]:
             ],
         ),
     }
+    for route in ROUTES:  # the route table: every inference path llmd serves
+        summary, op_id, ok = _ROUTE_DOCS.get(route.name, (f"{route.name}, relayed", route.name, {"type": "object"}))
+        body = _envelope(models, route.required, fields.get(route.required, {}))
+        for path in route.paths:
+            suffix = "" if path.startswith("/v1/") else "Unversioned"
+            paths[path] = _inference(summary, op_id + suffix, body, ok, route.usage_option)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {

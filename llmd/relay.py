@@ -1,12 +1,11 @@
-"""Forward one request to one replica over the shared ClientSession and relay the answer.
+"""Forward one call to one replica over the shared ClientSession and relay the answer.
 
-Non-stream answers are relayed with the upstream's status and bytes, untouched. Streams
-are relayed event by event as they arrive (no buffering beyond one partial event), with
-two jobs done on the way: note the time of the first token, and read the upstream's usage
-(llmd asks for ``stream_options.include_usage`` when the client did not, and then drops
-that usage-only chunk, so the client sees exactly what the upstream would have sent it).
+Non-stream answers are relayed with the upstream's status and bytes (only an allow-list of
+its headers). Streams are relayed event by event as they arrive (no buffering beyond one
+partial event), whatever the wire (``sse.EventSplitter``); each event's data goes through
+the route's meter, which counts tokens, notes the first one and reads usage.
 
-Failures before the first byte reached the client raise ``UpstreamFailed`` (the caller may
+Failures before the first byte reached the client raise ``UpstreamFailed`` (the pool may
 retry on another replica); after it, the client gets an SSE error event and the stream ends.
 """
 
@@ -14,144 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .call import Call
 from .config import TimeoutsConfig
-from .errors import ApiError, sse_error_event, upstream_timeout, upstream_unreachable
+from .errors import ApiError, sse_error_event, upstream_failed, upstream_timeout, upstream_unreachable
+from .outcome import Outcome
 from .replica import Replica
 from .sse import EventSplitter, data_of
 
-
-class _Details(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
-    prompt_tokens_details: _Details | None = None
-
-
-class _Timings(msgspec.Struct):
-    cache_n: int = 0
-    prompt_n: int = 0
-    predicted_n: int = 0
-
-
-class _Body(msgspec.Struct):
-    usage: Usage | None = None
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    refusal: str | None = None
-    tool_calls: list[msgspec.Raw] | None = None
-    function_call: msgspec.Raw | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta | None = None
-    text: str | None = None  # /v1/completions
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] | None = None
-    usage: Usage | None = None
-    timings: _Timings | None = None  # llama-server's, on its last chunk even without include_usage
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[msgspec.Raw] | None = None
-
-
-class _WholeChoice(msgspec.Struct):
-    message: _Message | None = None
-    text: str | None = None
-
-
-class _WholeBody(msgspec.Struct):
-    choices: list[_WholeChoice] | None = None
-
-
-_decode_body = msgspec.json.Decoder(_Body).decode
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
-_decode_whole = msgspec.json.Decoder(_WholeBody).decode
-
-DONE = b"[DONE]"
 # Response headers a client may see from an upstream; the rest (cookies, the upstream
 # account's rate limits and organization, server banners, hop-by-hop) stay behind.
 RELAYED_HEADERS = frozenset({"content-type", "retry-after"})
 # After total_s, a client that reads too slowly to take the in-band error and the end of
 # the stream within this long is cut off (the row still says "timeout").
 EOF_GRACE_S = 5.0
-
-
-def tokens_in_chunk(chunk: _Chunk) -> int:
-    """Generated tokens a stream chunk carries: one per choice whose delta holds text, a
-    tool call piece or a refusal (llama-server and vLLM send one token per delta). Role-only
-    and usage-only chunks carry none; a last chunk with a token and its finish_reason does."""
-    n = 0
-    for c in chunk.choices or ():
-        d = c.delta
-        if c.text or (
-            d is not None and (d.content or d.reasoning_content or d.refusal or d.tool_calls or d.function_call)
-        ):
-            n += 1
-    return n
-
-
-def estimate_completion_tokens(data: bytes) -> int:
-    """A whole answer's generated tokens when the upstream reported none: ~4 bytes a token."""
-    try:
-        body = _decode_whole(data)
-    except msgspec.DecodeError:
-        return 0
-    n = 0
-    for c in body.choices or ():
-        m = c.message
-        n += len(c.text or "")
-        if m is not None:
-            n += len(m.content or "") + len(m.reasoning_content or "") + sum(len(t) for t in m.tool_calls or ())
-    return (n + 3) // 4
-
-
-@dataclass
-class Exchange:
-    """What happened on the wire; the handler turns it into a usage row, metrics and a log line."""
-
-    replica: str = ""
-    backend: str = ""
-    origin: str = ""  # the replica's scheme://host:port, for /tokenize after an abort
-    status: int = 0
-    outcome: str = "ok"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    usage_seen: bool = False
-    token_method: str = "none"  # upstream | tokenize | estimate, with stream_chunks+ for streams
-    chunks: int = 0  # token-bearing stream events relayed (one generated token each on llama-server/vLLM)
-    t_start: float = 0.0  # time.monotonic() when the request arrived; ttft counts from here
-    ttft_s: float | None = None
-    upstream_s: float = 0.0  # time spent waiting on the upstream (connect, headers, body reads)
-    client_bytes: int = 0
-    first_byte_sent: bool = False
-    streamed: bool = False  # 200 event-stream headers went out
-
-    def take_usage(self, u: Usage) -> None:
-        self.usage_seen = True
-        self.token_method = "upstream"
-        self.prompt_tokens = u.prompt_tokens or 0
-        self.completion_tokens = u.completion_tokens or 0
-        if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
-            self.cached_tokens = u.prompt_tokens_details.cached_tokens
 
 
 class UpstreamFailed(Exception):
@@ -170,17 +50,9 @@ class Relay:
         self.session = session
         self.timeouts = timeouts
 
-    async def forward(
-        self,
-        request: web.Request,
-        replica: Replica,
-        path: str,
-        body: bytes,
-        headers: dict[str, str],
-        response_headers: dict[str, str],
-        hide_usage: bool,
-        ex: Exchange,
-    ) -> web.StreamResponse:
+    async def forward(self, call: Call, replica: Replica) -> web.StreamResponse:
+        assert call.route is not None
+        ex = call.exchange
         ex.replica, ex.backend, ex.origin = replica.name, replica.backend, replica.origin()
         loop = asyncio.get_running_loop()
         t = self.timeouts
@@ -189,9 +61,9 @@ class Relay:
         try:
             async with asyncio.timeout(min(t.first_byte_s, t.total_s)):
                 resp = await self.session.post(
-                    replica.url + path,
-                    data=body,
-                    headers=headers,
+                    replica.url + call.route.upstream_path,
+                    data=call.upstream_body,
+                    headers=call.upstream_headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, connect=t.connect_s),
                 )
         except TimeoutError:
@@ -208,19 +80,13 @@ class Relay:
             ex.status = resp.status
             ctype = resp.headers.get("Content-Type", "")
             if resp.status != 200 or not ctype.startswith("text/event-stream"):
-                return await self._whole(resp, replica, ex, deadline, response_headers)
-            return await self._stream(request, resp, ex, deadline, response_headers, hide_usage)
+                return await self._whole(call, resp, replica, deadline)
+            return await self._stream(call, resp, deadline)
         finally:
             resp.release()
 
-    async def _whole(
-        self,
-        resp: aiohttp.ClientResponse,
-        replica: Replica,
-        ex: Exchange,
-        deadline: float,
-        response_headers: dict[str, str],
-    ) -> web.Response:
+    async def _whole(self, call: Call, resp: aiohttp.ClientResponse, replica: Replica, deadline: float) -> web.Response:
+        ex = call.exchange
         t0 = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
@@ -231,40 +97,25 @@ class Relay:
             raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
         finally:
             ex.upstream_s += time.monotonic() - t0
-        headers = CIMultiDict(response_headers)
+        headers = CIMultiDict(call.response_headers)
         for k, v in resp.headers.items():
             if k.lower() in RELAYED_HEADERS:
                 headers.setdefault(k, v)
         out = web.Response(status=resp.status, body=data, headers=headers)
         if resp.status in (502, 503):
             # The replica itself is failing (loading, overloaded, crashed worker): another may answer.
-            raise UpstreamFailed(
-                ApiError(resp.status, f"{replica.name} answered {resp.status}", type="upstream_error"), True, out
-            )
-        if resp.status == 200 and b'"usage"' in data:
-            try:
-                u = _decode_body(data).usage
-            except msgspec.DecodeError:
-                u = None
-            if u is not None:
-                ex.take_usage(u)
-        if resp.status == 200 and not ex.usage_seen:
-            ex.completion_tokens = estimate_completion_tokens(data)
-        ex.outcome = "ok" if resp.status < 400 else "upstream_error"
+            raise UpstreamFailed(upstream_failed(resp.status, f"{replica.name} answered {resp.status}"), True, out)
+        if resp.status == 200:
+            call.route.meter.whole(data, ex)  # type: ignore[union-attr]
+        ex.outcome = Outcome.OK if resp.status < 400 else Outcome.UPSTREAM_ERROR
         ex.client_bytes = len(data)
         return out
 
-    async def _stream(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        ex: Exchange,
-        deadline: float,
-        response_headers: dict[str, str],
-        hide_usage: bool,
-    ) -> web.StreamResponse:
+    async def _stream(self, call: Call, resp: aiohttp.ClientResponse, deadline: float) -> web.StreamResponse:
+        request, ex = call.request, call.exchange
+        meter = call.route.meter  # type: ignore[union-attr]
         out = web.StreamResponse(status=200)
-        out.headers.update(response_headers)
+        out.headers.update(call.response_headers)
         out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"  # nginx must not buffer SSE
@@ -277,8 +128,8 @@ class Relay:
             raise asyncio.CancelledError from None
         ex.first_byte_sent = True
         ex.streamed = True
-        started = ex.t_start or time.monotonic()
         splitter = EventSplitter()
+        hide_usage = call.hide_usage
         tail: bytes | None = None  # what is still owed to the client after an upstream failure
         try:
             async with asyncio.timeout_at(deadline):
@@ -287,27 +138,30 @@ class Relay:
                     t0 = time.monotonic()
                     data = await reader.readany()
                     ex.upstream_s += time.monotonic() - t0
-                    if not data:
-                        events = splitter.close()
-                    else:
-                        events = splitter.feed(data)
+                    events = splitter.feed(data) if data else splitter.close()
                     if events:
-                        relay = self._events(events, ex, hide_usage, started)
-                        if relay:
+                        parts: list[bytes] = []
+                        for ev in events:
+                            payload = data_of(ev)
+                            if payload is None or meter.event(payload, ex, hide_usage):
+                                parts.append(ev)
+                                parts.append(b"\n\n")
+                        if parts:
+                            relay = b"".join(parts)
                             await out.write(relay)
                             ex.client_bytes += len(relay)
                     if not data:
                         break
         except TimeoutError:
-            ex.outcome = "timeout"
+            ex.outcome = Outcome.TIMEOUT
             tail = sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s"))
         except (aiohttp.ClientError, OSError) as e:
             if _client_gone(request):
                 # A write to the client failed (aiohttp raises ClientConnectionResetError there too).
-                ex.outcome = "client_abort"  # the client went away; leaving here closes the upstream
+                ex.outcome = Outcome.CLIENT_ABORT  # leaving here closes the upstream
                 return out
             # The replica died mid-stream (e.g. kill -9): tell the client in-band, then end.
-            ex.outcome = "upstream_error"
+            ex.outcome = Outcome.UPSTREAM_ERROR
             tail = sse_error_event(upstream_unreachable(f"{ex.replica} broke the stream: {type(e).__name__}"))
         # The end of the stream is bounded too: a client that cannot take it within the grace
         # period is cut off, and the row keeps the reason the stream ended (timeout, error, ok).
@@ -318,42 +172,23 @@ class Relay:
                     ex.client_bytes += len(tail)
                 await out.write_eof()
         except TimeoutError:
-            if request.transport is not None:
-                request.transport.abort()
+            _abort(request)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation: the client left, or shutdown
+            # Not this task's: aiohttp's drain future, cancelled when total_s interrupted a write
+            # to a client that does not read. That client cannot take the end either.
+            _abort(request)
         except ConnectionResetError:
-            if ex.outcome == "ok":
-                ex.outcome = "client_abort"
+            if ex.outcome is Outcome.OK:
+                ex.outcome = Outcome.CLIENT_ABORT
         return out
 
-    @staticmethod
-    def _events(events: list[bytes], ex: Exchange, hide_usage: bool, started: float) -> bytes:
-        parts: list[bytes] = []
-        for ev in events:
-            payload = data_of(ev)
-            if payload is not None and payload != DONE:
-                try:
-                    chunk = _decode_chunk(payload)
-                except msgspec.DecodeError:
-                    chunk = None  # not JSON: relayed as it is, counted as nothing
-                if chunk is not None:
-                    if chunk.usage is not None:
-                        ex.take_usage(chunk.usage)
-                        if hide_usage and not chunk.choices:
-                            continue  # the client did not ask for it; llmd did
-                    elif chunk.timings is not None and not ex.usage_seen:
-                        ex.prompt_tokens = chunk.timings.prompt_n + chunk.timings.cache_n
-                        ex.completion_tokens = chunk.timings.predicted_n
-                        ex.cached_tokens = chunk.timings.cache_n
-                        ex.usage_seen = True
-                        ex.token_method = "upstream"
-                    n = tokens_in_chunk(chunk)
-                    if n:
-                        ex.chunks += n
-                        if ex.ttft_s is None:
-                            ex.ttft_s = time.monotonic() - started
-            parts.append(ev)
-            parts.append(b"\n\n")
-        return b"".join(parts)
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -410,10 +245,3 @@ async def count_prompt_tokens(
     except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, AttributeError):
         return None
     return None
-
-
-async def _try_write(out: web.StreamResponse, data: bytes) -> None:
-    try:
-        await out.write(data)
-    except ConnectionResetError:
-        pass

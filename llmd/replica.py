@@ -8,8 +8,11 @@ READY from the start and is only taken out of rotation by failures (ejection).
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger("llmd")
 
 
 class ReplicaState(enum.Enum):
@@ -69,6 +72,24 @@ class Replica:
         """vLLM's own signals: requests already waiting or KV cache nearly full."""
         m = self.backend_metrics
         return m.get("waiting", 0.0) > 0 or m.get("kv_cache_usage", 0.0) > 0.95
+
+    # Passive health has this one owner: the pool reports each relay's result, the supervisor
+    # clears it when a health check passes (READY).
+    def note_ok(self) -> None:
+        self.failures = 0
+
+    def note_failure(self, eject_after_failures: int) -> None:
+        """A relay failed. At ``eject_after_failures`` in a row it leaves rotation, for longer
+        each time (5 s doubling, at most 60 s); a supervised replica returns earlier when its
+        health check passes, a remote url when the time runs out."""
+        self.failures += 1
+        if self.failures >= eject_after_failures:
+            self.ejected_until = time.monotonic() + min(60.0, 2.0 ** (self.failures - eject_after_failures) * 5)
+            log.warning("replica ejected", extra={"replica": self.name, "failures": self.failures})
+
+    def note_ready(self) -> None:
+        self.failures = 0
+        self.ejected_until = 0.0
 
     def origin(self) -> str:
         """scheme://host:port, for backend-specific routes outside /v1 (/health, /tokenize)."""

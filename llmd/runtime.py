@@ -1,10 +1,14 @@
-"""Runtime: everything derived from one Config; Services: what outlives a reload.
+"""Runtime: everything derived from one Config; Services: what lives as long as the process.
 
-A reload builds a new Runtime (key table, limits, names) and swaps it in one assignment;
-requests already running keep the Runtime they started with. Services (the shared
-ClientSession, the supervisor and its children, the ledger, metrics, per-model admission
-queues) live for the whole process and are reconfigured, not rebuilt, so in-flight slots,
-queues and replica processes carry over.
+A reload builds a new Runtime aside (key table, limiter carrying the old windows, pools),
+lets the supervisor reconcile the replicas, then swaps it in with one assignment and
+``activate``; if building or reconciling fails, the old Runtime keeps serving untouched.
+Requests already running keep the Runtime they started with.
+
+Services own the process-long resources, each opened in ``open`` and closed in ``close``
+under one shutdown deadline: the shared ClientSession, the supervisor and its children,
+the usage ledger, metrics and the access log. Pools (admission queues, slots in use) are
+carried from one Runtime to the next for every model that stays.
 """
 
 from __future__ import annotations
@@ -15,18 +19,16 @@ import logging
 import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from .admission import Admission
 from .auth import KeyTable
-from .balancer import Balancer
 from .config import Config
 from .limits import Limiter
 from .log import AccessLog
 from .metrics import Metrics
+from .pool import Pool
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .supervisor import Supervisor
@@ -36,44 +38,61 @@ log = logging.getLogger("llmd")
 
 
 class Runtime:
-    def __init__(self, cfg: Config, previous: Runtime | None = None) -> None:
+    """The derived state of one config. Building one changes nothing that serves."""
+
+    def __init__(self, cfg: Config, supervisor: Supervisor, metrics: Metrics, previous: Runtime | None = None) -> None:
         self.cfg = cfg
         self.keys = KeyTable(cfg)
         self.model_names = cfg.model_names()
-        # Limit state survives a reload for every key id that still exists.
         if previous is not None:
-            states = {k: v for k, v in previous.limiter.states.items() if k in set(self.keys.ids) | {"anonymous"}}
+            # Limit state survives a reload for every key id that still exists.
+            keep = set(self.keys.ids) | {"anonymous"}
+            states = {k: v for k, v in previous.limiter.states.items() if k in keep}
             self.limiter = Limiter(states, previous.limiter.monthly)
         else:
             self.limiter = Limiter()
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.server.trusted_proxies]
         self.cors_origins = frozenset(cfg.server.cors_origins)
+        self.upstream_keys = {
+            m.api_key_env: os.environ.get(m.api_key_env, "") for m in cfg.models.values() if m.api_key_env
+        }
+        old = previous.pools if previous is not None else {}
+        self.pools: dict[str, Pool] = {
+            name: old.get(name) or Pool(name, lambda n=name: supervisor.replicas(n), cfg.routing, metrics)
+            for name in cfg.models
+        }
+        self._previous_pools = old
 
-
-@dataclass
-class Pool:
-    admission: Admission
-    balancer: Balancer
+    def activate(self) -> None:
+        """Now serving: kept pools take the new routing settings, removed models' waiters are
+        told, queues dispatch (a reload may have added replicas)."""
+        for pool in self.pools.values():
+            pool.configure(self.cfg.routing)
+        for name, pool in self._previous_pools.items():
+            if name not in self.pools:
+                # Removed model: its waiters are told now; in-flight requests finish.
+                pool.admission.fail_all(f"Model '{name}' was removed by a reload.")
+        self._previous_pools = {}
+        for pool in self.pools.values():
+            pool.admission.dispatch()
+        if self.keys.open:
+            log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
 
 
 class Services:
-    def __init__(self, cfg: Config) -> None:
-        self.runtime = Runtime(cfg)
-        self.metrics = Metrics(enabled=cfg.server.metrics)
-        self.metrics.set_names(cfg.models, self.runtime.keys.ids)
-        self.ledger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
-        self.started_unix = int(time.time())
-        self.pools: dict[str, Pool] = {}
-        self.upstream_keys: dict[str, str] = {}
-        self.session: aiohttp.ClientSession | None = None
-        self.supervisor: Supervisor | None = None
-        self.relay: Relay
-        self.draining = False
-        self.access = AccessLog()
-        self._background: set[asyncio.Task[None]] = set()  # set at shutdown: /readyz answers 503 so balancers move away
+    """Process-long resources. Construct, then ``await open()``; ``close(deadline)`` once."""
 
-    async def start(self) -> None:
-        cfg = self.runtime.cfg
+    def __init__(self, cfg: Config) -> None:
+        self.metrics = Metrics(enabled=cfg.server.metrics)
+        self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
+        self.access = AccessLog()
+        self.started_unix = int(time.time())
+        self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
+        self._cfg = cfg
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        cfg = self._cfg
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
         # Upstreams are asked for identity encoding; one that compresses anyway is decoded here
         # (usage is read from the answer, and its Content-Encoding is not relayed).
@@ -81,15 +100,18 @@ class Services:
             connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
         self.relay = Relay(self.session, cfg.routing.timeouts)
+        self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
+        self.runtime = Runtime(cfg, self.supervisor, self.metrics)
+        self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         await self.ledger.open()
         month = current_month()
         self.runtime.limiter.monthly.load(month, await self.ledger.month_totals(month))
-        self._load_upstream_keys(cfg)
-        self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
-        self._configure_pools(cfg)
+        self.runtime.activate()
         await self.supervisor.start()
-        if self.runtime.keys.open:
-            log.warning("no keys configured: every request is accepted as 'anonymous' (bind loopback only)")
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return self.runtime.pools
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run follow-up work of a finished request (e.g. counting an aborted stream's prompt);
@@ -98,77 +120,32 @@ class Services:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _load_upstream_keys(self, cfg: Config) -> None:
-        self.upstream_keys = {
-            m.api_key_env: os.environ.get(m.api_key_env, "") for m in cfg.models.values() if m.api_key_env
-        }
-
-    def _configure_pools(self, cfg: Config) -> None:
-        r = cfg.routing
-        for name in cfg.models:
-            pool = self.pools.get(name)
-            if pool is None:
-                balancer = Balancer(r.strategy, r.affinity_min_match, r.load_factor)
-                admission = Admission(
-                    name, lambda n=name: self._replicas(n), balancer, r.max_queue, r.queue_timeout_s, r.admission
-                )
-                # Bound to this admission, not looked up by name: a reload that removes the model
-                # fails its waiters, and their wait is still observed after the pool is gone.
-                admission.on_wait = lambda s, n=name, a=admission: self.metrics.observe_queue(n, a.depth, s)
-                self.pools[name] = Pool(admission, balancer)
-            else:
-                pool.balancer.configure(r.strategy, r.affinity_min_match, r.load_factor)
-                pool.admission.configure(r.max_queue, r.queue_timeout_s, r.admission)
-        for name in list(self.pools):
-            if name not in cfg.models:
-                # Removed model: its waiters are told now; in-flight requests finish.
-                self.pools.pop(name).admission.fail_all(f"Model '{name}' was removed by a reload.")
-
-    def _replicas(self, model: str) -> list[Replica]:
-        return self.supervisor.replicas(model) if self.supervisor else []
-
-    def pool(self, model: str) -> Pool:
-        return self.pools[model]
-
     def _on_replica_change(self, replica: Replica) -> None:
         self.metrics.observe_replica(replica)
-        pool = self.pools.get(replica.model)
+        pool = self.runtime.pools.get(replica.model)  # callbacks start with supervisor.start(), after the runtime
         if pool is None:
             return
         if replica.state is ReplicaState.STARTING:
             pool.balancer.forget(replica.name)  # a new process has an empty prompt cache
         if replica.state is ReplicaState.READY:
-            replica.failures = 0
-            replica.ejected_until = 0.0
+            replica.note_ready()
         pool.admission.dispatch()
 
-    def note_failure(self, replica: Replica) -> None:
-        """Passive health: a replica that fails repeatedly leaves rotation until its health
-        check passes (supervised) or for a while (remote urls, which have no health loop)."""
-        replica.failures += 1
-        if replica.failures >= self.runtime.cfg.routing.eject_after_failures:
-            backoff = min(60.0, 2.0 ** (replica.failures - self.runtime.cfg.routing.eject_after_failures) * 5)
-            replica.ejected_until = time.monotonic() + backoff
-            log.warning("replica ejected", extra={"replica": replica.name, "failures": replica.failures})
-
     async def reload(self, cfg: Config) -> None:
-        """Swap in a validated config: replicas reconciled, then a new Runtime and pools.
-        Reconcile goes first: if it fails, nothing has been swapped and the old config serves."""
-        assert self.supervisor is not None
+        """Build aside, reconcile replicas, swap. Any exception before the swap leaves the old
+        Runtime serving as it was."""
+        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime)
         await self.supervisor.reconcile(cfg)
-        self.runtime = Runtime(cfg, previous=self.runtime)
-        self.metrics.set_names(cfg.models, self.runtime.keys.ids)
-        self._load_upstream_keys(cfg)
+        self.runtime = new  # the swap: requests from here on see the new config
+        self.metrics.set_names(cfg.models, new.keys.ids)
         self.relay.timeouts = cfg.routing.timeouts
-        self._configure_pools(cfg)
-        for pool in self.pools.values():
-            pool.admission.dispatch()
+        new.activate()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         models: dict[str, object] = {}
         ready = True
         for name in self.runtime.cfg.models:
-            reps = self._replicas(name)
+            reps = self.supervisor.replicas(name)
             n_ready = sum(1 for r in reps if r.state is ReplicaState.READY)
             ready = ready and n_ready > 0
             models[name] = {
@@ -181,7 +158,7 @@ class Services:
 
     def status(self) -> dict[str, object]:
         return {
-            "replicas": self.supervisor.status() if self.supervisor else [],
+            "replicas": self.supervisor.status(),
             "queues": {name: p.admission.depth for name, p in self.pools.items()},
             "usage": {"pending_rows": self.ledger.pending_rows, "dropped_rows": self.ledger.dropped_rows},
             "config": self.runtime.cfg.source,
@@ -193,17 +170,29 @@ class Services:
         m.observe_dropped(self.ledger.dropped_rows)
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
+            reps = self.supervisor.replicas(name)
             if m.enabled:
-                m.in_flight.labels(m.model(name)).set(sum(r.in_flight for r in self._replicas(name)))
-            for r in self._replicas(name):
+                m.in_flight.labels(m.model(name)).set(sum(r.in_flight for r in reps))
+            for r in reps:
                 m.observe_replica(r)
 
     async def close(self, deadline: float) -> None:
+        """Every phase within ``deadline`` (loop time): follow-up settles, a ledger flush (rows
+        are complete once requests are drained: they must not wait behind slow children),
+        the children, then the ledger's last flush and close."""
+        loop = asyncio.get_running_loop()
         if self._background:
-            await asyncio.wait(self._background, timeout=10)
-        if self.supervisor is not None:
-            await self.supervisor.stop(deadline)
-        await self.ledger.close()
+            await asyncio.wait(self._background, timeout=max(0.1, deadline - loop.time()))
+        await self._bounded(self.ledger.flush(), deadline, "flush")
+        await self.supervisor.stop(deadline)
+        await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
         self.access.flush()
-        if self.session is not None:
-            await self.session.close()
+        await self.session.close()
+
+    @staticmethod
+    async def _bounded(step: Coroutine[Any, Any, object], deadline: float, what: str) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await step
+        except TimeoutError:
+            log.error("usage ledger: %s did not finish before the shutdown deadline; rows may be lost", what)

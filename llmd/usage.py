@@ -17,7 +17,6 @@ import asyncio
 import calendar
 import contextlib
 import csv
-import enum
 import io
 import logging
 import os
@@ -33,6 +32,7 @@ import aiosqlite
 import msgspec
 
 from llmd.config import UsageConfig
+from llmd.outcome import Outcome
 
 log = logging.getLogger("llmd.usage")
 
@@ -41,16 +41,6 @@ MAX_BACKOFF_S = 5.0  # the longest wait between two failed writes; bounds recove
 TICK_MAX_ROWS = 2_000  # rows per transaction from the flusher, so a backlog never stalls the event loop
 LOG_EVERY_S = 30.0  # repeated drop/error warnings are summarised at most this often
 CLOSE_ATTEMPTS = 3  # final flush tries on close before rows are declared lost
-
-
-class Outcome(enum.StrEnum):
-    OK = "ok"
-    CLIENT_ABORT = "client_abort"
-    UPSTREAM_ERROR = "upstream_error"
-    REJECTED_RATE = "rejected_rate"
-    REJECTED_QUOTA = "rejected_quota"
-    TIMEOUT = "timeout"
-    REJECTED_QUEUE = "rejected_queue"
 
 
 class UsageRow(msgspec.Struct, kw_only=True):

@@ -21,7 +21,11 @@ function of the request and its flags, so tests can predict every byte:
 * Embeddings: a unit vector seeded from sha256 of the input text.
 
 Per-request behaviour is steered by an extra body object ``"fake": {...}`` (see ``Controls``); a
-typo in it is a 400 so that tests fail loudly. ``GET /fake/stats`` and ``POST /fake/reset`` let a
+typo in it is a 400 so that tests fail loudly. How answers are framed on the wire (JSON spacing, SSE
+prefix and line endings, writes split at arbitrary bytes, gzip, OpenAI's role chunk, llama-server's
+``timings``) is a ``Wire`` profile: ``--fake-wire NAME`` for the process, ``"fake": {"wire": NAME or
+{knob: value}}`` per request (see ``WIRE_PROFILES``). The default profile, "native", is the server's
+own framing byte for byte. ``GET /fake/stats`` and ``POST /fake/reset`` let a
 test see what reached the process.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import hashlib
 import json
 import math
@@ -78,6 +83,8 @@ FAKE_FLAGS: dict[str, Flag] = {
     "--exit-after-s": Flag("exit_after_s", convert=float),
     "--fail-health": Flag("fail_health", "switch"),
     "--fake-embedding-dim": Flag("embedding_dim", convert=int),
+    "--fake-wire": Flag("wire"),
+    "--fake-controls": Flag("controls", convert=json.loads),  # Controls for every request, as JSON
 }
 
 FAKE_DEFAULTS: dict[str, Any] = {
@@ -85,6 +92,8 @@ FAKE_DEFAULTS: dict[str, Any] = {
     "token_delay_ms": 0.0,
     "exit_after_s": None,
     "fail_health": False,
+    "wire": "native",
+    "controls": None,
 }
 
 
@@ -358,9 +367,139 @@ class Controls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tool_call: bool | dict[str, Any] = False  # {"name": ..., "arguments": {...}} to choose the call
     text: str | None = None  # answer exactly this text (finish_reason "stop")
     exit: bool = False  # the process exits with status 1 at once
+    wire: str | dict[str, Any] | None = None  # a WIRE_PROFILES name, or knobs over the process's profile
 
 
 NO_CONTROLS = Controls()
+
+
+# --------------------------------------------------------------------------------------------
+# Wire profiles: the same answers framed the ways real upstreams (and proxies between) frame them
+# --------------------------------------------------------------------------------------------
+
+
+class Wire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """How answers are put on the wire. The defaults are what llama-server and vLLM send;
+    every other value is something a real OpenAI-compatible upstream or a proxy does."""
+
+    json: str = "compact"  # "compact" (no spaces) or "spaced" (Python's json.dumps: ", " and ": ")
+    data_prefix: str = "data: "  # or "data:" (the SSE spec makes the space optional)
+    eol: str = "\n"  # or "\r\n" (CRLF line endings, as some proxies and servers send)
+    split: bool = False  # SSE bytes cut at arbitrary points across writes, several events per write
+    gzip: bool = False  # non-stream answers gzip-compressed when the request accepts gzip
+    openai_role: bool = False  # OpenAI's chunks: role delta {"role","content":"","refusal":null},
+    # "logprobs":null in every choice, "usage":null on every chunk when include_usage was asked
+    timings: bool = True  # llama-server's "timings" object (a llama-server-only field)
+    stream_usage: bool = True  # honour stream_options.include_usage (some servers ignore it)
+
+
+WIRE_PROFILES: dict[str, Wire] = {
+    "native": Wire(),
+    # api.openai.com: compact JSON, "data: ", LF; OpenAI's role chunk; no timings; gzip on request.
+    "openai": Wire(openai_role=True, timings=False, gzip=True),
+    # Everything a parser can trip on at once: spaced JSON, "data:" without a space, CRLF, events
+    # split across writes (a write may end between "\r" and "\n") and coalesced, gzip.
+    "chaos": Wire(json="spaced", data_prefix="data:", eol="\r\n", split=True, gzip=True, openai_role=True,
+                  timings=False),
+    # An upstream that never sends a usage event nor timings: tokens must be counted from chunks.
+    "no-usage": Wire(timings=False, stream_usage=False),
+}
+
+
+def resolve_wire(default: str, control: str | dict[str, Any] | None) -> Wire:
+    """The profile of one request: the process's ``--fake-wire`` under the request's control."""
+    base = WIRE_PROFILES[default]
+    if control is None:
+        return base
+    if isinstance(control, str):
+        if control not in WIRE_PROFILES:
+            raise ValueError(f"unknown wire profile {control!r}; known: {', '.join(WIRE_PROFILES)}")
+        return WIRE_PROFILES[control]
+    return msgspec.convert({**msgspec.structs.asdict(base), **control}, Wire)
+
+
+def _spaced(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def wire_encode(wire: Wire, obj: Any) -> bytes:
+    return _spaced(obj) if wire.json == "spaced" else _json_encode(obj)
+
+
+def wire_shape(wire: Wire, obj: Any, include_usage: bool) -> Any:
+    """An answer or chunk as the profile sends it (a shallow copy when something changes)."""
+    if not isinstance(obj, dict):
+        return obj
+    if not wire.timings and "timings" in obj:
+        obj = {k: v for k, v in obj.items() if k != "timings"}
+    if wire.openai_role and str(obj.get("object", "")).startswith("chat.completion"):
+        choices = []
+        for choice in obj.get("choices") or ():
+            choice = dict(choice)
+            if isinstance(choice.get("delta"), dict) and "role" in choice["delta"]:
+                choice["delta"] = {"role": "assistant", "content": "", "refusal": None}
+            if isinstance(choice.get("message"), dict):
+                choice["message"] = {"refusal": None, **choice["message"]}
+            choice.setdefault("logprobs", None)
+            choices.append(choice)
+        obj = {**obj, "choices": choices}
+        if include_usage and obj["object"] == "chat.completion.chunk" and "usage" not in obj:
+            obj["usage"] = None
+    return obj
+
+
+class SseWriter:
+    """Writes one SSE answer in a wire profile. With ``split``, each event's bytes go out in
+    pieces (separate writes, a moment apart, so that they reach the reader separately), the last
+    piece is held back and goes out with the next event, and now and then a whole event waits for
+    the next one: events span reads and reads hold several events."""
+
+    def __init__(self, response: web.StreamResponse, wire: Wire, seed: int, include_usage: bool) -> None:
+        self.response = response
+        self.wire = wire
+        self.include_usage = include_usage
+        self.rng = random.Random(seed)
+        self.pending = b""
+        self.eol = wire.eol.encode()
+
+    async def event(self, obj: Any) -> None:
+        if not self.wire.stream_usage and isinstance(obj, dict) and "usage" in obj:
+            if not obj.get("choices"):
+                return  # a usage-only chunk: this upstream never sends one
+            obj = {k: v for k, v in obj.items() if k != "usage"}
+        payload = wire_encode(self.wire, wire_shape(self.wire, obj, self.include_usage))
+        await self._send(self.wire.data_prefix.encode() + payload + self.eol + self.eol)
+
+    async def done(self) -> None:
+        await self._send(self.wire.data_prefix.encode() + b"[DONE]" + self.eol + self.eol)
+
+    async def comment(self) -> None:
+        await self._send(b":" + self.eol + self.eol)
+
+    async def flush(self) -> None:
+        """Everything held back goes out (before a hang, a reset or the end of the answer)."""
+        if self.pending:
+            data, self.pending = self.pending, b""
+            await self.response.write(data)
+
+    async def _send(self, data: bytes) -> None:
+        if not self.wire.split:
+            await self.response.write(data)
+            return
+        buf = self.pending + data
+        if self.rng.random() < 0.3:
+            self.pending = buf  # this event waits: the next write carries two
+            return
+        cuts = set(self.rng.sample(range(1, len(buf)), min(3, len(buf) - 1)))
+        crlf = buf.rfind(b"\r\n")
+        if crlf > 0:
+            cuts.add(crlf + 1)  # between "\r" and "\n" of the event's end: a CRLF across reads
+        points = sorted(cuts)
+        pieces = [buf[a:b] for a, b in zip([0, *points[:-1]], points, strict=True)]
+        self.pending = buf[points[-1]:]
+        for piece in pieces:
+            await self.response.write(piece)
+            await asyncio.sleep(0.002)  # a separate TCP segment, so a separate read upstream
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +592,7 @@ class Stats:
 
 
 REQUEST_DROPPED = web.RequestKey("fake_dropped", bool)
+REQUEST_WIRE = web.RequestKey("fake_wire", Wire)
 
 
 def abort_connection(request: web.Request) -> None:
@@ -540,6 +680,13 @@ class FakeServer:
     json_charset: ClassVar[str | None] = None
 
     def __init__(self, opts: dict[str, Any], slots: int) -> None:
+        if opts["wire"] not in WIRE_PROFILES:
+            raise SystemExit(f"error: --fake-wire: unknown profile {opts['wire']!r}; known: {', '.join(WIRE_PROFILES)}")
+        if opts["controls"] is not None:
+            try:
+                msgspec.convert(opts["controls"], Controls)
+            except msgspec.ValidationError as exc:
+                raise SystemExit(f"error: --fake-controls: {exc}") from None
         self.opts = opts
         self.host: str = opts["host"]
         self.port: int = opts["port"]
@@ -588,6 +735,19 @@ class FakeServer:
     def json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         return json_response(obj, status, charset=self.json_charset, headers=headers)
 
+    def wire_json(self, request: web.Request, obj: Any) -> web.Response:
+        """A 200 answer in the request's wire profile (gzip only when the request accepts it)."""
+        wire = request.get(REQUEST_WIRE) or WIRE_PROFILES[self.opts["wire"]]
+        if wire == WIRE_PROFILES["native"]:
+            return self.json(obj)
+        body = wire_encode(wire, wire_shape(wire, obj, False))
+        headers = {}
+        if wire.gzip and "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, content_type="application/json", charset=self.json_charset,
+                            headers=headers)
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/fake/") and not self.ready:
@@ -635,10 +795,19 @@ class FakeServer:
                 stats.errors += 1
                 return self.error_response(400, "request body must be a JSON object")
             try:
-                ctl = msgspec.convert(body.get("fake") or {}, Controls) if "fake" in body else NO_CONTROLS
+                if "fake" in body or self.opts["controls"]:
+                    # the request's own controls win over the process's --fake-controls
+                    ctl = msgspec.convert({**(self.opts["controls"] or {}), **(body.get("fake") or {})}, Controls)
+                else:
+                    ctl = NO_CONTROLS
             except msgspec.ValidationError as exc:
                 stats.errors += 1
                 return self.error_response(400, f"fake: {exc}")
+            try:
+                request[REQUEST_WIRE] = resolve_wire(self.opts["wire"], ctl.wire)
+            except (ValueError, msgspec.ValidationError) as exc:
+                stats.errors += 1
+                return self.error_response(400, f"fake: wire: {exc}")
             if ctl.exit:
                 crash(1, "request asked to exit")
             async with self._tracked(request):
@@ -751,7 +920,7 @@ class FakeServer:
             self.stats.prompt_tokens += job.prompt_tokens
             body = build()
             job.t_prompt_end = job.t_end = time.monotonic()
-            return self.json(body)
+            return self.wire_json(request, body)
         finally:
             self.slots.release(job)
 
@@ -777,28 +946,34 @@ class FakeServer:
             self.count_token(job)
         job.t_end = time.monotonic()
         self.count_finished(job, renderer.output.finish_reason)
-        return self.json(renderer.final())
+        return self.wire_json(request, renderer.final())
 
     async def _stream(self, request: web.Request, ctl: Controls, job: Job,
                       renderer: Renderer) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": renderer.content_type})
         await response.prepare(request)
+        wire = request.get(REQUEST_WIRE) or WIRE_PROFILES[self.opts["wire"]]
+        include_usage = bool(getattr(renderer, "include_usage", False)) and wire.stream_usage
+        out = SseWriter(response, wire, job.task_id, include_usage)
         for event in renderer.head():
-            await response.write(sse_event(event))
+            await out.event(event)
         delay = self.token_delay_s(ctl)
         n = renderer.output.n_tokens
         for i in range(n + 1):
             if i == ctl.hang_after_tokens:
+                await out.flush()
                 await asyncio.Future()
             if i == ctl.drop_after_tokens:
+                await out.flush()
                 abort_connection(request)
                 await asyncio.Future()
             if i == ctl.error_after_tokens:
                 self.stats.errors += 1
                 self.count_finished(job, "error")
-                await response.write(sse_event(renderer.stream_error(ctl.message)))
+                await out.event(renderer.stream_error(ctl.message))
                 if renderer.done_after_error and renderer.done_marker:
-                    await response.write(renderer.done_marker)
+                    await out.done()
+                await out.flush()
                 await response.write_eof()
                 return response
             if i == n:
@@ -806,15 +981,16 @@ class FakeServer:
             if delay:
                 await asyncio.sleep(delay)
             if ctl.ping:
-                await response.write(b":\n\n")
-            await response.write(sse_event(renderer.chunk(i)))
+                await out.comment()
+            await out.event(renderer.chunk(i))
             self.count_token(job)
         job.t_end = time.monotonic()
         self.count_finished(job, renderer.output.finish_reason)
         for event in renderer.tail():
-            await response.write(sse_event(event))
+            await out.event(event)
         if renderer.done_marker:
-            await response.write(renderer.done_marker)
+            await out.done()
+        await out.flush()
         await response.write_eof()
         return response
 

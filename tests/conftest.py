@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmd import config as config_mod
 from llmd.daemon import Daemon
-from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
+from tests.fakeproc import FAKE_LLAMA, FAKE_VLLM, FakeProc, start_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +78,29 @@ async def run_llmd(path: Path) -> AsyncIterator[Llmd]:
 async def fake() -> AsyncIterator[FakeProc]:
     """One fake llama-server with 4 slots, used as a remote `openai` upstream."""
     proc = await start_fake(FAKE_LLAMA, "-np", "4", "--metrics", "--embeddings")
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+# The upstreams that tests where the wire matters (streams, usage, token limits) run against: the
+# fake llama-server in each wire profile of tests/_fake_common.py, and the fake vLLM (its own
+# framing: "content":"" role chunk, finish_reason on the last token chunk, no timings). vLLM
+# serves "m" and "other" (it refuses other model names) and has no embeddings on its generate runner.
+UPSTREAMS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "llama": (FAKE_LLAMA, ("-np", "4", "--metrics", "--embeddings")),
+    "llama-openai": (FAKE_LLAMA, ("-np", "4", "--metrics", "--embeddings", "--fake-wire", "openai")),
+    "llama-chaos": (FAKE_LLAMA, ("-np", "4", "--metrics", "--embeddings", "--fake-wire", "chaos")),
+    "vllm": (FAKE_VLLM, ("--served-model-name", "m", "other", "--max-num-seqs", "64", "--load-delay-s", "0")),
+}
+
+
+@pytest.fixture(params=list(UPSTREAMS))
+async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[FakeProc]:
+    """The test runs once per entry of UPSTREAMS (its id names the upstream and profile)."""
+    script, args = UPSTREAMS[request.param]
+    proc = await start_fake(script, *args)
     try:
         yield proc
     finally:

@@ -4,7 +4,7 @@
     python tests/fake_backend.py --host 127.0.0.1 --port 8081 -m model.gguf -np 2 -c 4096 --metrics
         [--embeddings] [--pooling mean] [--alias NAME] [--no-jinja] [-n N] [--no-slots]
         [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
-        [--fake-embedding-dim 640]
+        [--fake-embedding-dim 640] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
 Any other llama-server flag is accepted and ignored. Behaviour worth knowing (all from the real one):
 
@@ -289,7 +289,10 @@ class LlamaServer(FakeServer):
     def malformed_json(self, exc: Any, raw: bytes) -> web.Response:
         message = (f"[json.exception.parse_error.101] parse error at line {exc.lineno}, column {exc.colno}: "
                    f"syntax error while parsing value - {exc.msg}")
-        return self.error_response(400, message)
+        # The real one (compared live in test_real_llama) answers a JSON parse error on every
+        # route with 500 server_error: nlohmann's parse_error is not a std::invalid_argument,
+        # which is what llama-server maps to 400. (shared/.../err_malformed_json.txt says 400.)
+        return self.error_response(500, message)
 
     def log_listening(self) -> None:
         log(f"main: HTTP server is listening, hostname: {self.host}, port: {self.port}, http threads: 3")

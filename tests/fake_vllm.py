@@ -7,7 +7,7 @@ deterministic model of _fake_common.
         [--kv-cache-memory-bytes 512M] [--block-size 16] [--enable-prompt-tokens-details]
         [--enable-auto-tool-choice --tool-call-parser hermes] [--api-key KEY]
         [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
-        [--fake-embedding-dim 384]
+        [--fake-embedding-dim 384] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
 Put MODEL first (or use --model): a bare word after an unknown flag is read as that flag's value.
 Behaviour worth knowing (all from the real one):

@@ -44,11 +44,12 @@ from schemathesis import Case, GenerationMode
 from llmd import config as config_mod
 from llmd.auth import hash_secret
 from llmd.daemon import Daemon
+from llmd.routes import ROUTES
 from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
 
 T = TypeVar("T")
 
-INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+INFERENCE = frozenset(p for r in ROUTES for p in r.paths)
 # llmd's refusals before the limits: these leave no ledger row.
 NO_ROW = frozenset({400, 401, 403, 404, 413})
 ENVELOPE_KEYS = frozenset({"message", "type", "param", "code"})
@@ -442,7 +443,7 @@ KNOWN: list[tuple[str, str, dict[str, Any]]] = [
     ("roomy", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
     ("roomy", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [], "stream": True}),
     ("admin", "/v1/chat/completions", {"model": "m", "messages": [], "stream": True, "stream_options": None}),
-    ("tight-x-api-key", "/v1/completions", {"model": "m", "prompt": "a b c", "stream": True, "max_tokens": 3}),
+    ("roomy-x-api-key", "/v1/completions", {"model": "m", "prompt": "a b c", "stream": True, "max_tokens": 3}),
     ("admin", "/v1/completions", {"model": "e", "prompt": ["x"], "max_tokens": 2}),
     ("admin", "/v1/embeddings", {"model": "embed", "input": "hello"}),
     ("revoked", "/v1/embeddings", {"model": "e", "input": "hello"}),

@@ -18,16 +18,17 @@ import schemathesis
 from openapi_spec_validator import validate
 
 from llmd import __version__, openapi
-from llmd.app import Envelope
 from llmd.auth import hash_secret
 from llmd.config import parse
+from llmd.envelope import Envelope
+from llmd.routes import ROUTES
 from tests import fuzzing
 from tests.fakeproc import FakeProc
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SERVED = {
     "/v1/models", "/v1/models/{model}", *INFERENCE_PATHS, "/health", "/readyz", "/metrics", "/version",
-    "/openapi.json", "/admin/status", "/admin/usage",
+    "/openapi.json", "/admin/status", "/admin/usage", *(p for r in ROUTES for p in r.paths),
 }  # fmt: skip
 
 

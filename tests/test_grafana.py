@@ -184,7 +184,12 @@ def test_histogram_suffixes_only_on_histograms(dashboard: dict[str, Any], export
                 if base != name and exported.family_of(name) is not None:
                     assert exported.is_histogram_base(base), f"{where}: {name} but {base} is not a histogram"
             if "histogram_quantile" in expr and name.endswith("_bucket"):
-                assert "le" in exported.labels.get(name, {"le"}), f"{where}: {name} has no le label"
+                # histogram_quantile needs the buckets' le label to survive every aggregation
+                # between it and the _bucket series: `sum by (model, le)`, never `sum by (model)`.
+                assert "le" in exported.labels[name], f"{where}: {name} has no le label"
+                for group in GROUPING_RE.findall(strip_strings(expr)):
+                    kept = {label.strip() for label in group.split(",")}
+                    assert "le" in kept, f"{where}: aggregates {name} by ({group}), dropping le"
 
 
 def test_label_matchers_exist(dashboard: dict[str, Any], exported: Exported) -> None:

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import base_config, run_llmd, write_config
+from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
 
 SECRET_A = "sk-test-alpha-0123456789abcdef0123456789abcdef"
@@ -99,20 +99,26 @@ async def test_burst_of_100_against_30_rpm_admits_exactly_30(tmp_path: Path, fak
 
 
 async def test_max_concurrent_never_lets_a_third_request_reach_the_upstream(tmp_path: Path, fake: FakeProc) -> None:
+    """1. max_concurrent 2: two slow requests are in flight (seen in the limiter, not guessed
+    from a clock). 2. Eight more get 429 and never reach the upstream. 3. The two finish."""
     keys = [{"id": "alpha", "tier": "std", "sha256": sha(SECRET_A)}]
     async with run_llmd(keyed_config(tmp_path, fake, {"std": {"max_concurrent": 2}}, keys)) as llmd:
         c = sdk(llmd.url, SECRET_A)
 
-        async def one() -> str:
+        async def one(delay_ms: float) -> str:
             try:
-                await c.chat.completions.create(model="m", messages=MSG, extra_body={"fake": {"delay_ms": 300}})
+                await c.chat.completions.create(model="m", messages=MSG, extra_body={"fake": {"delay_ms": delay_ms}})
                 return "ok"
             except openai.RateLimitError:
                 return "429"
 
-        results = await asyncio.gather(*(one() for _ in range(10)))
-        assert results.count("ok") == 2 and results.count("429") == 8
-        assert (await fake.stats())["peak_in_flight"] == 2
+        slow = [asyncio.create_task(one(3000)) for _ in range(2)]
+        await wait_for(lambda: llmd.services.runtime.limiter.state("alpha").in_flight == 2)
+        results = await asyncio.gather(*(one(0) for _ in range(8)))
+        assert results == ["429"] * 8
+        assert await asyncio.gather(*slow) == ["ok", "ok"]
+        stats = await fake.stats()
+        assert stats["peak_in_flight"] == 2 and stats["requests"] == 2
         # Streams count too, and the slot is released when a stream is abandoned.
         async with aiohttp.ClientSession() as s:
             for _ in range(3):
@@ -146,7 +152,7 @@ async def test_429_raises_rate_limit_error_and_the_sdk_waits_retry_after(tmp_pat
                 model="m", messages=MSG, extra_body={"fake": {"delay_ms": 1500}}
             )
         )
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: llmd.services.runtime.limiter.state("alpha").in_flight == 1)
         with pytest.raises(openai.RateLimitError) as e:
             await sdk(llmd.url, SECRET_A).chat.completions.create(model="m", messages=MSG)
         assert e.value.response.headers["retry-after"] == "1"
@@ -157,49 +163,68 @@ async def test_429_raises_rate_limit_error_and_the_sdk_waits_retry_after(tmp_pat
         await slow
 
 
-async def test_tokens_per_minute_reserves_then_settles_to_real_usage(tmp_path: Path, fake: FakeProc) -> None:
+async def test_tokens_per_minute_reserves_then_settles_to_real_usage(tmp_path: Path, upstream: FakeProc) -> None:
+    """1. A whole answer and a stream (with and without include_usage) of "short answer" (2
+    tokens) for a 1-word prompt (5 tokens) with max_tokens 300: each reserves 300+ tokens, then
+    settles to exactly 7, whatever the upstream and its framing. 2. While 3 requests of
+    max_tokens 250 run, a 4th cannot reserve: concurrency cannot overshoot the window."""
+    fake = upstream
     keys = [{"id": "alpha", "tier": "std", "sha256": sha(SECRET_A)}]
     tiers = {"std": {"tokens_per_minute": 1000, "requests_per_minute": 100}}
     async with run_llmd(keyed_config(tmp_path, fake, tiers, keys)) as llmd:
         c = sdk(llmd.url, SECRET_A)
+        state = llmd.services.runtime.limiter.state("alpha")
+        for n, options in enumerate(({"include_usage": True}, None), 1):
+            stream = await c.chat.completions.create(
+                model="m", messages=MSG, max_tokens=300, stream=True, extra_body={"fake": {"text": "short answer"}},
+                **({"stream_options": options} if options else {}),  # type: ignore[arg-type]
+            )
+            text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+            assert text == "short answer"
+            await wait_for(lambda: state.in_flight == 0)  # settled after the stream's end
+            assert state.tokens_in_window == n * 7, f"stream {options=} settles to its upstream usage"
         raw = await c.chat.completions.with_raw_response.create(
             model="m", messages=MSG, max_tokens=300, extra_body={"fake": {"text": "short answer"}}
         )
         r = raw.parse()
-        assert r.usage is not None and r.usage.total_tokens < 20
-        state = llmd.services.runtime.limiter.state("alpha")
-        assert state.tokens_in_window == r.usage.total_tokens  # settled, not the 300+ reserved
+        assert r.usage is not None and r.usage.total_tokens == 7
+        assert state.tokens_in_window == 3 * 7  # settled, not the 300+ reserved
         h = raw.headers
         assert h["x-ratelimit-limit-requests"] == "100" and h["x-ratelimit-limit-tokens"] == "1000"
-        assert int(h["x-ratelimit-remaining-requests"]) == 99
+        assert int(h["x-ratelimit-remaining-requests"]) == 97
         # While 3 requests of max_tokens 250 are running (~260 reserved each), a 4th cannot
-        # reserve: concurrency cannot overshoot the window.
+        # reserve: concurrency cannot overshoot the window (the window holds 21 from above).
         slow = [
             asyncio.create_task(
                 c.chat.completions.create(
-                    model="m", messages=MSG, max_tokens=250, extra_body={"fake": {"delay_ms": 800}}
+                    model="m", messages=MSG, max_tokens=250, extra_body={"fake": {"delay_ms": 3000}}
                 )
             )
             for _ in range(3)
         ]
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: state.in_flight == 3)
         with pytest.raises(openai.RateLimitError) as e:
             await c.chat.completions.create(model="m", messages=MSG, max_tokens=250)
         assert "tokens_per_minute=1000" in e.value.message
         await asyncio.gather(*slow)
 
 
-async def test_monthly_quota_survives_a_restart(tmp_path: Path, fake: FakeProc) -> None:
-    """1. monthly_tokens 30; requests use ~13 tokens each. 2. After the quota is used up: 429
-    insufficient_quota. 3. A restarted llmd (same ledger) still refuses: nothing forgotten."""
+async def test_monthly_quota_survives_a_restart(tmp_path: Path, upstream: FakeProc) -> None:
+    """1. monthly_tokens 30; each request uses 5 prompt + 8 completion = 13 tokens, the first
+    streamed (its tokens come from the stream's usage), two more whole. 2. After 39 tokens
+    the quota is used up: 429 insufficient_quota. 3. A restarted llmd (same ledger) still
+    refuses: nothing forgotten."""
+    fake = upstream
     keys = [{"id": "alpha", "tier": "std", "sha256": sha(SECRET_A)}]
     path = keyed_config(tmp_path, fake, {"std": {"monthly_tokens": 30}}, keys)
     async with run_llmd(path) as llmd:
         c = sdk(llmd.url, SECRET_A)
-        used = 0
-        while used < 30:
+        stream = await c.chat.completions.create(model="m", messages=MSG, max_tokens=8, stream=True)
+        assert len([ch async for ch in stream if ch.choices and ch.choices[0].delta.content]) == 8
+        await wait_for(lambda: llmd.services.runtime.limiter.state("alpha").in_flight == 0)
+        for _ in range(2):
             r = await c.chat.completions.create(model="m", messages=MSG, max_tokens=8)
-            used += r.usage.total_tokens  # type: ignore[union-attr]
+            assert r.usage is not None and r.usage.total_tokens == 13
         with pytest.raises(openai.RateLimitError) as e:
             await c.chat.completions.create(model="m", messages=MSG)
         assert e.value.code == "insufficient_quota" and e.value.type == "insufficient_quota"

@@ -18,7 +18,8 @@ from llmd.launchers import (
     validate,
 )
 
-OBSERVED = Path("/work/shared/reference/observed")
+# Copies of shared/reference/observed/ kept with the tests: a clean clone anywhere must run them.
+OBSERVED = Path(__file__).resolve().parent / "data" / "observed"
 ENVIRON = {"PATH": "/usr/bin", "HOME": "/var/lib/llm-api", "LANG": "C.UTF-8", "LC_ALL": "C",
            "LLMD_KEY_CI": "secret", "AWS_SECRET_ACCESS_KEY": "x", "HF_HOME": "/srv/hf",
            "CUDA_VISIBLE_DEVICES": "0,1,2,3"}

@@ -13,7 +13,6 @@ import asyncio
 import re
 import ssl
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,15 @@ def test_site_passes_nginx_t(tmp_path: Path) -> None:
     assert unexpected_warnings(output) == [], output
 
 
+# /v1/stream holds its second event until the client has read the first (or 10 s passed): if
+# nginx buffered the stream, the client could not read the first before the stub gives up.
+STREAM_RELEASE = web.AppKey("stream_release", asyncio.Event)
+STREAM_RELEASED_IN_TIME = web.AppKey("stream_released_in_time", list)
+
+
 def fake_llmd() -> web.Application:
-    """Echoes the headers llmd would see; /v1/stream sends two SSE events 0.5 s apart."""
+    """Echoes the headers llmd would see; /v1/stream sends its second SSE event only once the
+    client has received the first."""
 
     async def echo(request: web.Request) -> web.Response:
         await request.read()
@@ -63,11 +69,17 @@ def fake_llmd() -> web.Application:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
-        await asyncio.sleep(0.5)
+        try:
+            await asyncio.wait_for(request.app[STREAM_RELEASE].wait(), 10)
+            request.app[STREAM_RELEASED_IN_TIME].append(True)
+        except TimeoutError:
+            request.app[STREAM_RELEASED_IN_TIME].append(False)
         await response.write(b"data: [DONE]\n\n")
         return response
 
     app = web.Application(client_max_size=2 * MAX_BODY_BYTES)
+    app[STREAM_RELEASE] = asyncio.Event()
+    app[STREAM_RELEASED_IN_TIME] = []
     app.router.add_get("/v1/stream", stream)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
@@ -128,13 +140,12 @@ async def test_site_serves_llmd_traffic(live: Live) -> None:
             async with client.get(f"{live.https}/v1/models", headers={"X-Request-ID": sent}) as response:
                 assert re.fullmatch(expected, (await response.json())["headers"]["X-Request-ID"])
 
-        started = time.monotonic()
         async with client.get(f"{live.https}/v1/stream") as response:
             first = await response.content.readline()
-            first_after_s = time.monotonic() - started
+            live.upstream.app[STREAM_RELEASE].set()  # the stub may now finish its stream
             rest = await response.read()
         assert first == b"data: first\n"
-        assert first_after_s < 0.4, "SSE chunk was buffered by nginx"
+        assert live.upstream.app[STREAM_RELEASED_IN_TIME] == [True], "SSE chunk was buffered by nginx"
         assert rest.endswith(b"data: [DONE]\n\n")
 
         async with client.post(f"{live.http}/v1/chat/completions", allow_redirects=False) as response:

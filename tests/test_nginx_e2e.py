@@ -10,10 +10,8 @@ from nginx, which reaches llmd from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sqlite3
 import ssl
-import statistics
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +25,7 @@ from tests.fakeproc import FakeProc
 from tests.nginxproc import free_port, render, run_nginx
 
 MSG = [{"role": "user", "content": "hello through nginx"}]
-TOKENS, TOKEN_DELAY_S = 6, 0.3
+TOKENS = 6
 
 
 async def ledger_client_ip(db_path: Path, request_id: str, timeout_s: float = 5.0) -> str:
@@ -57,10 +55,11 @@ async def test_https_stream_through_nginx_arrives_event_by_event_with_the_client
     1. Start `llmd serve` (model m relayed to the fake; server.trusted_proxies: [127.0.0.1],
        i.e. nginx) and nginx with the site on free loopback ports in front of it.
     2. The openai SDK (httpx2, verifying the throw-away certificate) connects from
-       127.0.0.2 and streams a chat over HTTPS: 6 tokens generated 300 ms apart, with a
-       forged X-Forwarded-For: 6.6.6.6 that nginx must replace.
-    3. Each token is its own event, in order, and they arrive spread over the generation:
-       the first before the last token can have been generated (1.8 s after the request).
+       127.0.0.2 and streams a chat over HTTPS, with a forged X-Forwarded-For: 6.6.6.6 that
+       nginx must replace. The fake generates 6 tokens, then hangs: the stream never ends.
+    3. Each token is its own event, in order, and all 6 reach the client while the upstream
+       is still hanging: neither nginx nor llmd waits for the end of the stream (an event, not
+       a clock: a busy machine cannot fail it). The client then hangs up.
     4. The ledger row (requests.client_ip) and the JSON access log line (client) say
        127.0.0.2: llmd believed nginx's X-Forwarded-For, which nginx set from the peer.
     5. Directly to llmd from 127.0.0.3 (not a trusted proxy) with a forged
@@ -82,30 +81,23 @@ async def test_https_stream_through_nginx_arrives_event_by_event_with_the_client
                 client = openai.AsyncOpenAI(base_url=f"https://127.0.0.1:{https_port}/v1", api_key="sk-unused",
                                             max_retries=0, http_client=http_client)
                 rid = f"e2e-{uuid.uuid4().hex}"
-                started = time.monotonic()
                 stream = await client.chat.completions.create(
-                    model="m", messages=MSG, max_tokens=TOKENS, stream=True,  # type: ignore[arg-type]
-                    extra_body={"fake": {"token_delay_ms": TOKEN_DELAY_S * 1000}},
+                    model="m", messages=MSG, max_tokens=TOKENS + 10, stream=True,  # type: ignore[arg-type]
+                    extra_body={"fake": {"hang_after_tokens": TOKENS}},
                     extra_headers={"X-Forwarded-For": "6.6.6.6", "X-Request-ID": rid},
                 )
                 contents: list[str] = []
-                arrived: list[float] = []
-                async for chunk in stream:
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            contents.append(choice.delta.content)
-                            arrived.append(time.monotonic() - started)
+                async with asyncio.timeout(30):
+                    async for chunk in stream:
+                        contents += [c.delta.content for c in chunk.choices if c.delta.content]
+                        if len(contents) == TOKENS:
+                            break
+                await stream.close()
                 assert stream.response.headers["x-request-id"] == rid
                 assert stream.response.headers["strict-transport-security"].startswith("max-age=")
 
-        # 3. Event by event, as generated.
+        # 3. Event by event, as generated, while the upstream still hangs.
         assert contents == ["t0", *(f" t{i}" for i in range(1, TOKENS))]
-        # The fake sleeps TOKEN_DELAY_S before each token, after the request reached it: the
-        # last token cannot exist before TOKENS * TOKEN_DELAY_S (1.8 s) after `started`.
-        last_generated_no_earlier_than = TOKENS * TOKEN_DELAY_S
-        assert arrived[0] < last_generated_no_earlier_than - TOKEN_DELAY_S, arrived
-        assert arrived[-1] - arrived[0] >= (TOKENS - 1) * TOKEN_DELAY_S * 0.8, arrived
-        assert statistics.median(b - a for a, b in itertools.pairwise(arrived)) >= TOKEN_DELAY_S * 0.7, arrived
 
         # 4. The client's address, not nginx's and not the forged one.
         assert await access_client(llmd, rid) == "127.0.0.2"

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -150,8 +151,34 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path, model: Path) -> None:
-        self.proc, self.url, self.log, self.model = proc, url, log, model
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path, model: Path, db: Path) -> None:
+        self.proc, self.url, self.log, self.model, self.db = proc, url, log, model, db
+
+    def row(self, request_id: str, timeout_s: float = 10) -> dict[str, Any]:
+        """The ledger row of one request (written behind, every flush_ms)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            con = sqlite3.connect(self.db)
+            con.row_factory = sqlite3.Row
+            try:
+                found = con.execute("select * from requests where request_id = ?", (request_id,)).fetchall()
+            finally:
+                con.close()
+            if found:
+                assert len(found) == 1, [dict(r) for r in found]
+                return dict(found[0])
+            assert time.monotonic() < deadline, f"no ledger row for {request_id}"
+            time.sleep(0.05)
+
+    def prompt_tokens(self, texts: list[str]) -> int:
+        """The exact size of embedding inputs, from the replica's own tokenizer ([CLS] and
+        [SEP] included), one text at a time as vLLM embeds them."""
+        total = 0
+        for text in texts:
+            status, _, body = request(self.direct() + "/tokenize", {"model": MODEL_NAME, "prompt": text})
+            assert status == 200, body
+            total += json.loads(body)["count"]
+        return total
 
     def status(self) -> list[dict[str, Any]]:
         return json.loads(request(self.url + "/admin/status", timeout=5)[2])["replicas"]
@@ -203,7 +230,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmd", "serve", "-c", str(path)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
         )
-    srv = Server(proc, f"http://127.0.0.1:{port}", log, model)
+    srv = Server(proc, f"http://127.0.0.1:{port}", log, model, tmp / "usage.sqlite3")
     try:
         deadline = t0 + START_TIMEOUT_S + 30
         while True:
@@ -288,7 +315,8 @@ def test_replica_is_ready_with_llmds_argv_slots_and_loopback_sockets(
 
 def test_embeddings_through_llmd_equal_vllms_direct_answer(server: Server) -> None:
     # The SDK asks for base64 (its default) through llmd; the direct request asks for floats.
-    via_llmd = sdk(server).embeddings.create(model=MODEL_NAME, input=INPUTS)
+    via_llmd = sdk(server).embeddings.create(model=MODEL_NAME, input=INPUTS,
+                                             extra_headers={"X-Request-ID": "vllm-embeddings"})
     status, _, text = request(server.direct() + "/v1/embeddings", {"model": MODEL_NAME, "input": INPUTS})
     assert status == 200, text
     direct = json.loads(text)
@@ -299,8 +327,10 @@ def test_embeddings_through_llmd_equal_vllms_direct_answer(server: Server) -> No
         assert len(a) == len(b) == 384
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
         assert math.isclose(math.sqrt(sum(x * x for x in a)), 1.0, rel_tol=1e-3)  # the model normalizes
-    assert via_llmd.usage.prompt_tokens == direct["usage"]["prompt_tokens"] > 0
+    assert via_llmd.usage.prompt_tokens == direct["usage"]["prompt_tokens"] == server.prompt_tokens(INPUTS)
     assert via_llmd.usage.total_tokens == direct["usage"]["total_tokens"]
+    row = server.row("vllm-embeddings")  # the ledger bills what the client was told
+    assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", via_llmd.usage.prompt_tokens, 0)
     # Related sentences are closer than unrelated ones: a real model answered, not noise.
     v = [d.embedding for d in sdk(server).embeddings.create(
         model=MODEL_NAME, input=["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock prices fell."]
@@ -358,7 +388,9 @@ def test_fake_vllm_answers_in_the_real_ones_shapes(server: Server, fake: str, wh
     if what == "version":
         assert real_doc == fake_doc == {"version": "0.32.0"}
     if what.startswith("embeddings"):
-        assert real_doc["usage"]["prompt_tokens"] > 0
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        # exact, from the real tokenizer: the fake counts words, so only the real one is checked
+        assert real_doc["usage"]["prompt_tokens"] == server.prompt_tokens(texts)
         if isinstance(real_doc["data"][0]["embedding"], list):
             assert len(real_doc["data"][0]["embedding"]) == len(fake_doc["data"][0]["embedding"]) == 384
         else:
@@ -385,7 +417,8 @@ def test_llmd_scrapes_vllm_load_signals(server: Server) -> None:
             break
         time.sleep(0.25)
     assert {"running", "waiting", "kv_cache_usage"} <= set(metrics), metrics
-    assert metrics["running"] >= 0 and metrics["waiting"] >= 0 and 0 <= metrics["kv_cache_usage"] <= 1
+    # nothing is in flight between tests: an idle engine reports exactly zero
+    assert (metrics["running"], metrics["waiting"], metrics["kv_cache_usage"]) == (0, 0, 0), metrics
     status, _, text = request(server.url + "/metrics")
     assert status == 200 and "llmd_" in text
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import openai
@@ -18,22 +17,31 @@ def client(url: str, **kw: object) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-unused", max_retries=0, **kw)  # type: ignore[arg-type]
 
 
-async def test_chat_non_stream_via_sdk(fake: FakeProc, llmd_for) -> None:
-    async with llmd_for(fake) as llmd:
+async def test_chat_non_stream_via_sdk(upstream: FakeProc, llmd_for) -> None:
+    """A whole answer from each upstream and wire profile (gzip, spaced JSON, no timings) reaches
+    the SDK intact, and the ledger row has the upstream's usage: 2 words + 4 template tokens."""
+    async with llmd_for(upstream) as llmd:
         c = client(llmd.url)
-        r = await c.chat.completions.create(
+        raw = await c.chat.completions.with_raw_response.create(
             model="m", messages=[{"role": "user", "content": "hello there"}], max_tokens=5
         )
+        r = raw.parse()
         assert r.choices[0].message.content == "t0 t1 t2 t3 t4"
-        assert r.usage is not None and r.usage.completion_tokens == 5
-        st = await fake.stats()
+        assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (6, 5)
+        st = await upstream.stats()
         assert st["last_body"]["model"] == "m"
-        assert st["last_headers"].get("X-Request-ID") or st["last_headers"].get("x-request-id")
+        headers = {k.lower(): v for k, v in st["last_headers"].items()}
+        assert headers["x-request-id"] == raw.headers["x-request-id"]
+        await llmd.services.ledger.flush()
+        (row,) = await llmd.services.ledger.report()
+        assert (row.prompt_tokens, row.completion_tokens) == (6, 5)
 
 
-async def test_streamed_chat_hides_the_usage_chunk_llmd_asked_for(fake: FakeProc, llmd_for) -> None:
+async def test_streamed_chat_hides_the_usage_chunk_llmd_asked_for(upstream: FakeProc, llmd_for) -> None:
     """1. A client streams without include_usage. 2. llmd asks upstream for it (to count
-    tokens) 3. but the client sees no usage chunk; 4. the ledger has the exact numbers."""
+    tokens) 3. but the client sees no usage chunk; 4. the ledger has the exact numbers
+    (3 words + 4 template tokens, 4 generated), whatever the upstream's framing."""
+    fake = upstream
     async with llmd_for(fake) as llmd:
         c = client(llmd.url)
         chunks = [
@@ -49,12 +57,14 @@ async def test_streamed_chat_hides_the_usage_chunk_llmd_asked_for(fake: FakeProc
         st = await fake.stats()
         assert st["last_body"]["stream_options"] == {"include_usage": True}
         await llmd.services.ledger.flush()
-        rows = await llmd.services.ledger.report()
-        assert rows[0].completion_tokens == 4 and rows[0].prompt_tokens > 0
+        (row,) = await llmd.services.ledger.report()
+        assert (row.prompt_tokens, row.completion_tokens) == (7, 4)
 
 
-async def test_streamed_chat_with_include_usage_is_relayed_as_is(fake: FakeProc, llmd_for) -> None:
-    async with llmd_for(fake) as llmd:
+async def test_streamed_chat_with_include_usage_is_relayed_as_is(upstream: FakeProc, llmd_for) -> None:
+    """The client asked for usage: it gets the upstream's usage chunk, and the ledger row
+    equals it."""
+    async with llmd_for(upstream) as llmd:
         c = client(llmd.url)
         chunks = [
             ch
@@ -67,20 +77,30 @@ async def test_streamed_chat_with_include_usage_is_relayed_as_is(fake: FakeProc,
             )
         ]
         assert chunks[-1].choices == [] and chunks[-1].usage is not None
-        assert chunks[-1].usage.completion_tokens == 3
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (7, 3)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == "t0 t1 t2"
+        await llmd.services.ledger.flush()
+        (row,) = await llmd.services.ledger.report()
+        assert (row.prompt_tokens, row.completion_tokens) == (7, 3)
 
 
-async def test_completions_embeddings_and_models_via_sdk(fake: FakeProc, llmd_for) -> None:
+@pytest.mark.parametrize("upstream", ["llama", "llama-openai", "llama-chaos"], indirect=True)
+async def test_completions_embeddings_and_models_via_sdk(upstream: FakeProc, llmd_for) -> None:
+    """Completions and embeddings in each wire profile of the fake llama-server (the fake vLLM's
+    generate runner has no embeddings); usage is exact: 4 prompt words, 3 embedded words."""
+    fake = upstream
     async with llmd_for(fake) as llmd:
         c = client(llmd.url)
         comp = await c.completions.create(model="gpt-4o-mini", prompt="once upon a time", max_tokens=3)
-        assert comp.choices[0].text and comp.usage is not None and comp.usage.completion_tokens == 3
+        assert comp.choices[0].text == "t0 t1 t2"
+        assert comp.usage is not None and (comp.usage.prompt_tokens, comp.usage.completion_tokens) == (4, 3)
         # The alias is mapped to the upstream's name; every other field passes through.
         st = await fake.stats()
         assert st["last_body"]["model"] == "m" and st["last_body"]["max_tokens"] == 3
         emb = await c.embeddings.create(model="m", input=["a b", "c"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 640
-        assert emb.usage.prompt_tokens > 0
+        assert emb.usage.prompt_tokens == 3
         models = await c.models.list()
         assert sorted(m.id for m in models.data) == ["gpt-4o-mini", "m"]
         one = await c.models.retrieve("gpt-4o-mini")
@@ -121,30 +141,32 @@ async def test_body_that_needs_no_change_is_forwarded_byte_for_byte(fake: FakePr
         ) as r:
             assert r.status == 200
         st = await fake.stats()
-        assert st.get("last_raw", raw.decode()) == raw.decode()
+        assert st["last_raw"] == raw.decode()
         assert st["last_body"]["zzz"] == 1.50
 
 
 async def test_first_event_arrives_before_the_upstream_has_finished(fake: FakeProc, llmd_for) -> None:
-    """1. The fake streams 5 tokens, 400 ms apart. 2. The client gets the first content event
-    well before the last token is even generated (no buffering in llmd)."""
+    """1. The fake streams its first token, then hangs (never finishes). 2. The client still
+    gets that token's event: llmd relays events as they come, it buffers nothing. (An event,
+    not a clock: a busy machine cannot make it flaky.)"""
     async with llmd_for(fake) as llmd:
         c = client(llmd.url)
-        t0 = time.monotonic()
         stream = await c.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": "x"}],
             max_tokens=5,
             stream=True,
-            extra_body={"fake": {"token_delay_ms": 400}},
+            extra_body={"fake": {"hang_after_tokens": 1}},
         )
-        first_at = None
-        async for ch in stream:
-            if ch.choices and ch.choices[0].delta.content and first_at is None:
-                first_at = time.monotonic() - t0
-        total = time.monotonic() - t0
-        assert first_at is not None and total > 1.6
-        assert first_at < total - 1.0, (first_at, total)
+        first = None
+        async with asyncio.timeout(10):
+            async for ch in stream:
+                if ch.choices and ch.choices[0].delta.content:
+                    first = ch.choices[0].delta.content
+                    break
+        await stream.close()
+        assert first == "t0"
+        assert (await fake.stats())["completion_tokens"] == 1  # the upstream had made no more
 
 
 async def test_sse_headers(fake: FakeProc, llmd_for) -> None:
@@ -257,7 +279,7 @@ async def test_client_disconnect_cancels_the_upstream_request(fake: FakeProc, ll
             if stats["in_flight"] == 0:
                 break
             await asyncio.sleep(0.05)
-        assert stats["in_flight"] == 0 and stats["cancelled"] >= 1 and stats["completion_tokens"] < 50
+        assert stats["in_flight"] == 0 and stats["cancelled"] == 1 and stats["completion_tokens"] < 50
         await wait_for(lambda: llmd.services.pools["m"].admission.depth == 0)
         assert all(r.in_flight == 0 for r in llmd.services.supervisor.replicas("m"))
         outcome, _, completion, method = await _row(llmd)

@@ -94,7 +94,7 @@ def test_verify(tmp_path: Path, drop_in: bool) -> None:
     verify insists that ExecStart= names an existing executable, and
     /usr/bin/llmd exists only where the package is installed. So the copy
     under test differs in that one path, pointing at a stub; every other
-    line, ExecReload's /bin/kill included, is verified as written.
+    line, ExecReload's /bin/sh included, is verified as written.
     """
     analyze = require_tool("systemd-analyze")
     stub = tmp_path / "llmd"
@@ -112,7 +112,8 @@ def test_unit_contract() -> None:
     assert unit["ExecStart"] == [EXEC_START]
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # dash's builtin, not /bin/kill (procps, absent from minimal images): see test_systemd_boot.py.
+    assert unit["ExecReload"] == ["/bin/sh -c 'kill -HUP ${MAINPID}'"]
     assert unit["KillMode"] == ["mixed"]
     assert unit["User"] == unit["Group"] == ["llm-api"]
     assert unit["StateDirectory"] == unit["ConfigurationDirectory"] == ["llm-api"]

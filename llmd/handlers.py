@@ -1,0 +1,112 @@
+"""llmd's own routes: models, health, readiness, metrics, version, admin. Small handlers;
+the inference routes are the pipeline's (pipeline.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import msgspec
+from aiohttp import web
+
+from . import __version__
+from .appkeys import CALL, SERVICES
+from .auth import Principal
+from .errors import admin_required, bad_request, ledger_unavailable, model_not_found
+from .runtime import Runtime
+from .usage import LedgerError
+
+
+async def list_models(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    rt = services.runtime
+    principal = rt.keys.authenticate(request)
+    data = []
+    for name, m in rt.cfg.models.items():
+        if not principal.may_use(name):
+            continue
+        for n in [name, *m.aliases]:
+            data.append({"id": n, "object": "model", "created": services.started_unix, "owned_by": "llmd"})
+    return web.json_response(
+        {"object": "list", "data": data}, headers=rt.limiter.headers(principal) if not rt.keys.open else None
+    )
+
+
+async def get_model(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    rt = services.runtime
+    principal = rt.keys.authenticate(request)
+    name = request.match_info["model"]
+    model = rt.model_names.get(name)
+    if model is None or not principal.may_use(model):
+        raise model_not_found(name)
+    return web.json_response({"id": name, "object": "model", "created": services.started_unix, "owned_by": "llmd"})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    ready, body = services.readiness()
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    _admin(services.runtime, request)
+    return web.json_response(services.status())
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    _admin(services.runtime, request)
+    month = request.query.get("month")
+    if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
+        raise bad_request("month must be YYYY-MM", param="month")
+    try:
+        rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))
+    except ValueError as e:
+        raise bad_request(str(e), param="month") from None
+    except LedgerError as e:
+        raise ledger_unavailable(str(e)) from None
+    return web.Response(body=msgspec.json.encode({"month": month, "rows": rows}), content_type="application/json")
+
+
+def _admin(rt: Runtime, request: web.Request) -> Principal:
+    p = rt.keys.authenticate(request)
+    if rt.keys.open:
+        # Open mode (no keys) is loopback-only by config, but a proxy on the same host (nginx)
+        # forwards remote clients from loopback: /admin/* answers only a client that is
+        # itself local, so `llmd status` works on the host and nobody behind nginx sees it.
+        if not _is_loopback(request[CALL].client_ip):
+            raise admin_required(
+                "Admin routes need an admin key; this llmd has no keys, so they answer local clients only."
+            )
+        return p
+    if not p.admin:
+        raise admin_required()
+    return p
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+async def metrics_route(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    services.refresh_metrics()
+    return web.Response(
+        body=services.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def version_route(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})

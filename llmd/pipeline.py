@@ -1,0 +1,195 @@
+"""The request pipeline: one inference call, step by step (DESIGN.md "One request").
+
+    auth -> decode -> limits -> pool.serve -> settle
+
+Each step is one call on the ``Call``: it adds what it learned or raises an ``ApiError``
+that knows its HTTP form and its outcome. No step reaches back into an earlier one;
+``settle`` runs once, whatever happened: limits settled, the usage row, metrics, the access
+log line. The route table (routes.py) says what differs between routes; nothing here does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from . import envelope
+from .appkeys import CALL, SERVICES
+from .call import Call
+from .errors import ApiError, RateLimited, model_not_allowed, model_not_found, overloaded, route_not_served, too_large
+from .outcome import Outcome
+from .relay import count_prompt_tokens
+from .routes import BY_PATH
+from .runtime import Runtime, Services
+from .usage import UsageRow
+
+
+async def inference(request: web.Request) -> web.StreamResponse:
+    call = request[CALL]
+    services = request.app[SERVICES]
+    rt = services.runtime  # the config this request started under, for all its steps
+    call.route = BY_PATH[request.path]
+    try:
+        authenticate(call, rt)  # 2
+        await decode(call, rt)  # 3
+        admit(call, rt, services)  # 4
+        pool = rt.pools.get(call.model)
+        if pool is None:  # a reload removed the model while this request read its body
+            raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
+        resp = await pool.serve(call, services.relay)  # 5, 6, 7
+        call.status = resp.status
+        return resp
+    except ApiError as e:
+        call.status = e.status
+        if call.exchange.outcome is Outcome.OK:
+            call.exchange.outcome = e.outcome
+        raise
+    except asyncio.CancelledError:
+        call.exchange.outcome = Outcome.CLIENT_ABORT
+        call.status = 499
+        raise
+    except Exception:
+        call.status = 500
+        call.exchange.outcome = Outcome.UPSTREAM_ERROR
+        raise
+    finally:
+        settle(call, services)  # 8
+
+
+def authenticate(call: Call, rt: Runtime) -> None:
+    call.principal = rt.keys.authenticate(call.request)
+
+
+async def decode(call: Call, rt: Runtime) -> None:
+    """The body, its envelope, the model it names (allowed for this key, served on this
+    route), and what goes upstream."""
+    route, principal = call.route, call.principal
+    assert route is not None and principal is not None
+    body = await read_body(call.request, rt.cfg.server.max_body_bytes)
+    env = call.env = envelope.decode(body, route.required, route.envelope)
+    model = rt.model_names.get(env.model)
+    if model is None or not principal.may_use(model):
+        if model is not None and not rt.keys.open:
+            raise model_not_allowed(principal.key_id, env.model)
+        raise model_not_found(env.model)
+    call.model = model
+    mcfg = rt.cfg.models[model]
+    if mcfg.backend not in route.backends:
+        raise route_not_served(env.model, mcfg.backend, call.request.path)
+    call.upstream_body, call.hide_usage = envelope.upstream_body(
+        body, env, mcfg.upstream_model or model, route.usage_option
+    )
+    # identity: llmd reads usage from the answer and relays it as it is; a compressed answer
+    # would reach the client without its Content-Encoding.
+    headers = {"Content-Type": "application/json", "X-Request-ID": call.request_id, "Accept-Encoding": "identity"}
+    if mcfg.api_key_env:
+        headers["Authorization"] = f"Bearer {rt.upstream_keys.get(mcfg.api_key_env, '')}"
+    call.upstream_headers = headers
+
+
+def admit(call: Call, rt: Runtime, services: Services) -> None:
+    """Per-key windows, concurrency and quota: a Grant, or a 429 with the limit headers."""
+    p, env = call.principal, call.env
+    assert p is not None and env is not None
+    limiter = rt.limiter
+    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or 1)
+    call.reached_limits = True  # from here on the request has a usage row, admitted or not
+    try:
+        call.grant = limiter.admit(p, reserve)
+    except ApiError as e:
+        services.metrics.observe_rate_limited(p.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens")
+        e.headers.update(limiter.headers(p))
+        raise
+    call.response_headers = limiter.headers(p)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (declared or sent)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# --- 8. settle ---------------------------------------------------------------------------------
+
+
+def settle(call: Call, services: Services) -> None:
+    """The request is over, every way it can end. When a replica worked on it without telling
+    its usage (a stream cut short by the client, a timeout or a dying replica; an upstream that
+    ignores include_usage), bill what was relayed (one token per streamed token chunk; a whole
+    answer's text by size) plus the prompt, which the replica is asked to tokenize off the
+    request path: the row, the limits and the metrics settle when it answers."""
+    ex = call.exchange
+    if call.grant is not None and call.env is not None and _needs_count(call):
+        if ex.streamed or ex.outcome is Outcome.CLIENT_ABORT:
+            ex.completion_tokens = ex.chunks
+        ex.prompt_tokens = call.env.prompt_estimate()
+        ex.token_method = "stream_chunks+estimate" if ex.streamed else "estimate"
+        services.spawn(_count_prompt_then_finish(call, services))
+    else:
+        _finish(call, services)
+
+
+def _needs_count(call: Call) -> bool:
+    ex = call.exchange
+    return not ex.usage_seen and bool(ex.replica) and (ex.status == 200 or ex.outcome is Outcome.CLIENT_ABORT)
+
+
+async def _count_prompt_then_finish(call: Call, services: Services) -> None:
+    ex = call.exchange
+    try:
+        if ex.origin and call.route is not None:
+            n = await count_prompt_tokens(
+                services.session, ex.backend, ex.origin, call.model, call.route.name, call.upstream_body
+            )
+            if n is not None:
+                ex.prompt_tokens = n
+                ex.token_method = "stream_chunks+tokenize" if ex.streamed else "tokenize"
+    finally:
+        _finish(call, services)
+
+
+def _finish(call: Call, services: Services) -> None:
+    ex = call.exchange
+    route = call.route.name if call.route is not None else "other"
+    tokens = ex.prompt_tokens + ex.completion_tokens
+    if call.grant is not None:
+        call.grant.release(tokens)
+        services.metrics.observe_tokens(call.model, call.key_id, ex.prompt_tokens, ex.completion_tokens)
+        if ex.ttft_s is not None:
+            services.metrics.observe_ttft(call.model, ex.ttft_s)
+    now = time.monotonic()
+    total = now - call.start
+    if call.reached_limits:
+        services.ledger.record(
+            UsageRow(
+                ts=time.time(),
+                request_id=call.request_id,
+                key_id=call.key_id,
+                tier=call.tier,
+                model=call.model,
+                replica=ex.replica,
+                route=route,
+                status=call.status or ex.status,
+                stream=call.stream,
+                outcome=str(ex.outcome),
+                prompt_tokens=ex.prompt_tokens,
+                completion_tokens=ex.completion_tokens,
+                cached_tokens=ex.cached_tokens,
+                ttft_ms=round(ex.ttft_s * 1000, 2) if ex.ttft_s is not None else None,
+                duration_ms=round(total * 1000, 2),
+                client_ip=call.client_ip,
+                token_method=ex.token_method,
+            )
+        )
+    services.metrics.observe_request(route, call.model, call.key_id, call.status, total, total - ex.upstream_s)
+    services.access.write(call.access_fields(call.status, ex.client_bytes))
