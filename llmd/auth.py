@@ -33,7 +33,9 @@ class Principal:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogateescape: aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates;
+    # this turns them back into those bytes (a key that matches nothing, not a 500).
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_secret() -> str:

@@ -9,6 +9,7 @@ replica slots, admission queue). bench/fuzz_bench.py does the same with 10,000+.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -131,5 +132,43 @@ async def test_a_body_llmd_must_re_encode_but_cannot_is_a_400_before_the_limits(
                 doc = await r.json()
                 assert r.status == 400, doc
                 assert doc["error"]["code"] == "invalid_json" and set(doc["error"]) == fuzzing.ENVELOPE_KEYS
+        await llmd.services.ledger.flush()
+        assert llmd.services.ledger.rows_written == 0
+
+
+async def _raw(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """One request written byte for byte (clients refuse to send headers that are not UTF-8)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+async def test_bytes_that_are_not_utf8_in_headers_or_a_body_that_cannot_be_decoded_are_4xx(
+    fake: FakeProc, llmd_for
+) -> None:
+    """Found by probing beyond the schema: each of these was a 500.
+    1. A key that is not UTF-8 (Bearer or X-API-Key): 401, like any unknown key.
+    2. An Origin that is not UTF-8, refused by CORS: 403, its bytes quoted escaped.
+    3. ``Content-Encoding: gzip`` on a body that is not gzip: 400 ``invalid_body``.
+    Every answer is llmd's envelope; nothing reaches the ledger."""
+    keys = [{"id": "k", "sha256": hash_secret("sk-test")}]
+    chat = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    async with llmd_for(fake, keys=keys, server={"cors_origins": ["https://ok.example"]}) as llmd:
+        port = llmd.daemon.port
+        cases = [
+            (post + b"Authorization: Bearer \xff\xfe\r\n", chat, 401, "invalid_api_key"),
+            (post + b"X-API-Key: \xc3\x28\r\n", chat, 401, "invalid_api_key"),
+            (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: \xff\r\n", b"", 403, "cors_forbidden"),
+            (post + b"Authorization: Bearer sk-test\r\nContent-Encoding: gzip\r\n", chat, 400, "invalid_body"),
+        ]
+        for head, body, status, code in cases:
+            got, data = await _raw(port, head, body)
+            err = fuzzing.error_envelope(data)
+            assert got == status and err is not None and err["code"] == code, (head, got, data)
         await llmd.services.ledger.flush()
         assert llmd.services.ledger.rows_written == 0
