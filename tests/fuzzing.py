@@ -476,6 +476,12 @@ def rows_by(path: Path, column: str) -> Counter[Any]:
         return Counter(r[0] for r in db.execute(f"SELECT {column} FROM requests"))
 
 
+def rows_with_outcome(path: Path, outcome: str) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM requests WHERE outcome = ?", (outcome,))]
+
+
 def leaks(state: dict[str, Any]) -> list[str]:
     """What settle() found still held: every one a leak."""
     keys = ("limiter_in_flight", "monthly_reserved", "replica_in_flight", "queue_depth", "background", "pending_rows")
