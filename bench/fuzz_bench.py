@@ -58,6 +58,7 @@ def main() -> int:
         db = fuzzing.ledger_path(stack)
         rows = fuzzing.ledger_rows(db)
         outcomes = fuzzing.rows_by(db, "outcome")
+        unexplained = fuzzing.unexplained_aborts(db, found)
         errors = [r.getMessage() for r in stack.errors]
 
     expected = found.expected_rows()
@@ -82,6 +83,11 @@ def main() -> int:
             f"{sum(rows.values())} vs {sum(expected.values())}" + (" (mismatch)" * bool(mismatch)),
         ),
         ("ledger outcomes", "  ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))),
+        (
+            "streams the client cut short",
+            f"{sum(s.cut_short for s in found.sent)} (schemathesis reads 20 events); "
+            f"client_abort rows not among them: {len(unexplained)}",
+        ),
         ("leaked (limiter, quota, slots, queue)", ", ".join(leaks) or "none"),
         ("llmd errors logged", str(len(errors))),
         ("time", f"{wall:.1f} s ({len(found.sent) / wall:.0f} requests/s, generation included)"),
@@ -98,7 +104,7 @@ def main() -> int:
         print(f"\nconformance {name}:\n{example}")
     for e in errors[:5]:
         print("\nllmd error:", e)
-    bad = own_5xx or found.problems or found.conformance or mismatch or leaks or errors
+    bad = own_5xx or found.problems or found.conformance or mismatch or leaks or errors or unexplained
     return 1 if bad else 0
 
 

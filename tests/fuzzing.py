@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import queue
+import random
 import sqlite3
 import threading
 import time
@@ -42,6 +43,7 @@ from hypothesis.errors import HypothesisDeprecationWarning
 from schemathesis import Case, GenerationMode
 
 from llmd import config as config_mod
+from llmd import middleware as llmd_middleware
 from llmd.auth import hash_secret
 from llmd.daemon import Daemon
 from llmd.routes import ROUTES
@@ -175,6 +177,11 @@ class Stack:
             await self.fake.stop()
 
     def __enter__(self) -> Stack:
+        # Hypothesis reseeds the global `random` for every example it generates; llmd, in this
+        # process, draws its request ids from it, so they would repeat. A private generator
+        # keeps them unique (the ledger is checked request id for request id).
+        self._random = llmd_middleware.random
+        llmd_middleware.random = random.Random()  # type: ignore[assignment]
         handler = _Collect(self.errors)
         handler.setLevel(logging.ERROR)
         logging.getLogger("llmd").addHandler(handler)
@@ -190,6 +197,7 @@ class Stack:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
         logging.getLogger("llmd").removeHandler(self._handler)
+        llmd_middleware.random = self._random
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
@@ -253,6 +261,7 @@ class Sent:
     content_type: str
     headers: dict[str, str]
     request: str  # a curl command, to report a finding
+    cut_short: bool = False  # schemathesis stopped reading an event stream (at its event cap): a client abort
 
 
 def error_envelope(body: bytes) -> dict[str, Any] | None:
@@ -307,6 +316,7 @@ def send(
         got.get("content-type", ""),
         got,
         case.as_curl_command(headers=headers),
+        resp.stream_cut_short,
     )
     with lock:
         findings.sent.append(sent)
@@ -480,6 +490,12 @@ def rows_with_outcome(path: Path, outcome: str) -> list[dict[str, Any]]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM requests WHERE outcome = ?", (outcome,))]
+
+
+def unexplained_aborts(path: Path, found: Findings) -> list[str]:
+    """Ledger rows saying the client left, for requests whose stream the client did not cut."""
+    cut = {s.request_id for s in found.sent if s.cut_short}
+    return [r["request_id"] for r in rows_with_outcome(path, "client_abort") if r["request_id"] not in cut]
 
 
 def leaks(state: dict[str, Any]) -> list[str]:

@@ -57,7 +57,7 @@ async def test_openapi_json_is_served_without_a_key_and_is_a_valid_document(fake
 
 
 def test_every_inference_route_documents_every_error_llmd_produces() -> None:
-    """Each of the three inference routes lists 400, 401, 403, 404, 413, 429, 502, 503 and 504
+    """Each inference path of the route table lists 400, 401, 403, 404, 413, 429, 502, 503, 504
     (and 500, a bug) in the error envelope; 429 and 503 require Retry-After. The body lists
     every field of app.Envelope, requires model and the route's own field, and lets the rest
     through (additionalProperties)."""
@@ -66,7 +66,9 @@ def test_every_inference_route_documents_every_error_llmd_produces() -> None:
     assert {} in doc["security"]  # no keys: open mode, no key needed
     envelope_fields = {f.name for f in msgspec.structs.fields(Envelope)}
     seen_fields: set[str] = set()
-    for path, required in zip(INFERENCE_PATHS, ("messages", "prompt", "input"), strict=True):
+    routes = [(path, r.required) for r in ROUTES for path in r.paths]
+    assert {p for p, _ in routes} >= set(INFERENCE_PATHS)
+    for path, required in routes:
         op = doc["paths"][path]["post"]
         for status in ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"):
             resp = op["responses"][status]
@@ -113,6 +115,7 @@ def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path
     expected = found.expected_rows()
     assert list(fuzzing.ledger_mismatch(expected, rows)) == []
     assert sum(rows.values()) == sum(expected.values()) > 50
+    assert fuzzing.unexplained_aborts(fuzzing.ledger_path(stack), found) == []
     assert fuzzing.leaks(state) == []
 
 
