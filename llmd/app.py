@@ -25,6 +25,7 @@ def create_app(services: Services) -> web.Application:
     # reload may change it); aiohttp's own cap stays out of the way.
     app = web.Application(middlewares=[middleware], client_max_size=2**62)
     app[SERVICES] = services
+    app.cleanup_ctx.append(services.lifetime)  # session, supervisor, ledger: opened and closed with the app
     app.on_response_prepare.append(on_prepare)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/readyz", handlers.readyz)
@@ -32,6 +33,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/version", handlers.version_route)
     app.router.add_get("/openapi.json", openapi.handler(services))
     app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)
     for route in ROUTES:
         for path in route.paths:

@@ -27,14 +27,15 @@ class Principal:
     limits: LimitFields
     models: frozenset[str] | None  # config model names it may use; None = all
     admin: bool = False
+    default_model: str | None = None  # serves this key's requests that name no model
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
 
 def hash_secret(secret: str) -> str:
-    # surrogateescape: aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates;
-    # this turns them back into those bytes (a key that matches nothing, not a 500).
+    # surrogateescape: a header with bytes that are not UTF-8 arrives with them as lone
+    # surrogates; hash those bytes as sent (matching no key: 401) instead of failing (500).
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
@@ -60,7 +61,7 @@ class KeyTable:
                 self._revoked.add(digest)
                 continue
             models = frozenset(names[m] for m in k.models) if k.models is not None else None
-            self._by_hash[digest] = Principal(k.id, k.tier or "", limits_for(cfg, k), models, k.admin)
+            self._by_hash[digest] = Principal(k.id, k.tier or "", limits_for(cfg, k), models, k.admin, k.default_model)
 
     def principals(self) -> list[Principal]:
         return list(self._by_hash.values())
@@ -82,11 +83,16 @@ class KeyTable:
         return principal
 
 
+# HTTP's whitespace around a credential: spaces and tabs only. str.strip() would also take
+# Unicode spaces (U+2003...) off, so "Bearer \u2003<secret>" would authenticate as <secret>.
+_OWS = " \t"
+
+
 def _secret_from(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+        if scheme.lower() == "bearer" and value.strip(_OWS):
+            return value.strip(_OWS)
     key = request.headers.get("X-API-Key") or request.headers.get("api-key")
-    return key.strip() if key and key.strip() else None
+    return key.strip(_OWS) if key and key.strip(_OWS) else None

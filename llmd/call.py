@@ -16,6 +16,7 @@ from aiohttp import web
 from .auth import Principal
 from .envelope import Envelope
 from .exchange import Exchange
+from .legacy import LegacyFunctions
 from .limits import Grant
 from .outcome import Outcome
 from .routes import Route
@@ -39,7 +40,7 @@ class Call:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
     hide_usage: bool = False  # llmd asked for the stream's usage chunk; the client did not
-    hashes: list[int] = field(default_factory=list)  # prefix-affinity block hashes
+    rewrite: LegacyFunctions | None = None  # translates the answer back for an old client
     exchange: Exchange = field(init=False)
     status: int = 0  # what the client got (499 when it left first)
 

@@ -44,6 +44,9 @@ class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     log_format: Literal["json", "text"] = "json"
     access_log_health: bool = False  # /health, /readyz and /metrics are noise in an access log
     metrics: bool = True
+    # Serves requests that name no model (clients written for one llama-server: llama.vscode,
+    # llama.vim, /completion scripts); keys[].default_model overrides it per key.
+    default_model: str | None = None
 
 
 class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -81,6 +84,7 @@ class KeyConfig(LimitFields, kw_only=True, forbid_unknown_fields=True):
     models: list[str] | None = None
     admin: bool = False
     revoked: bool = False
+    default_model: str | None = None  # for this key's requests without a model
 
 
 class LauncherConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -113,6 +117,11 @@ class LaunchersConfig(_Section, kw_only=True, forbid_unknown_fields=True):
 
 
 Backend = Literal["llama-server", "vllm", "openai"]
+# The names of routes.ROUTES (a test keeps the two equal; config imports nothing of llmd).
+RouteName = Literal[
+    "chat", "completions", "embeddings", "messages", "count_tokens", "responses", "input_tokens",
+    "chat_input_tokens", "infill", "completion", "tokenize", "detokenize", "apply_template", "rerank",
+]  # fmt: skip
 
 
 class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -129,6 +138,7 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     api_key_env: str | None = None
     slots: PositiveInt | None = None
     start_timeout_s: PositiveFloat | None = None  # overrides the launcher's
+    routes: list[RouteName] | None = None  # backend openai: what the remote serves (default the OpenAI three)
 
 
 class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -347,6 +357,15 @@ def _check(cfg: Config, errors: list[str]) -> None:
         if o != "*" and not re.match(r"^https?://[^/]+$", o):
             errors.append(f"server.cors_origins[{i}]: expected an origin like https://host[:port], got {o!r}")
 
+    names = cfg.model_names()
+    if cfg.server.default_model is not None and cfg.server.default_model not in names:
+        errors.append(f"server.default_model: {cfg.server.default_model!r} is not a model or alias of models:")
+    for i, k in enumerate(cfg.keys):
+        if k.default_model is not None:
+            if k.default_model not in names:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not a model or alias of models:")
+            elif k.models is not None and k.default_model not in k.models:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not in the key's models:")
     seen_names: dict[str, str] = {}
     for name, m in cfg.models.items():
         p = f"models.{name}"
@@ -380,6 +399,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
                         errors.append(f"{p}.{fld}[{i}]: must not be empty")
             if m.backend == "llama-server" and m.gpus:
                 errors.append(f"{p}.gpus: llama-server replicas here run on CPUs; use cpus")
+        if m.routes is not None and m.backend != "openai":
+            errors.append(f"{p}.routes: only for backend openai; llmd knows what {m.backend} serves")
         if m.slots is not None and m.backend != "openai":
             errors.append(f"{p}.slots: only for backend openai; supervised backends report their own")
 

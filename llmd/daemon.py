@@ -56,8 +56,7 @@ class Daemon:
     async def start(self) -> bool:
         """Start services and listen. False (after cleaning up) when the address is taken."""
         srv = self.cfg.server
-        await self.services.open()
-        app = create_app(self.services)
+        app = create_app(self.services)  # its cleanup_ctx opens the services in runner.setup()
         self._runner = runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -71,8 +70,8 @@ class Daemon:
             await site.start()
         except OSError as e:
             log.error("cannot listen", extra={"host": srv.host, "port": srv.port, "error": str(e)})
-            await self.services.close(asyncio.get_running_loop().time() + STOP_BUDGET_S)
-            await runner.cleanup()
+            self.services.deadline = asyncio.get_running_loop().time() + STOP_BUDGET_S
+            await runner.cleanup()  # closes the services (cleanup_ctx)
             return False
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
@@ -92,10 +91,12 @@ class Daemon:
         deadline = loop.time() + drain + STOP_BUDGET_S
         log.info("stopping: draining in-flight requests", extra={"drain_seconds": drain})
         self.services.draining = True
-        await self._runner.cleanup()  # stops listening, waits for in-flight handlers up to drain_seconds
+        self.services.deadline = deadline
+        # Stops listening, waits for in-flight handlers up to drain_seconds, then the app's
+        # cleanup_ctx closes the services within the same deadline.
+        await self._runner.cleanup()
         for t in self._tasks:
             t.cancel()
-        await self.services.close(deadline)
         log.info("stopped")
 
     async def run(self) -> int:

@@ -60,8 +60,28 @@ class ApiError(Exception):
             message, param = (_printable(x) for x in (self.message, self.param))
             return _encoder.encode(ErrorEnvelope(ErrorBody(message or "", self.type, param, self.code)))
 
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=self.headers)
+    def anthropic_body(self) -> bytes:
+        """Anthropic's envelope, whose ``error.type`` its SDK and Claude Code read."""
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return _encoder.encode({"type": "error", "error": {"type": kind, "message": self.message}})
+
+    def response(self, style: str = "openai") -> web.Response:
+        body = self.anthropic_body() if style == "anthropic" else self.body()
+        return web.Response(status=self.status, body=body, content_type="application/json", headers=self.headers)
+
+
+# Anthropic's error types by status (its API's own table; 529 is its overloaded, llmd says 503).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def _printable(text: str | None) -> str | None:
@@ -186,7 +206,8 @@ def quota_exhausted(message: str, retry_after_s: float) -> ApiError:
         message,
         type="insufficient_quota",
         code="insufficient_quota",
-        headers={"Retry-After": str(math.ceil(retry_after_s))},
+        # Until next month: the OpenAI and Anthropic SDKs honour x-should-retry and stop there.
+        headers={"Retry-After": str(math.ceil(retry_after_s)), "x-should-retry": "false"},
         outcome=Outcome.REJECTED_QUOTA,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .outcome import Outcome
@@ -21,7 +22,8 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    usage_seen: bool = False
+    usage_seen: bool = False  # the upstream told the whole usage
+    prompt_seen: bool = False  # the upstream told the prompt's tokens (e.g. Anthropic's message_start)
     token_method: str = "none"  # upstream | tokenize | estimate, with stream_chunks+ for streams
     chunks: int = 0  # tokens relayed in stream events (one per delta on llama-server/vLLM)
     ttft_s: float | None = None
@@ -29,11 +31,24 @@ class Exchange:
     client_bytes: int = 0
     first_byte_sent: bool = False
     streamed: bool = False  # 200 event-stream headers went out
+    finished: bool = False  # the stream's last event came ([DONE], message_stop, response.completed, stop)
 
     def take_usage(self, prompt: int, completion: int, cached: int | None = None) -> None:
-        self.usage_seen = True
+        self.usage_seen = self.prompt_seen = True
         self.token_method = "upstream"
         self.prompt_tokens = prompt
         self.completion_tokens = completion
         if cached:
             self.cached_tokens = cached
+
+    def take_prompt(self, prompt: int, cached: int | None = None) -> None:
+        """The prompt's tokens, known before the end of a stream."""
+        self.prompt_seen = True
+        self.prompt_tokens = prompt
+        if cached:
+            self.cached_tokens = cached
+
+    def token_relayed(self, n: int = 1) -> None:
+        self.chunks += n
+        if self.ttft_s is None:
+            self.ttft_s = time.monotonic() - self.t_start

@@ -133,6 +133,28 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True):
 # --- args helpers ------------------------------------------------------------------------------
 
 
+# Which routes (routes.py names) each backend serves. llama-server serves them all (its
+# tools/server routes at the pinned version); vLLM 0.32 serves the OpenAI ones, Responses,
+# its own /tokenize and /detokenize and rerank (with a reranker model). A remote `openai`
+# server serves what its model's `routes:` says, the OpenAI three by default.
+LLAMA_SERVER_ROUTES = frozenset(
+    {
+        "chat", "completions", "embeddings", "messages", "count_tokens", "responses", "input_tokens",
+        "chat_input_tokens", "infill", "completion", "tokenize", "detokenize", "apply_template", "rerank",
+    }
+)  # fmt: skip
+VLLM_ROUTES = frozenset({"chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "rerank"})
+REMOTE_DEFAULT_ROUTES = ("chat", "completions", "embeddings")
+
+
+def served_routes(model: ModelConfig) -> frozenset[str]:
+    if model.backend == "llama-server":
+        return LLAMA_SERVER_ROUTES
+    if model.backend == "vllm":
+        return VLLM_ROUTES
+    return frozenset(model.routes if model.routes is not None else REMOTE_DEFAULT_ROUTES)
+
+
 def flag_value(args: Sequence[str], names: Iterable[str]) -> str | None:
     """The value of the last ``--flag value`` or ``--flag=value`` among ``names``, else None."""
     names = tuple(names)

@@ -8,7 +8,6 @@ saw (the pipeline then bills those plus the prompt, see ``pipeline.settle``).
 
 from __future__ import annotations
 
-import time
 from typing import Protocol
 
 import msgspec
@@ -60,6 +59,7 @@ class _Delta(msgspec.Struct):
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None  # /v1/completions
+    finish_reason: str | None = None
 
 
 class Chunk(msgspec.Struct):
@@ -142,6 +142,7 @@ class OpenAIMeter:
 
     def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
         if payload == DONE:
+            ex.finished = True
             return True
         try:
             chunk = decode_chunk(payload)
@@ -158,10 +159,250 @@ class OpenAIMeter:
             ex.take_usage(t.prompt_n + t.cache_n, t.predicted_n, t.cache_n)
         n = tokens_in_chunk(chunk)
         if n:
-            ex.chunks += n
-            if ex.ttft_s is None:
-                ex.ttft_s = time.monotonic() - ex.t_start
+            ex.token_relayed(n)
+        if chunk.choices and any(c.finish_reason for c in chunk.choices):
+            ex.finished = True  # an upstream that omits [DONE] still said it was done
         return True
 
 
 OPENAI = OpenAIMeter()
+
+
+# --- Anthropic Messages ----------------------------------------------------------------------
+
+
+class _AnthropicUsage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+    def prompt(self) -> int:
+        # Anthropic's input_tokens exclude the cached part; the ledger's prompt is all of it.
+        return (self.input_tokens or 0) + (self.cache_read_input_tokens or 0) + (self.cache_creation_input_tokens or 0)
+
+
+class _AnthropicMessage(msgspec.Struct):
+    usage: _AnthropicUsage | None = None
+    content: list[msgspec.Raw] | None = None
+
+
+class _AnthropicEvent(msgspec.Struct):
+    type: str = ""
+    message: _AnthropicMessage | None = None  # message_start
+    usage: _AnthropicUsage | None = None  # message_delta
+
+
+_decode_anthropic_message = msgspec.json.Decoder(_AnthropicMessage).decode
+_decode_anthropic_event = msgspec.json.Decoder(_AnthropicEvent).decode
+
+
+class AnthropicMeter:
+    """``usage`` of a message; on a stream the prompt from ``message_start``, a token per
+    ``content_block_delta``, the output from ``message_delta``."""
+
+    def whole(self, data: bytes, ex: Exchange) -> None:
+        try:
+            msg = _decode_anthropic_message(data)
+        except msgspec.DecodeError:
+            return
+        if msg.usage is not None:
+            u = msg.usage
+            ex.take_usage(u.prompt(), u.output_tokens or 0, u.cache_read_input_tokens)
+        else:
+            ex.completion_tokens = (sum(len(c) for c in msg.content or ()) + 3) // 4
+
+    def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
+        try:
+            ev = _decode_anthropic_event(payload)
+        except msgspec.DecodeError:
+            return True
+        t = ev.type
+        if t == "content_block_delta":
+            ex.token_relayed()
+        elif t == "message_start" and ev.message is not None and ev.message.usage is not None:
+            u = ev.message.usage
+            ex.take_prompt(u.prompt(), u.cache_read_input_tokens)
+        elif t == "message_delta" and ev.usage is not None:
+            u = ev.usage
+            prompt = u.prompt() if u.input_tokens is not None else ex.prompt_tokens
+            ex.take_usage(prompt, u.output_tokens or 0, u.cache_read_input_tokens or ex.cached_tokens)
+        elif t == "message_stop":
+            ex.finished = True
+        elif t == "error":
+            ex.outcome = Outcome.UPSTREAM_ERROR
+        return True
+
+
+# --- OpenAI Responses ------------------------------------------------------------------------
+
+
+class _InputDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _ResponsesUsage(msgspec.Struct):
+    input_tokens: int | None = 0
+    output_tokens: int | None = 0
+    input_tokens_details: _InputDetails | None = None
+
+
+class _Response(msgspec.Struct):
+    usage: _ResponsesUsage | None = None
+    output: list[msgspec.Raw] | None = None
+
+
+class _ResponsesEvent(msgspec.Struct):
+    type: str = ""
+    response: _Response | None = None
+
+
+_decode_response = msgspec.json.Decoder(_Response).decode
+_decode_responses_event = msgspec.json.Decoder(_ResponsesEvent).decode
+_RESPONSES_TOKEN_EVENTS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+
+
+def _take_responses(ex: Exchange, u: _ResponsesUsage) -> None:
+    cached = u.input_tokens_details.cached_tokens if u.input_tokens_details else None
+    ex.take_usage(u.input_tokens or 0, u.output_tokens or 0, cached)
+
+
+class ResponsesMeter:
+    """``usage`` of a response; on a stream a token per text/arguments delta and the usage of
+    ``response.completed`` (or ``incomplete``/``failed``)."""
+
+    def whole(self, data: bytes, ex: Exchange) -> None:
+        try:
+            r = _decode_response(data)
+        except msgspec.DecodeError:
+            return
+        if r.usage is not None:
+            _take_responses(ex, r.usage)
+        else:
+            ex.completion_tokens = (sum(len(o) for o in r.output or ()) + 3) // 4
+
+    def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
+        try:
+            ev = _decode_responses_event(payload)
+        except msgspec.DecodeError:
+            return True
+        t = ev.type
+        if t in _RESPONSES_TOKEN_EVENTS:
+            ex.token_relayed()
+        elif t in ("response.completed", "response.incomplete", "response.failed"):
+            ex.finished = True
+            if ev.response is not None and ev.response.usage is not None:
+                _take_responses(ex, ev.response.usage)
+            if t == "response.failed":
+                ex.outcome = Outcome.UPSTREAM_ERROR
+        elif t == "error":
+            ex.outcome = Outcome.UPSTREAM_ERROR
+        return True
+
+
+# --- llama.cpp native (/completion, /infill) -------------------------------------------------
+
+
+class _NativeTimings(msgspec.Struct):
+    cache_n: int | None = None
+
+
+class _Native(msgspec.Struct):
+    content: str | None = None
+    tokens_evaluated: int | None = None  # the whole prompt, cached part included
+    tokens_predicted: int | None = None
+    tokens_cached: int | None = None
+    stop: bool | None = None
+    timings: _NativeTimings | None = None
+    error: msgspec.Raw = msgspec.Raw(b"")
+    # A ``response_fields`` filter (llama.vscode, llama.vim) flattens the paths it keeps.
+    flat_predicted_n: int | None = msgspec.field(default=None, name="timings/predicted_n")
+
+
+_decode_native = msgspec.json.Decoder(_Native | list[_Native]).decode  # n_cmpl > 1: a list
+
+
+class NativeMeter:
+    """llama.cpp's own shape: ``tokens_evaluated`` / ``tokens_predicted`` on the answer and,
+    cumulatively, on every stream event (a ``response_fields`` filter may drop them: then
+    the content is counted)."""
+
+    def whole(self, data: bytes, ex: Exchange) -> None:
+        try:
+            doc = _decode_native(data)
+        except msgspec.DecodeError:
+            return
+        answers = doc if isinstance(doc, list) else [doc]
+        prompt = completion = cached = 0
+        known = bool(answers)
+        for r in answers:
+            one = Exchange(t_start=ex.t_start)
+            self._take(r, one)
+            known = known and one.usage_seen
+            # n_cmpl completions share one prompt; each generates its own tokens.
+            prompt, cached = max(prompt, one.prompt_tokens), max(cached, one.cached_tokens)
+            if one.usage_seen:
+                completion += one.completion_tokens
+            elif r.flat_predicted_n is not None:
+                # A response_fields filter kept timings/predicted_n: exact for the output; the
+                # prompt (timings/prompt_n is only its uncached part) is tokenized by the pipeline.
+                completion += r.flat_predicted_n
+            else:
+                completion += (len(r.content or "") + 3) // 4
+        if known:
+            ex.take_usage(prompt, completion, cached)
+        else:
+            ex.completion_tokens = completion
+
+    def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
+        try:
+            r = _decode_native(payload)
+        except msgspec.DecodeError:
+            return True
+        if isinstance(r, list):
+            return True
+        if r.error:
+            ex.outcome = Outcome.UPSTREAM_ERROR
+        if r.stop:
+            ex.finished = True
+        if r.content:
+            ex.token_relayed()
+        self._take(r, ex)
+        return True
+
+    @staticmethod
+    def _take(r: _Native, ex: Exchange) -> None:
+        cached = r.timings.cache_n if r.timings and r.timings.cache_n is not None else r.tokens_cached
+        if r.tokens_evaluated is not None and r.tokens_predicted is not None:
+            ex.take_usage(r.tokens_evaluated, r.tokens_predicted, cached)
+        elif r.tokens_evaluated is not None:
+            ex.take_prompt(r.tokens_evaluated, cached)
+
+
+
+# --- token-only routes (/tokenize, count_tokens, ...) ----------------------------------------
+
+
+class ZeroMeter:
+    """Routes that run no generation: a request with 0 tokens, whatever the answer says."""
+
+    def whole(self, data: bytes, ex: Exchange) -> None:
+        ex.usage_seen = ex.prompt_seen = True
+
+    def event(self, payload: bytes, ex: Exchange, hide_usage: bool) -> bool:
+        ex.usage_seen = ex.prompt_seen = ex.finished = True
+        return True
+
+
+ANTHROPIC = AnthropicMeter()
+RESPONSES = ResponsesMeter()
+NATIVE = NativeMeter()
+ZERO = ZeroMeter()

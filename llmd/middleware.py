@@ -51,7 +51,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         else:
             resp = await handler(request)
     except ApiError as e:
-        resp = e.response()
+        resp = e.response(call.route.errors if call.route is not None else "openai")
     except web.HTTPException as e:
         resp = _http_exception(e, request)
     except asyncio.CancelledError:
@@ -60,7 +60,7 @@ async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error", extra={"request_id": call.request_id})
-        resp = internal_error().response()
+        resp = internal_error().response(call.route.errors if call.route is not None else "openai")
     if call.route is None:
         body = getattr(resp, "body", None)
         _own_route_done(call, resp.status, len(body) if isinstance(body, bytes) else 0)
@@ -86,6 +86,8 @@ async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
     if call is None:
         return
     resp.headers["X-Request-ID"] = call.request_id
+    if call.route is not None and call.route.errors == "anthropic":
+        resp.headers["request-id"] = call.request_id  # what the anthropic SDK reads and reports
     if call.cors_origin is not None:
         resp.headers["Access-Control-Allow-Origin"] = call.cors_origin
         resp.headers["Vary"] = "Origin"

@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import msgspec.inspect as mi
 from aiohttp import web
 
 from . import __version__
 from .config import Config
+from .envelope import Envelope
 from .routes import ROUTES
 
 if TYPE_CHECKING:
@@ -63,12 +65,13 @@ _ERRORS: dict[int, tuple[str, bool]] = {
 INFERENCE_ERRORS = (400, 401, 403, 404, 413, 429, 500, 502, 503, 504)
 
 
-def _error_response(status: int, description: str | None = None) -> Schema:
+def _error_response(status: int, description: str | None = None, style: str = "openai") -> Schema:
     text, retry_after = _ERRORS[status]
+    schema = _ref("AnthropicErrorResponse" if style == "anthropic" else "ErrorResponse")
     out: Schema = {
         "description": description or text,
         "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-        "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+        "content": {"application/json": {"schema": schema}},
     }
     if retry_after:
         out["headers"]["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
@@ -105,34 +108,41 @@ _REQUEST_ID_PARAM: Schema = {"$ref": "#/components/parameters/X-Request-ID"}
 # --- request bodies: app.Envelope --------------------------------------------------------------
 
 
-def _envelope(models: list[str], required: str, body_field: Schema) -> Schema:
-    """``envelope.Envelope``'s fields (the same on every route; each route requires its own
-    field); anything else passes through to the upstream."""
-    model: Schema = {"type": "string", "minLength": 1, "description": "A model name or alias from the config."}
+def _schema_of(t: mi.Type) -> Schema:
+    """JSON Schema of one Envelope field's type: the envelope decoder's own rules."""
+    if isinstance(t, mi.UnionType):
+        kinds = [_schema_of(x) for x in t.types]
+        return kinds[0] if len(kinds) == 1 else {"anyOf": kinds}
+    if isinstance(t, mi.NoneType):
+        return {"type": "null"}
+    if isinstance(t, mi.BoolType):
+        return {"type": "boolean"}
+    if isinstance(t, mi.IntType):
+        return {"type": "integer", **({"minimum": t.ge} if t.ge is not None else {})}
+    if isinstance(t, mi.StrType):
+        return {"type": "string"}
+    if isinstance(t, mi.StructType):
+        props = {f.encode_name: _schema_of(f.type) for f in t.fields}
+        return {"type": "object", "properties": props, "additionalProperties": True}
+    return {}  # Raw: any JSON, passed through (the route's upstream judges it)
+
+
+def _envelope(models: list[str], required: str | None, model_required: bool) -> Schema:
+    """``envelope.Envelope``'s fields (the same decoder on every route; a route requires its
+    own field); anything else passes through to the upstream."""
+    props: dict[str, Schema] = {}
+    for f in mi.type_info(Envelope).fields:  # type: ignore[attr-defined]
+        props[f.encode_name] = _schema_of(f.type)
+    props["model"] = {"type": "string", "minLength": 1, "description": "A model name or alias from the config."}
     if models:
-        model["enum"] = models
-    positive = _nullable({"type": "integer", "minimum": 1})
-    props: dict[str, Schema] = {
-        "model": model,
-        required: body_field,
-        "stream": _nullable({"type": "boolean"}),
-        "stream_options": _nullable(
-            {
-                "type": "object",
-                "properties": {"include_usage": _nullable({"type": "boolean"})},
-                "additionalProperties": True,
-            }
-        ),
-        "max_tokens": {**positive, "description": "Sizes the token reservation against tokens_per_minute."},
-        "max_completion_tokens": positive,
-        "n": positive,
-    }
-    return {
-        "type": "object",
-        "required": ["model", required],
-        "properties": props,
-        "additionalProperties": True,
-    }
+        props["model"]["enum"] = models
+    if required in _FIELD_SHAPES:
+        props[required] = _FIELD_SHAPES[required]
+    req = [x for x in ("model" if model_required else None, required) if x]
+    out: Schema = {"type": "object", "properties": props, "additionalProperties": True}
+    if req:
+        out["required"] = req
+    return out
 
 
 _MESSAGE: Schema = {
@@ -164,6 +174,14 @@ _PROMPT: Schema = {
 }
 
 
+# What a route's required field holds, where llmd's clients agree on it (else any JSON).
+_FIELD_SHAPES: dict[str, Schema] = {
+    "messages": {"type": "array", "items": _MESSAGE, "description": "Required; llmd checks it is an array."},
+    "prompt": _PROMPT,
+    "input": {"description": "Text, texts, token ids or items; passed through.", "anyOf": [*_PROMPT["anyOf"], {}]},
+}
+
+
 # --- success bodies: OpenAI's shapes, loose -----------------------------------------------------
 
 _USAGE: Schema = {
@@ -189,6 +207,19 @@ def _schemas() -> dict[str, Schema]:
             },
         },
         "ErrorResponse": {"type": "object", "required": ["error"], "properties": {"error": _ref("Error")}},
+        "AnthropicErrorResponse": {
+            "type": "object",
+            "description": "Anthropic's error envelope, on the Anthropic Messages routes.",
+            "required": ["type", "error"],
+            "properties": {
+                "type": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "required": ["type", "message"],
+                    "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],
@@ -254,12 +285,14 @@ _ROUTE_DOCS: dict[str, tuple[str, str, Schema]] = {
     "completions": ("Text completion, relayed to a replica", "createCompletion", _ref("CreateCompletionResponse")),
     "embeddings": ("Embeddings, relayed to a replica", "createEmbedding", _ref("CreateEmbeddingResponse")),
 }
+# Routes whose answer may be an event stream (``stream: true``).
+_STREAMING = frozenset({"chat", "completions", "messages", "responses", "completion", "infill"})
 
 
-def _inference(summary: str, op_id: str, body: Schema, ok: Schema, stream: bool) -> Schema:
+def _inference(summary: str, op_id: str, body: Schema, ok: Schema, stream: bool, style: str) -> Schema:
     responses: Schema = {"200": _ok("The upstream's answer, relayed.", ok, stream=stream)}
     for status in INFERENCE_ERRORS:
-        responses[str(status)] = _error_response(status)
+        responses[str(status)] = _error_response(status, style=style)
     responses["default"] = _RELAYED
     return {
         "post": {
@@ -290,11 +323,8 @@ def build(cfg: Config) -> dict[str, Any]:
     models = sorted(cfg.model_names())
     open_mode = not cfg.keys
     ok_json = {"type": "object", "additionalProperties": True}
-    fields: dict[str, Schema] = {
-        "messages": {"type": "array", "items": _MESSAGE, "description": "Required; llmd checks it is an array."},
-        "prompt": _PROMPT,
-        "input": {"description": "Text, texts or token ids; passed through.", "anyOf": _PROMPT["anyOf"]},
-    }
+    # `model` may be left out only where a default serves it (the key's, or the server's).
+    model_required = not cfg.server.default_model and not any(k.default_model for k in cfg.keys)
     auth_errors = {str(s): _error_response(s) for s in (401, 500)}
     admin_errors = {
         "401": _error_response(401),
@@ -308,6 +338,11 @@ def build(cfg: Config) -> dict[str, Any]:
         "/v1/models": _get(
             "listModels",
             "Models and aliases this key may use",
+            {"200": _ok("The models.", _ref("ListModelsResponse")), **auth_errors},
+        ),
+        "/models": _get(
+            "listModelsUnversioned",
+            "The same list, without /v1 (llama-server's path)",
             {"200": _ok("The models.", _ref("ListModelsResponse")), **auth_errors},
         ),
         "/v1/models/{model}": _get(
@@ -392,11 +427,13 @@ def build(cfg: Config) -> dict[str, Any]:
         ),
     }
     for route in ROUTES:  # the route table: every inference path llmd serves
-        summary, op_id, ok = _ROUTE_DOCS.get(route.name, (f"{route.name}, relayed", route.name, {"type": "object"}))
-        body = _envelope(models, route.required, fields.get(route.required, {}))
-        for path in route.paths:
-            suffix = "" if path.startswith("/v1/") else "Unversioned"
-            paths[path] = _inference(summary, op_id + suffix, body, ok, route.usage_option)
+        summary, op_id, ok = _ROUTE_DOCS.get(
+            route.name, (f"`{route.name}`, relayed to a replica", route.name, {"type": "object"})
+        )
+        body = _envelope(models, route.required, model_required)
+        for i, path in enumerate(route.paths):
+            doc = _inference(summary, op_id + (f"_{i}" if i else ""), body, ok, route.name in _STREAMING, route.errors)
+            paths[path] = doc
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -406,7 +443,8 @@ def build(cfg: Config) -> dict[str, Any]:
                 "An OpenAI-compatible gateway. Request fields beyond those listed pass through to the "
                 "upstream untouched; upstream answers are relayed with their own status and body. Every "
                 'error llmd itself produces is OpenAI\'s envelope `{"error": {"message", "type", '
-                '"param", "code"}}`; an unknown route is 404 and a wrong method 405, in the same envelope. '
+                '"param", "code"}}` (Anthropic\'s `{"type": "error", "error": {"type", "message"}}` on the '
+                "Anthropic Messages routes); an unknown route is 404 and a wrong method 405. "
                 f"Bodies over {cfg.server.max_body_bytes} bytes are refused with 413."
             ),
         },

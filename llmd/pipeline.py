@@ -29,6 +29,8 @@ from .errors import (
     route_not_served,
     too_large,
 )
+from .launchers import served_routes
+from .legacy import LEGACY_FUNCTIONS
 from .outcome import Outcome
 from .relay import count_prompt_tokens
 from .routes import BY_PATH
@@ -73,27 +75,40 @@ def authenticate(call: Call, rt: Runtime) -> None:
 
 
 async def decode(call: Call, rt: Runtime) -> None:
-    """The body, its envelope, the model it names (allowed for this key, served on this
-    route), and what goes upstream."""
-    route, principal = call.route, call.principal
+    """The body, its envelope, the model it names (or the default: the key's, then the
+    server's), allowed for this key and served on this route, and what goes upstream."""
+    route, principal, request = call.route, call.principal, call.request
     assert route is not None and principal is not None
-    body = await read_body(call.request, rt.cfg.server.max_body_bytes)
+    body = await read_body(request, rt.cfg.server.max_body_bytes)
     env = call.env = envelope.decode(body, route.required, route.envelope)
-    model = rt.model_names.get(env.model)
+    name = env.model or principal.default_model or rt.cfg.server.default_model
+    if not name:
+        raise bad_request(
+            "Missing required parameter: 'model' (this llmd has no server.default_model for requests without one).",
+            param="model",
+        )
+    model = rt.model_names.get(name)
     if model is None or not principal.may_use(model):
         if model is not None and not rt.keys.open:
-            raise model_not_allowed(principal.key_id, env.model)
-        raise model_not_found(env.model)
+            raise model_not_allowed(principal.key_id, name)
+        raise model_not_found(name)
     call.model = model
     mcfg = rt.cfg.models[model]
-    if mcfg.backend not in route.backends:
-        raise route_not_served(env.model, mcfg.backend, call.request.path)
+    if route.name not in served_routes(mcfg):
+        raise route_not_served(name, mcfg.backend, request.path)
+    legacy = route.legacy_functions and bool(env.functions)
     call.upstream_body, call.hide_usage = envelope.upstream_body(
-        body, env, mcfg.upstream_model or model, route.usage_option
+        body, env, mcfg.upstream_model or model, route.usage_option, legacy
     )
+    if legacy:
+        call.rewrite = LEGACY_FUNCTIONS
     # identity: llmd reads usage from the answer and relays it as it is; a compressed answer
     # would reach the client without its Content-Encoding.
     headers = {"Content-Type": "application/json", "X-Request-ID": call.request_id, "Accept-Encoding": "identity"}
+    for h in route.forward_headers:
+        v = request.headers.get(h)
+        if v is not None:
+            headers[h] = v
     if mcfg.api_key_env:
         headers["Authorization"] = f"Bearer {rt.upstream_keys.get(mcfg.api_key_env, '')}"
     call.upstream_headers = headers
@@ -104,7 +119,7 @@ def admit(call: Call, rt: Runtime, services: Services) -> None:
     p, env = call.principal, call.env
     assert p is not None and env is not None
     limiter = rt.limiter
-    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or 1)
+    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or env.n_cmpl or 1)
     call.reached_limits = True  # from here on the request has a usage row, admitted or not
     try:
         call.grant = limiter.admit(p, reserve)
@@ -147,6 +162,10 @@ def settle(call: Call, services: Services) -> None:
     if call.grant is not None and call.env is not None and _needs_count(call):
         if ex.streamed or ex.outcome is Outcome.CLIENT_ABORT:
             ex.completion_tokens = ex.chunks
+        if ex.prompt_seen:  # the upstream told the prompt before the stream broke off
+            ex.token_method = "stream_chunks+upstream" if ex.streamed else "upstream"
+            _finish(call, services)
+            return
         ex.prompt_tokens = call.env.prompt_estimate()
         ex.token_method = "stream_chunks+estimate" if ex.streamed else "estimate"
         services.spawn(_count_prompt_then_finish(call, services))

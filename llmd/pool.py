@@ -9,6 +9,7 @@ The pool outlives reloads: its queue and the slots in use carry over, its settin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from .relay import Relay, UpstreamFailed
 from .replica import Replica
 
 log = logging.getLogger("llmd")
+
+REFUSED_PAUSE_S = 0.5  # before queueing again for a sole replica that refused the connection
 
 
 class Pool:
@@ -65,7 +68,11 @@ class Pool:
         hashes = self.hashes(call)
         tried: set[str] = set()
         attempts = self.routing.retries + 1
+        pause = False
         for attempt in range(attempts):
+            if pause:
+                await asyncio.sleep(REFUSED_PAUSE_S)
+                pause = False
             choice = await self.admission.acquire(  # 5 + 6. admission and balancer
                 principal.key_id, principal.limits.priority or 0, hashes, frozenset(tried)
             )
@@ -80,13 +87,22 @@ class Pool:
                 tried.add(replica.name)
                 replica.note_failure(self.routing.eject_after_failures)
                 others = any(r.accepting and r.name not in tried for r in self._replicas())
-                if e.retryable and others and attempt + 1 < attempts and not call.exchange.first_byte_sent:
-                    self.metrics.observe_retry(self.model)
-                    log.warning(
-                        "retrying on another replica",
-                        extra={"request_id": call.request_id, "replica": replica.name, "error": e.error.message},
-                    )
-                    continue
+                if e.retryable and attempt + 1 < attempts and not call.exchange.first_byte_sent:
+                    if others:
+                        self.metrics.observe_retry(self.model)
+                        log.warning(
+                            "retrying on another replica",
+                            extra={"request_id": call.request_id, "replica": replica.name, "error": e.error.message},
+                        )
+                        continue
+                    if e.refused:
+                        # The only replica refused the connection: its process is gone and the
+                        # supervisor has not seen it yet (a slot freed by its crash went to a
+                        # waiter at once). Pause, then queue again: the restart answers it.
+                        tried.discard(replica.name)
+                        pause = True
+                        self.metrics.observe_retry(self.model)
+                        continue
                 if e.response is not None:  # the upstream's own answer (its 503) is what the client gets
                     call.exchange.outcome = e.error.outcome
                     call.exchange.status = e.response.status

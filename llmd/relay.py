@@ -38,11 +38,14 @@ class UpstreamFailed(Exception):
     """Nothing reached the client yet. ``retryable``: another replica may answer instead.
     ``response``: the upstream's own answer (e.g. its 503) to relay if no retry is left."""
 
-    def __init__(self, error: ApiError, retryable: bool, response: web.Response | None = None) -> None:
+    def __init__(
+        self, error: ApiError, retryable: bool, response: web.Response | None = None, refused: bool = False
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.retryable = retryable
         self.response = response
+        self.refused = refused  # no connection at all: the server is not there (yet, or any more)
 
 
 class Relay:
@@ -60,8 +63,9 @@ class Relay:
         start = time.monotonic()  # loop.time() is cached per iteration under uvloop: too coarse
         try:
             async with asyncio.timeout(min(t.first_byte_s, t.total_s)):
+                route = call.route
                 resp = await self.session.post(
-                    replica.url + call.route.upstream_path,
+                    (replica.origin() if route.native else replica.url) + route.upstream_path,
                     data=call.upstream_body,
                     headers=call.upstream_headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, connect=t.connect_s),
@@ -74,7 +78,10 @@ class Relay:
             # Refused, reset, or not HTTP at all (a bad status line is a ClientResponseError):
             # nothing reached the client, so another replica may answer.
             ex.upstream_s += time.monotonic() - start
-            raise UpstreamFailed(upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True) from e
+            refused = isinstance(e, aiohttp.ClientConnectorError)
+            raise UpstreamFailed(
+                upstream_unreachable(f"{replica.name}: {type(e).__name__}"), True, None, refused
+            ) from e
         ex.upstream_s += time.monotonic() - start
         try:
             ex.status = resp.status
@@ -107,6 +114,9 @@ class Relay:
             raise UpstreamFailed(upstream_failed(resp.status, f"{replica.name} answered {resp.status}"), True, out)
         if resp.status == 200:
             call.route.meter.whole(data, ex)  # type: ignore[union-attr]
+            if call.rewrite is not None:
+                data = call.rewrite.whole(data)
+                out.body = data
         ex.outcome = Outcome.OK if resp.status < 400 else Outcome.UPSTREAM_ERROR
         ex.client_bytes = len(data)
         return out
@@ -129,7 +139,7 @@ class Relay:
         ex.first_byte_sent = True
         ex.streamed = True
         splitter = EventSplitter()
-        hide_usage = call.hide_usage
+        hide_usage, rewrite = call.hide_usage, call.rewrite
         tail: bytes | None = None  # what is still owed to the client after an upstream failure
         try:
             async with asyncio.timeout_at(deadline):
@@ -144,6 +154,8 @@ class Relay:
                         for ev in events:
                             payload = data_of(ev)
                             if payload is None or meter.event(payload, ex, hide_usage):
+                                if rewrite is not None and payload is not None:
+                                    ev = b"data: " + rewrite.event(payload)
                                 parts.append(ev)
                                 parts.append(b"\n\n")
                         if parts:
@@ -152,6 +164,11 @@ class Relay:
                             ex.client_bytes += len(relay)
                     if not data:
                         break
+            if not ex.finished and ex.outcome is Outcome.OK:
+                # A clean end of the body without the protocol's last event: the upstream broke
+                # off (a body framed by the connection reads a reset as its end).
+                ex.outcome = Outcome.UPSTREAM_ERROR
+                tail = sse_error_event(upstream_unreachable(f"{ex.replica} ended the stream before its last event"))
         except TimeoutError:
             ex.outcome = Outcome.TIMEOUT
             tail = sse_error_event(upstream_timeout("stream exceeded routing.timeouts.total_s"))
@@ -223,7 +240,7 @@ async def count_prompt_tokens(
                     if r.status != 200:
                         return None
                     text = msgspec.json.decode(await r.read(), type=_Template).prompt
-            elif route == "completions" and isinstance(doc.get("prompt"), str):
+            elif route in ("completions", "completion") and isinstance(doc.get("prompt"), str):
                 text = doc["prompt"]
             else:
                 return None

@@ -18,10 +18,11 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from .auth import KeyTable
 from .config import Config
@@ -90,6 +91,14 @@ class Services:
         self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
         self._cfg = cfg
         self._background: set[asyncio.Task[None]] = set()
+        self.deadline: float | None = None  # loop time by which close() must be done; set at shutdown
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        """The app's cleanup_ctx: open at its startup; close at its cleanup, after in-flight
+        requests drained, within ``deadline``."""
+        await self.open()
+        yield
+        await self.close(self.deadline if self.deadline is not None else asyncio.get_running_loop().time() + 10)
 
     async def open(self) -> None:
         cfg = self._cfg

@@ -52,6 +52,7 @@ from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
 T = TypeVar("T")
 
 INFERENCE = frozenset(p for r in ROUTES for p in r.paths)
+ANTHROPIC = frozenset(p for r in ROUTES if r.errors == "anthropic" for p in r.paths)  # Anthropic's error envelope
 # llmd's refusals before the limits: these leave no ledger row.
 NO_ROW = frozenset({400, 401, 403, 404, 413})
 ENVELOPE_KEYS = frozenset({"message", "type", "param", "code"})
@@ -85,8 +86,8 @@ def fuzz_config(tmp: Path, fake_url: str, max_body_bytes: int = 4096) -> dict[st
         "models": {"m": {**upstream, "aliases": ["gpt-4o-mini"]}, "e": {**upstream, "aliases": ["embed"]}},
         "tiers": {
             "small": {
-                "requests_per_minute": 40,
-                "requests_per_hour": 400,
+                "requests_per_minute": 12,
+                "requests_per_hour": 300,
                 "tokens_per_minute": 3000,
                 "monthly_tokens": 200_000,
                 "max_concurrent": 2,
@@ -264,6 +265,20 @@ class Sent:
     cut_short: bool = False  # schemathesis stopped reading an event stream (at its event cap): a client abort
 
 
+def own_error(s: Sent) -> dict[str, Any] | None:
+    """The ``error`` object when the response is one of llmd's own errors: its OpenAI envelope,
+    or on the Anthropic routes Anthropic's ``{"type": "error", "error": {"type", "message"}}``."""
+    if s.path not in ANTHROPIC:
+        return error_envelope(s.body)
+    try:
+        doc = json.loads(s.body)
+    except ValueError:
+        return None
+    err = doc.get("error") if isinstance(doc, dict) and doc.get("type") == "error" else None
+    ok = isinstance(err, dict) and isinstance(err.get("type"), str) and isinstance(err.get("message"), str)
+    return err if ok else None
+
+
 def error_envelope(body: bytes) -> dict[str, Any] | None:
     """The ``error`` object when ``body`` is llmd's envelope (all four keys), else None."""
     try:
@@ -292,7 +307,7 @@ class Findings:
         llmd's own refusals before the limits (relayed upstream errors do count)."""
         out: Counter[str] = Counter()
         for s in self.sent:
-            if s.path in INFERENCE and not (s.status in NO_ROW and error_envelope(s.body) is not None):
+            if s.path in INFERENCE and not (s.status in NO_ROW and own_error(s) is not None):
                 out[s.request_id] += 1
         return out
 
@@ -323,7 +338,7 @@ def send(
         _judge(sent, findings)
     # An upstream's own error is relayed in its own shape (llama-server's has no ``param``):
     # the document's error schemas are llmd's, so only its status and headers are checked then.
-    relayed_error = sent.status >= 400 and error_envelope(sent.body) is None and _upstream_shaped(sent.body)
+    relayed_error = sent.status >= 400 and own_error(sent) is None and _upstream_shaped(sent.body)
     try:
         case.validate_response(resp, checks=_conformance_checks(schemas=not relayed_error))
     except (Exception, BaseExceptionGroup) as e:  # one failure, or a FailureGroup (a BaseExceptionGroup)
@@ -352,7 +367,7 @@ def _judge(s: Sent, f: Findings) -> None:
     where = f"{s.request}\n-> {s.status} {s.content_type} {s.body[:500]!r}"
     if not s.request_id:
         f.problems.append(f"no x-request-id: {where}")
-    own = error_envelope(s.body)
+    own = own_error(s)
     if s.status >= 500 and llmd_own_5xx(s):
         f.problems.append(f"llmd 5xx: {where}")
     if s.status == 503 and own is not None and s.path in INFERENCE and "retry-after" not in s.headers:
@@ -377,7 +392,7 @@ def _upstream_shaped(body: bytes) -> bool:
 
 def llmd_own_5xx(s: Sent) -> bool:
     """A 5xx llmd produced (its envelope) rather than one relayed from the upstream."""
-    return s.status >= 500 and (error_envelope(s.body) is not None or not _upstream_shaped(s.body))
+    return s.status >= 500 and (own_error(s) is not None or not _upstream_shaped(s.body))
 
 
 def fuzz(

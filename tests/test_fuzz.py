@@ -28,7 +28,7 @@ from tests.fakeproc import FakeProc
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SERVED = {
-    "/v1/models", "/v1/models/{model}", *INFERENCE_PATHS, "/health", "/readyz", "/metrics", "/version",
+    "/v1/models", "/models", "/v1/models/{model}", *INFERENCE_PATHS, "/health", "/readyz", "/metrics", "/version",
     "/openapi.json", "/admin/status", "/admin/usage", *(p for r in ROUTES for p in r.paths),
 }  # fmt: skip
 
@@ -57,34 +57,37 @@ async def test_openapi_json_is_served_without_a_key_and_is_a_valid_document(fake
 
 
 def test_every_inference_route_documents_every_error_llmd_produces() -> None:
-    """Each inference path of the route table lists 400, 401, 403, 404, 413, 429, 502, 503, 504
-    (and 500, a bug) in the error envelope; 429 and 503 require Retry-After. The body lists
-    every field of app.Envelope, requires model and the route's own field, and lets the rest
-    through (additionalProperties)."""
+    """Each path of the route table lists 400, 401, 403, 404, 413, 429, 502, 503, 504 (and
+    500, a bug) in the route's error envelope (OpenAI's, or Anthropic's on its routes); 429 and
+    503 require Retry-After. The body lists every field of envelope.Envelope, requires the
+    route's own field (and model, unless a default_model serves requests without one), and
+    lets the rest through (additionalProperties)."""
     cfg = parse('models: {m: {backend: openai, urls: ["http://127.0.0.1:9/v1"]}}')
     doc = openapi.build(cfg)
     assert {} in doc["security"]  # no keys: open mode, no key needed
     envelope_fields = {f.name for f in msgspec.structs.fields(Envelope)}
-    seen_fields: set[str] = set()
-    routes = [(path, r.required) for r in ROUTES for path in r.paths]
-    assert {p for p, _ in routes} >= set(INFERENCE_PATHS)
-    for path, required in routes:
-        op = doc["paths"][path]["post"]
-        for status in ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"):
-            resp = op["responses"][status]
-            assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
-            assert ("Retry-After" in resp["headers"]) == (status in ("429", "503")), (path, status)
-        body = op["requestBody"]["content"]["application/json"]["schema"]
-        assert body["required"] == ["model", required] and body["additionalProperties"] is True
-        seen_fields |= set(body["properties"])
-    assert envelope_fields <= seen_fields
+    assert {p for r in ROUTES for p in r.paths} >= set(INFERENCE_PATHS)
+    for route in ROUTES:
+        envelope = "AnthropicErrorResponse" if route.errors == "anthropic" else "ErrorResponse"
+        for path in route.paths:
+            op = doc["paths"][path]["post"]
+            for status in ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"):
+                resp = op["responses"][status]
+                assert resp["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{envelope}"}
+                assert ("Retry-After" in resp["headers"]) == (status in ("429", "503")), (path, status)
+            body = op["requestBody"]["content"]["application/json"]["schema"]
+            assert body["required"] == ["model", *([route.required] if route.required else [])]
+            assert body["additionalProperties"] is True and set(body["properties"]) == envelope_fields
     error = doc["components"]["schemas"]["Error"]
     assert error["required"] == ["message", "type", "param", "code"]
     assert doc["components"]["headers"]["Retry-After"]["required"] is True
+    with_default = parse('server: {default_model: m}\nmodels: {m: {backend: openai, urls: ["http://127.0.0.1:9/v1"]}}')
+    chat = openapi.build(with_default)["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    assert chat["application/json"]["schema"]["required"] == ["messages"]
 
 
 def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path) -> None:
-    """1. 400 generated requests (positive and negative, every route, five identities: two
+    """1. 500 generated requests (positive and negative, every route, five identities: two
     tiers, admin, revoked, none, made-up) against llmd over the fake, then a few well-formed
     ones (streamed and not) so that 200s are always checked too.
     2. Per response: no llmd 5xx, llmd's 4xx in its envelope, 429 with Retry-After, an
@@ -93,28 +96,28 @@ def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path
     3. After: the ledger has exactly one row per request that reached the limits (same
     request ids), and the limiter, monthly reservations, replica slots and queues are all
     back to zero."""
-    logging.getLogger("llmd.access").setLevel(logging.WARNING)  # 400 access lines are noise here
+    logging.getLogger("llmd.access").setLevel(logging.WARNING)  # 500 access lines are noise here
     try:
         with fuzzing.Stack(tmp_path) as stack:
-            found = fuzzing.fuzz(stack, 400)
+            found = fuzzing.fuzz(stack, 500)
             fuzzing.send_known(stack, found)
             state = stack.settle()
             errors = [r.getMessage() for r in stack.errors]
     finally:
         logging.getLogger("llmd.access").setLevel(logging.NOTSET)
     by_status = found.by_status()
-    assert len(found.sent) == 400 + len(fuzzing.KNOWN)
+    assert len(found.sent) == 500 + len(fuzzing.KNOWN)
     assert [s.status for s in found.sent[-len(fuzzing.KNOWN) :]] == [200] * (len(fuzzing.KNOWN) - 1) + [401]
     assert found.problems == [], "\n\n".join(found.problems[:5])
     assert not found.conformance, found.conformance_examples
     assert errors == []
     # The run exercised what it is meant to: successes, limits and each early refusal.
-    assert by_status[200] > 20 and by_status[429] > 5
+    assert by_status[200] > 20 and by_status[429] > 5, by_status
     assert all(by_status[s] for s in (400, 401, 403, 404)), by_status
     rows = fuzzing.ledger_rows(fuzzing.ledger_path(stack))
     expected = found.expected_rows()
     assert list(fuzzing.ledger_mismatch(expected, rows)) == []
-    assert sum(rows.values()) == sum(expected.values()) > 50
+    assert sum(rows.values()) == sum(expected.values()) > 25
     assert fuzzing.unexplained_aborts(fuzzing.ledger_path(stack), found) == []
     assert fuzzing.leaks(state) == []
 

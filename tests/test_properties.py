@@ -33,7 +33,7 @@ PROPS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-REQUIRED = ("messages", "prompt", "input")
+REQUIRED = ("messages", "prompt", "input", "query")
 ENVELOPE_FIELDS = frozenset(f.name for f in msgspec.structs.fields(Envelope))
 
 # --- JSON, valid and not -------------------------------------------------------------------------
@@ -94,6 +94,9 @@ def envelope_docs(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
         "max_completion_tokens": st.none() | st.integers(1, 2**62),
         "n": st.none() | st.integers(1, 128),
         "stream_options": st.none() | st.fixed_dictionaries({}, optional={"include_usage": st.none() | st.booleans()}),
+        # OpenAI's legacy function calling, translated to tools when present: any shape.
+        "functions": json_values,
+        "function_call": json_values,
     }
     for name, strategy in optional.items():
         if draw(st.booleans()):
@@ -124,7 +127,8 @@ def _check_upstream_body(body: bytes, env: Envelope) -> None:
         whole = None  # the envelope decoder skips fields it does not read; a full decode may not
     for upstream in (env.model, "upstream-name"):
         try:
-            out, hidden = upstream_body(body, env, upstream, True)
+            # As the pipeline calls it on chat: legacy `functions` translated when present.
+            out, hidden = upstream_body(body, env, upstream, True, bool(env.functions))
         except ApiError as e:
             assert e.status == 400 and whole is None, (body, e.message)
             continue
@@ -135,8 +139,9 @@ def _check_upstream_body(body: bytes, env: Envelope) -> None:
         assert hidden == (bool(env.stream) and not (env.stream_options and env.stream_options.include_usage))
         if hidden:
             assert doc["stream_options"]["include_usage"] is True
+        translated = ("functions", "function_call", "tools", "tool_choice") if env.functions else ()
         for k, v in whole.items():
-            if k not in ("model", "stream_options"):
+            if k not in ("model", "stream_options", *translated):
                 assert _same(doc[k], v), k
 
 
@@ -166,7 +171,7 @@ def test_envelope_decoder_accepts_or_says_400_for_any_bytes(item: tuple[bytes, s
     body, required = item
     env = _check_decoded_or_400(body, required)
     if env is not None:
-        assert env.model and getattr(env, required)
+        assert getattr(env, required)
         _check_upstream_body(body, env)
 
 
