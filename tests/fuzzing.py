@@ -83,7 +83,16 @@ def fuzz_config(tmp: Path, fake_url: str, max_body_bytes: int = 4096) -> dict[st
             "max_body_bytes": max_body_bytes,
         },
         "usage": {"path": str(tmp / "usage.sqlite3"), "flush_ms": 20},
-        "models": {"m": {**upstream, "aliases": ["gpt-4o-mini"]}, "e": {**upstream, "aliases": ["embed"]}},
+        "models": {
+            # 'm' also serves the llama.cpp routes the fake has; the other routes are llmd's 404
+            # route_not_supported on both models.
+            "m": {
+                **upstream,
+                "aliases": ["gpt-4o-mini"],
+                "routes": ["chat", "completions", "embeddings", "completion", "tokenize", "apply_template"],
+            },
+            "e": {**upstream, "aliases": ["embed"]},
+        },
         "tiers": {
             "small": {
                 "requests_per_minute": 12,
