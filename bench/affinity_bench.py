@@ -23,193 +23,45 @@ from the final chunk (``stream_options.include_usage``; llama-server fills it in
 llmd's ledger (SQLite, read after llmd has flushed and exited) says which replica served each
 request (joined on the ``X-Request-ID`` we send), and /metrics gives ``llmd_affinity_total``.
 
-``bench/fairness_bench.py`` imports the process helpers below (``start_llmd`` & co.).
+The process helpers (``start_llmd`` & co.) are in ``bench/harness.py``, shared with
+``bench/fairness_bench.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import json
 import os
 import random
-import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import openai
-import yaml
+from harness import (
+    MODEL,
+    MODEL_PATH,
+    ROOT,
+    Llmd,
+    counter,
+    install_sigterm,
+    llama_launcher,
+    md_table,
+    pct,
+    start_llmd,
+    stop_llmd,
+    warm_replicas,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA = ROOT / "bin" / "llama-server"
-MODEL_PATH = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
-MODEL = "chat"
 # The llmd source tree to run (`python -m llmd` from there); --llmd-src compares a candidate change.
 LLMD_SRC = ROOT
-
-# --- llmd as a subprocess (shared with fairness_bench.py) ------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def http_post_json(url: str, doc: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
-    req = urllib.request.Request(url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        result: dict[str, Any] = json.loads(r.read())
-        return result
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if this script is SIGKILLed, the kernel sends llmd
-    # SIGTERM, and llmd then stops its llama-server children (it never leaves one behind).
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass
-class Llmd:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    usage_path: Path
-    admin_headers: dict[str, str] = field(default_factory=dict)
-    replica_pids: list[int] = field(default_factory=list)
-
-    def status(self) -> dict[str, Any]:
-        code, body = http_get(self.url + "/admin/status", self.admin_headers)
-        if code != 200:
-            raise RuntimeError(f"/admin/status: {code} {body[:300]}")
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def metrics(self) -> str:
-        return http_get(self.url + "/metrics")[1]
-
-
-def llama_launcher() -> dict[str, Any]:
-    # Quick health polling so that "ready" is noticed within half a second of llama-server loading.
-    return {"llama-server": {"command": str(LLAMA), "start_timeout_s": 120, "health_interval_s": 0.5}}
-
-
-def start_llmd(doc: dict[str, Any], workdir: Path, admin_headers: dict[str, str] | None = None) -> Llmd:
-    """Write ``doc`` (server.port and usage.path are filled in), start ``python -m llmd serve`` in
-    its own session (so Ctrl-C reaches only this script, which then stops llmd in order), and wait
-    for /readyz. Returns with every replica READY."""
-    if not (LLAMA.exists() and MODEL_PATH.exists()):
-        sys.exit("bin/llama-server or the model is missing: run `make setup` first")
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    doc = {**doc, "server": {**doc.get("server", {}), "host": "127.0.0.1", "port": port}}
-    usage_path = workdir / "usage.sqlite3"
-    doc["usage"] = {"path": str(usage_path), "flush_ms": 50}
-    cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    log = workdir / "llmd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmd", "serve", "-c", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=LLMD_SRC,  # `-m` puts the cwd first on sys.path: this tree's llmd is the one that runs
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # only ctypes.prctl: safe between fork and exec
-        )
-    srv = Llmd(proc, f"http://127.0.0.1:{port}", log, usage_path, admin_headers or {})
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llmd exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if http_get(srv.url + "/readyz", timeout=2)[0] == 200:
-                # /readyz wants one READY replica per model; the benchmarks want all of them.
-                reps = srv.status()["replicas"]
-                srv.replica_pids = [r["pid"] for r in reps if r.get("pid")]
-                if all(r["state"] == "ready" for r in reps):
-                    return srv
-        except OSError:
-            pass
-        time.sleep(0.25)
-    stop_llmd(srv)
-    raise TimeoutError("llmd not ready in 180 s:\n" + log.read_text()[-3000:])
-
-
-def stop_llmd(srv: Llmd) -> None:
-    """SIGTERM (llmd drains, flushes its ledger and stops its replicas), then SIGKILL if it hangs;
-    then make sure no replica it started is left (by the pids it reported, nothing broader)."""
-    if srv.proc.poll() is None:
-        srv.proc.send_signal(signal.SIGTERM)
-        try:
-            srv.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
-            srv.proc.wait(10)
-    for pid in srv.replica_pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            print(f"  note: replica pid {pid} outlived llmd; killed", file=sys.stderr)
-        except ProcessLookupError:
-            pass
-
-
-def counter(metrics_text: str, name: str, label: str) -> dict[str, float]:
-    """``name{...label="X"...} value`` lines of a Prometheus text page -> {X: value}."""
-    out: dict[str, float] = {}
-    for m in re.finditer(rf'^{re.escape(name)}\{{([^}}]*)\}} (\S+)$', metrics_text, re.M):
-        lm = re.search(rf'{label}="([^"]*)"', m.group(1))
-        if lm:
-            out[lm.group(1)] = out.get(lm.group(1), 0.0) + float(m.group(2))
-    return out
-
-
-def warm_replicas(srv: Llmd) -> None:
-    """One tiny request straight to each replica (not through llmd, so the balancer's index stays
-    empty): the first request after start pays for page faults of the mmapped weights."""
-    for r in srv.status()["replicas"]:
-        http_post_json(r["url"] + "/chat/completions",
-                       {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2})
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (no interpolation: with few samples, report a real sample)."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
-
-
-def install_sigterm() -> None:
-    # SIGTERM -> SystemExit, so `finally` blocks stop llmd and its replicas as on Ctrl-C.
-    def on_term(*_: object) -> None:
-        print("terminated; stopping llmd and its replicas", file=sys.stderr)
-        sys.exit(143)
-
-    signal.signal(signal.SIGTERM, on_term)
-
 
 # --- the conversations -----------------------------------------------------------------------------
 
@@ -359,7 +211,7 @@ def run_strategy(strategy: str, concurrency: int, sizes: Sizes, workdir: Path, l
         "routing": {"strategy": strategy, "max_queue": 256, "queue_timeout_s": 600,
                     "timeouts": {"connect_s": 5, "first_byte_s": 600, "total_s": 900}},
     }
-    srv = start_llmd(doc, workdir / f"{strategy}-c{concurrency}")
+    srv = start_llmd(doc, workdir / f"{strategy}-c{concurrency}", src=LLMD_SRC)
     try:
         warm_replicas(srv)
         t0 = time.perf_counter()
@@ -418,28 +270,30 @@ def summarize(r: RunResult) -> Summary:
 
 def report(results: list[RunResult]) -> None:
     print("\n### Time to first token of turns >= 2 (client-side, streamed)\n")
-    print("| concurrency | strategy | turns >= 2 | TTFT p50 | TTFT p90 | TTFT mean | turn-1 p50 "
-          "| same replica as prev. turn | prev. turn fully cached | prompt tokens prefilled "
-          "| served per replica | llmd_affinity_total | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ("concurrency", "strategy", "turns >= 2", "TTFT p50", "TTFT p90", "TTFT mean", "turn-1 p50",
+              "same replica as prev. turn", "prev. turn fully cached", "prompt tokens prefilled",
+              "served per replica", "llmd_affinity_total", "wall")
+    rows = []
     sums: dict[tuple[int, str], Summary] = {}
     for r in results:
         s = summarize(r)
         sums[(r.concurrency, r.strategy)] = s
         aff = ", ".join(f"{k}={int(v)}" for k, v in sorted(r.affinity.items())) or "-"
         served = " / ".join(str(v) for _, v in sorted(r.served.items()))
-        print(f"| {r.concurrency} | {r.strategy} | {s.later} | {s.p50:.2f} s | {s.p90:.2f} s | {s.mean:.2f} s "
-              f"| {s.turn1_p50:.2f} s | {s.same_replica:.0%} | {s.reused:.0%} | {s.computed} | {served} | {aff} "
-              f"| {r.wall_s:.0f} s |")
+        rows.append([str(r.concurrency), r.strategy, str(s.later), f"{s.p50:.2f} s", f"{s.p90:.2f} s",
+                     f"{s.mean:.2f} s", f"{s.turn1_p50:.2f} s", f"{s.same_replica:.0%}", f"{s.reused:.0%}",
+                     str(s.computed), served, aff, f"{r.wall_s:.0f} s"])
+    print("\n".join(md_table(header, rows)))
     print("\n### Ratio round-robin / prefix-affinity, turns >= 2 (goal: p50 ratio >= 5x)\n")
-    print("| concurrency | p50 ratio | p90 ratio | mean ratio | prefilled-tokens ratio | goal met |")
-    print("|---|---|---|---|---|---|")
+    ratio_rows = []
     for conc in sorted({c for c, _ in sums}):
         a, b = sums.get((conc, "prefix-affinity")), sums.get((conc, "round-robin"))
         if a and b:
             ratio = b.p50 / a.p50
-            print(f"| {conc} | {ratio:.1f}x | {b.p90 / a.p90:.1f}x | {b.mean / a.mean:.1f}x "
-                  f"| {b.computed / max(1, a.computed):.1f}x | {'yes' if ratio >= 5 else 'NO'} |")
+            ratio_rows.append([str(conc), f"{ratio:.1f}x", f"{b.p90 / a.p90:.1f}x", f"{b.mean / a.mean:.1f}x",
+                         f"{b.computed / max(1, a.computed):.1f}x", "yes" if ratio >= 5 else "NO"])
+    ratio_header = ("concurrency", "p50 ratio", "p90 ratio", "mean ratio", "prefilled-tokens ratio", "goal met")
+    print("\n".join(md_table(ratio_header, ratio_rows)))
     # The mechanism, independent of routing: a turn that finds its history vs one that does not.
     turns = [(t, {(u.conv, u.turn): u for u in r.turns}) for r in results for t in r.turns if t.turn >= 2]
     hit = [t.ttft_s for t, by in turns if reused_history(t, by[(t.conv, t.turn - 1)])]

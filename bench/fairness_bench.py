@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from affinity_bench import (
+from harness import (
     MODEL,
     MODEL_PATH,
     Llmd,
     install_sigterm,
     llama_launcher,
+    md_table,
     pct,
     start_llmd,
     stop_llmd,
@@ -200,14 +201,15 @@ def run_llmd(admission: str, keys: Keys, slots: int, workdir: Path, plan: list[t
 def report(scenarios: list[Scenario]) -> None:
     idle = scenarios[0]
     print("\n### Light key's latency (request to last byte) while heavy keeps 16 in flight\n")
-    print("| scenario | light requests | light p50 | light p90 | p50 ratio to idle | p90 ratio to idle "
-          "| heavy throughput | max llmd queue |")
-    print("|---|---|---|---|---|---|---|---|")
+    header = ("scenario", "light requests", "light p50", "light p90", "p50 ratio to idle", "p90 ratio to idle",
+              "heavy throughput", "max llmd queue")
+    rows = []
     for s in scenarios:
         thr = (f"{s.heavy_done / s.window_s:.2f} req/s, {s.heavy_tokens / s.window_s:.0f} tok/s"
                if s.heavy_done else "-")
-        print(f"| {s.name} | {len(s.light_s)} | {s.p50:.2f} s | {s.p90:.2f} s | {s.p50 / idle.p50:.1f}x "
-              f"| {s.p90 / idle.p90:.1f}x | {thr} | {s.max_queue} |")
+        rows.append([s.name, str(len(s.light_s)), f"{s.p50:.2f} s", f"{s.p90:.2f} s", f"{s.p50 / idle.p50:.1f}x",
+                     f"{s.p90 / idle.p90:.1f}x", thr, str(s.max_queue)])
+    print("\n".join(md_table(header, rows)))
     for s in scenarios:
         print(f"{s.name}: light latencies " + " ".join(f"{x:.2f}" for x in s.light_s))
     fair = next((s for s in scenarios if s.name.startswith("(b)")), None)

@@ -20,7 +20,8 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, md_table
+
 MODULE = "tests/test_fault_matrix.py"
 COLUMNS = (("fault", 34), ("expected", 40), ("seen", 70), ("rows lost", 9))
 
@@ -38,11 +39,8 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    out = ["| fault | expected | seen | rows lost |", "|---|---|---|---|"]
-    for r in rows:
-        cells = [str(r.get(k, "")).replace("|", "\\|") for k in ("fault", "expected", "seen", "rows_lost")]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    cells = [[str(r.get(k, "")).replace("|", "\\|") for k in ("fault", "expected", "seen", "rows_lost")] for r in rows]
+    return "\n".join(md_table(("fault", "expected", "seen", "rows lost"), cells))
 
 
 def main() -> int:

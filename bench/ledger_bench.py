@@ -16,10 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import ROOT, md_table
+
+sys.path.insert(0, str(ROOT))  # this checkout's llmd, also without an installed package
 
 from llmd.config import UsageConfig
-from llmd.usage import Ledger, UsageRow
+from llmd.schema import UsageRow
+from llmd.usage import Ledger
 
 
 def row(i: int) -> UsageRow:
@@ -42,11 +45,13 @@ async def main(n: int) -> None:
             await ledger.flush()
         t_write = time.perf_counter() - t1
         await ledger.close()
-        print("| what | value |\n|---|---:|")
-        print(f"| rows | {n:,} |")
-        print(f"| record() on the request path | {t_record / n * 1e6:.2f} us/row |")
-        print(f"| rows written per second (batched transactions + monthly rollup) | {n / t_write:,.0f} |")
-        print(f"| flushes | {ledger.flushes} |")
+        table = [
+            ("rows", f"{n:,}"),
+            ("record() on the request path", f"{t_record / n * 1e6:.2f} us/row"),
+            ("rows written per second (batched transactions + monthly rollup)", f"{n / t_write:,.0f}"),
+            ("flushes", str(ledger.flushes)),
+        ]
+        print("\n".join(md_table(("what", "value"), table, "lr")))
 
 
 if __name__ == "__main__":

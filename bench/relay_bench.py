@@ -9,7 +9,7 @@ number means and how to read it.
 
 Processes (each its own session, so Ctrl-C reaches only this script, which then stops them all):
 
-* mock upstream: this file run as ``relay_bench.py _mock`` -- a raw uvloop Protocol that answers
+* mock upstream: ``relay_upstreams.py mock`` -- a raw uvloop Protocol that answers
   POST /v1/chat/completions with a fixed body, or a fixed 8-event SSE stream when the request
   has ``"stream": true`` (plus the usage chunk when ``include_usage`` is asked, like llama-server);
 * llmd: ``python -m llmd serve -c <tmp>/llmd.yaml`` (backend openai -> mock), and a second one
@@ -24,35 +24,41 @@ CPU 1. The proxy under test thus has a core to itself and never competes with th
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import ctypes
 import hashlib
 import http.client
 import json
 import os
 import re
-import resource
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MODEL = "bench"
+from harness import (
+    PYTHON,
+    ROOT,
+    WRK_LUA,
+    Agg,
+    Procs,
+    free_port,
+    http_status,
+    md_table,
+    rss_mb,
+    verdict,
+    wait_until,
+    wrk,
+)
+from relay_upstreams import MODEL
+
+UPSTREAMS = Path(__file__).resolve().parent / "relay_upstreams.py"
 SECRET = "sk-bench-0123456789abcdef"  # only with --key; the direct mock and nginx ignore it
 
-# --- reference figures from the issue ------------------------------------------------------------
+# --- reference figures from the issue --------------------------------------------------------------
 
 LITELLM_RPS_C1 = (65, 72)
 LITELLM_ADDED_P50_MS_C1 = 14.0
@@ -65,7 +71,7 @@ TARGET_RPS_C16 = 30 * LITELLM_RPS_C16  # 2280 req/s
 TARGET_RSS_MB = 60.0
 TARGET_METRICS_RATIO = 0.95  # metrics on within 5% of metrics off
 
-# --- the request and the fixed answers -------------------------------------------------------------
+# --- the request -----------------------------------------------------------------------------------
 
 # A typical small IDE-plugin request: system + user message, a few sampling fields.
 REQUEST = {
@@ -84,209 +90,6 @@ def request_body(stream: bool) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _completion_body() -> bytes:
-    return json.dumps(
-        {
-            "id": "chatcmpl-bench0000000000000000000000",
-            "object": "chat.completion",
-            "created": 1700000000,
-            "model": MODEL,
-            "system_fingerprint": "b0-bench",
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {
-                        "role": "assistant",
-                        "content": 'def reverse(s: str) -> str:\n    """Return s reversed."""\n    return s[::-1]\n',
-                    },
-                }
-            ],
-            "usage": {
-                "prompt_tokens": 38,
-                "completion_tokens": 24,
-                "total_tokens": 62,
-                "prompt_tokens_details": {"cached_tokens": 0},
-            },
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def _chunk(delta: dict[str, Any], finish: str | None, usage: dict[str, int] | None = None) -> bytes:
-    doc: dict[str, Any] = {
-        "id": "chatcmpl-bench0000000000000000000000",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": MODEL,
-        "system_fingerprint": "b0-bench",
-        "choices": [] if usage else [{"index": 0, "finish_reason": finish, "delta": delta}],
-    }
-    if usage:
-        doc["usage"] = usage
-    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _stream_events(include_usage: bool) -> list[bytes]:
-    """llama-server's shape: a role-only chunk, 6 token chunks, a finish chunk (8 events), then the
-    usage-only chunk when asked for, then [DONE]."""
-    events = [_chunk({"role": "assistant", "content": None}, None)]
-    events += [_chunk({"content": piece}, None) for piece in ("def", " reverse", "(s", "):", " return", " s[::-1]")]
-    events.append(_chunk({}, "stop"))
-    if include_usage:
-        events.append(_chunk({}, None, {"prompt_tokens": 38, "completion_tokens": 6, "total_tokens": 44}))
-    events.append(b"data: [DONE]\n\n")
-    return events
-
-
-# --- the mock upstream (runs in its own process: `relay_bench.py _mock`) ----------------------------
-
-
-def _http_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def run_mock(host: str, port: int) -> None:
-    """A deliberately minimal HTTP/1.1 server: no framework, precomputed responses, keep-alive.
-    It must cost far less per request than any proxy in front of it, or it would be what we
-    measure. Supports Content-Length request bodies only (wrk, aiohttp and nginx all send one)."""
-    import uvloop
-
-    body = _completion_body()
-    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    sse_head = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
-    # One HTTP chunk per SSE event and one write per chunk: the proxy sees (close to) the
-    # event-by-event arrival pattern of a real server instead of one coalesced blob.
-    sse_plain = [_http_chunk(e) for e in _stream_events(False)] + [b"0\r\n\r\n"]
-    sse_usage = [_http_chunk(e) for e in _stream_events(True)] + [b"0\r\n\r\n"]
-    health = b'{"status":"ok"}'
-    ok_health = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(health),
-        health,
-    )
-    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-    unsupported = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-    class Mock(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.buf = b""
-            self.transport: asyncio.Transport | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # uvloop's TCPTransport is not an asyncio.Transport subclass, only API-compatible.
-            self.transport = cast(asyncio.Transport, transport)
-
-        def data_received(self, data: bytes) -> None:
-            t = self.transport
-            assert t is not None
-            buf = self.buf + data if self.buf else data
-            while True:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    break
-                head = buf[:end].lower()
-                if b"transfer-encoding:" in head:
-                    t.write(unsupported)
-                    t.close()
-                    return
-                length = 0
-                i = head.find(b"\r\ncontent-length:")
-                if i >= 0:
-                    j = head.find(b"\r\n", i + 2)
-                    length = int(head[i + 17 : j if j >= 0 else len(head)])
-                total = end + 4 + length
-                if len(buf) < total:
-                    break
-                req = buf[end + 4 : total]
-                buf = buf[total:]
-                line = head[: head.find(b"\r\n")]
-                if line.startswith(b"post /v1/chat/completions"):
-                    if b'"stream":true' in req or b'"stream": true' in req:
-                        t.write(sse_head)
-                        for piece in sse_usage if b'"include_usage":true' in req else sse_plain:
-                            t.write(piece)
-                    else:
-                        t.write(ok)
-                elif line.startswith((b"get /health", b"get /v1/models")):
-                    t.write(ok_health)
-                else:
-                    t.write(not_found)
-                if b"\r\nconnection: close" in head:
-                    t.close()
-                    return
-            self.buf = buf
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Mock, host, port, backlog=1024, reuse_address=True)
-        bound = server.sockets[0].getsockname()[1]
-        print(f"MOCK_PORT {bound}", flush=True)  # the parent reads the port from here
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        await stop.wait()
-        server.close()
-
-    uvloop.run(main())
-
-
-# --- the aiohttp floor (runs in its own process: `relay_bench.py _floor UPSTREAM_PORT`) ---------------
-
-
-def run_floor(upstream_port: int) -> None:
-    """The least an aiohttp-on-uvloop relay can do: read the body, POST it upstream over one shared
-    ClientSession, relay the answer (streams chunk by chunk). No auth, limits, ledger, metrics or
-    logs. What llmd costs above this is llmd's own code; what this costs is aiohttp's."""
-    import aiohttp
-    import uvloop
-    from aiohttp import web
-
-    url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
-
-    async def relay(request: web.Request) -> web.StreamResponse:
-        session: aiohttp.ClientSession = request.app["session"]
-        body = await request.read()
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as up:
-            if not up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                data = await up.read()
-                return web.Response(body=data, status=up.status, content_type="application/json")
-            out = web.StreamResponse()
-            out.content_type = "text/event-stream"
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def main() -> None:
-        app = web.Application()
-        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
-        app.router.add_post("/v1/chat/completions", relay)
-        app.router.add_get("/health", health)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        server = getattr(site, "_server", None)
-        assert server is not None and server.sockets
-        print(f"FLOOR_PORT {server.sockets[0].getsockname()[1]}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        await stop.wait()
-        await app["session"].close()
-        await runner.cleanup()
-
-    uvloop.run(main())
-
-
 # --- processes -------------------------------------------------------------------------------------
 
 
@@ -298,120 +101,6 @@ def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, {cpus[1]}
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
-    """Runs in the child between fork and exec (this script is single-threaded, so that is safe)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def setup() -> None:
-        # If this script is killed outright (SIGKILL, OOM), its children get SIGTERM instead of
-        # running on as orphans that hold ports and CPU.
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if cpus is not None:
-            # Set before exec, so every thread the child ever starts (llmd's aiosqlite thread,
-            # nginx's worker) inherits the affinity.
-            os.sched_setaffinity(0, cpus)
-
-    return setup
-
-
-class Procs:
-    """Every child this script starts; ``stop_all`` runs on exit, error and Ctrl-C."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], cpus: set[int] | None, **kw: Any) -> subprocess.Popen[bytes]:
-        # start_new_session: Ctrl-C in the terminal reaches only us; we stop the children in order.
-        p = subprocess.Popen(argv, start_new_session=True, preexec_fn=_child_setup(cpus), **kw)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def stop_all(self) -> None:
-        for p in reversed(list(self.procs)):
-            self.stop(p)
-
-
-def cpu_seconds(pid: int) -> float:
-    return sum(cpu_user_sys(pid))
-
-
-def cpu_user_sys(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of pid and its live descendants, plus the reaped children's
-    (cutime, cstime). Descendants matter for nginx (the worker does the work, the master waits)."""
-    user = system = 0.0
-    for p in [pid, *_descendants(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14..17.
-        user += (int(fields[11]) + int(fields[13])) / CLK_TCK
-        system += (int(fields[12]) + int(fields[14])) / CLK_TCK
-    return user, system
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in MB."""
-    vals: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            vals[k] = int(v.split()[0]) / 1024
-    return vals["VmRSS"], vals["VmHWM"]
-
-
-def free_port() -> int:
-    """A loopback port free a moment ago (for children that cannot report the port they bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_get(port: int, path: str, timeout_s: float = 1.0) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
 def http_post(port: int, body: bytes) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
     try:
@@ -421,27 +110,6 @@ def http_post(port: int, body: bytes) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def wait_until(
-    cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], log: Path | None, timeout_s: float = 20.0
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}" + (f"; its log:\n{_tail(log)}" if log else ""))
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if cond():
-                return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} not ready after {timeout_s:g}s" + (f"; its log:\n{_tail(log)}" if log else ""))
-        time.sleep(0.05)
-
-
-def _tail(path: Path | None, n: int = 30) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 @dataclass
@@ -479,15 +147,15 @@ def start_mock(procs: Procs, cpus: set[int] | None, tmp: Path, upstream: str) ->
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_until(lambda: http_get(port, "/health") == 200, "fake_backend", p, log)
+        wait_until(lambda: http_status(port, "/health") == 200, "fake_backend", p, log)
         return p, port
-    p = procs.start([PYTHON, __file__, "_mock"], cpus, stdout=subprocess.PIPE)
+    p = procs.start([PYTHON, str(UPSTREAMS), "mock"], cpus, stdout=subprocess.PIPE)
     assert p.stdout is not None
     line = p.stdout.readline().decode()
     if not line.startswith("MOCK_PORT "):
         raise SystemExit(f"mock did not start: {line!r}")
     port = int(line.split()[1])
-    wait_until(lambda: http_get(port, "/health") == 200, "mock", p, None)
+    wait_until(lambda: http_status(port, "/health") == 200, "mock", p, None)
     return p, port
 
 
@@ -495,14 +163,14 @@ def start_floor(procs: Procs, cpus: set[int] | None, upstream_port: int) -> Targ
     # stderr dropped: wrk closes its connections mid-request at the end of every run, which
     # aiohttp logs as a traceback per connection.
     p = procs.start(
-        [PYTHON, __file__, "_floor", str(upstream_port)], cpus, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [PYTHON, str(UPSTREAMS), "floor", str(upstream_port)], cpus, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     assert p.stdout is not None
     line = p.stdout.readline().decode()
     if not line.startswith("FLOOR_PORT "):
         raise SystemExit(f"aiohttp floor did not start: {line!r}")
     port = int(line.split()[1])
-    wait_until(lambda: http_get(port, "/health") == 200, "aiohttp floor", p, None)
+    wait_until(lambda: http_status(port, "/health") == 200, "aiohttp floor", p, None)
     return Target("aiohttp-floor", port, p)
 
 
@@ -566,7 +234,7 @@ def start_llmd(
         m = re.search(r'"msg":"listening".*?"port":(\d+)', log.read_text(errors="replace"))
         if m:
             port = int(m.group(1))
-        return port != 0 and http_get(port, "/readyz") == 200
+        return port != 0 and http_status(port, "/readyz") == 200
 
     wait_until(listening, name, p, log)
     return Target(name, port, p, log)
@@ -614,7 +282,7 @@ http {{
         stdout=subprocess.DEVNULL,
         stderr=(d / "stderr.log").open("wb"),
     )
-    wait_until(lambda: http_get(port, "/health") == 200, "nginx", p, d / "stderr.log")
+    wait_until(lambda: http_status(port, "/health") == 200, "nginx", p, d / "stderr.log")
     return Target("nginx", port, p)
 
 
@@ -660,22 +328,6 @@ def sanity_check(targets: list[Target]) -> None:
 
 # --- load ------------------------------------------------------------------------------------------
 
-WRK_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {secret}"
-wrk.body = [[{body}]]
-
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
-    '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -698,139 +350,96 @@ C1, C16 = Shape(False, 1), Shape(False, 16)
 DEFAULT_SHAPES = "n1,n16,n64,s16"
 
 
-@dataclass
-class Run:
-    requests: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    hop_cpu_s: float  # user + system
-    hop_sys_s: float  # of which system (syscalls: sockets, the log file, epoll)
-    mock_cpu_s: float
-    foreign_cores: float  # CPU used by processes not part of the benchmark, in cores (0.1 = 10% of one)
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-
-@dataclass
-class Agg:
-    """The runs of one hop x shape, one per round, in round order. Every figure is the median over
-    the rounds: on a VM, throughput dips of 10-20% lasting seconds come and go with no trace in
-    the guest (see README), and a median of interleaved rounds shrugs off one bad round."""
-
-    runs: list[Run] = field(default_factory=list)
-
-    @property
-    def rps(self) -> float:
-        return statistics.median(r.rps for r in self.runs)
-
-    @property
-    def p50(self) -> float:
-        return statistics.median(r.p50_ms for r in self.runs)
-
-    @property
-    def p99(self) -> float:
-        return statistics.median(r.p99_ms for r in self.runs)
-
-    @property
-    def errors(self) -> int:
-        return sum(r.errors for r in self.runs)
-
-    @property
-    def hop_util(self) -> float:
-        """Share of one core the hop used: ~100% means it is CPU-bound, its RPS is 1/CPU-per-request."""
-        return statistics.median(r.hop_cpu_s / r.seconds for r in self.runs)
-
-    def cpu_ms(self, hop: bool = True) -> float:
-        """CPU milliseconds per request of the hop (or of the mock)."""
-        return statistics.median(1000 * (r.hop_cpu_s if hop else r.mock_cpu_s) / max(1, r.requests) for r in self.runs)
-
-    @property
-    def sys_share(self) -> float:
-        """Share of the hop's CPU spent in the kernel."""
-        return statistics.median(r.hop_sys_s / r.hop_cpu_s if r.hop_cpu_s else 0.0 for r in self.runs)
-
-    def ratio(self, other: Agg) -> float:
-        """Median of the per-round RPS ratios self/other: paired, so each ratio compares runs that
-        ran next to each other in time."""
-        return statistics.median(a.rps / b.rps for a, b in zip(self.runs, other.runs, strict=True))
-
-
-def wrk(
-    wrk_exe: str,
-    procs: Procs,
-    cpus: set[int] | None,
-    script: Path,
-    port: int,
-    conns: int,
-    seconds: float,
-    hop: subprocess.Popen[bytes] | None,
-    mock: subprocess.Popen[bytes],
-) -> Run:
-    hop_cpu0, hop_sys0 = cpu_user_sys(hop.pid) if hop else (0.0, 0.0)
-    mock_cpu0 = cpu_seconds(mock.pid)
-    ours0, busy0, wall0 = _own_cpu(), machine_busy(), time.monotonic()
-    argv = [
-        wrk_exe,
-        "-t1",
-        f"-c{conns}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{port}/v1/chat/completions",
+def start_targets(
+    args: argparse.Namespace, procs: Procs, hop_cpus: set[int] | None, tmp: Path, mock_port: int
+) -> list[Target]:
+    """The direct target, then every hop the arguments ask for, each started and ready."""
+    opts = LlmdOptions(args.strategy, args.key, args.llmd_src.resolve())
+    targets = [
+        Target("direct", mock_port, None),
+        start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, True, opts),
+        start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, False, opts),
+        start_llmd(procs, hop_cpus, tmp, "llmd-noledger", mock_port, True, opts),
     ]
-    p = procs.start(argv, cpus, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = p.communicate()
-    procs.procs.remove(p)
-    hop_user, hop_sys = cpu_user_sys(hop.pid) if hop else (0.0, 0.0)
-    hop_sys -= hop_sys0
-    hop_cpu = hop_user - hop_cpu0 + hop_sys
-    mock_cpu = cpu_seconds(mock.pid) - mock_cpu0
-    # Whatever else ran on the machine meanwhile (another test suite, a build): busy time of all
-    # CPUs minus ours (hop, mock, wrk, this script). Reported, so a noisy run is visible as such.
-    foreign = (machine_busy() - busy0) - hop_cpu - mock_cpu - (_own_cpu() - ours0)
-    wall = time.monotonic() - wall0
-    m = re.search(rb"BENCH_JSON (\{.*\})", out)
-    if p.returncode != 0 or m is None:
-        raise SystemExit(f"wrk failed ({p.returncode}):\n{out.decode(errors='replace')}")
-    r = json.loads(m.group(1))
-    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    return Run(
-        r["requests"],
-        r["duration_us"] / 1e6,
-        r["p50_us"] / 1000,
-        r["p99_us"] / 1000,
-        errors,
-        hop_cpu,
-        hop_sys,
-        mock_cpu,
-        max(0.0, foreign) / wall,
-    )
+    if args.floor:
+        targets.append(start_floor(procs, hop_cpus, mock_port))
+    if args.candidate:
+        cand = LlmdOptions(args.strategy, args.key, args.candidate.resolve())
+        targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, True, cand))
+        targets.append(start_llmd(procs, hop_cpus, tmp, "candidate-nometrics", mock_port, False, cand))
+    if not args.no_nginx:
+        ng = start_nginx(procs, hop_cpus, tmp, mock_port)
+        if ng is None:
+            print("note: nginx not found, skipping the nginx reference hop", file=sys.stderr)
+        else:
+            targets.append(ng)
+    return targets
 
 
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine (all CPUs) since boot, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
-    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / CLK_TCK
+def plan(shapes: list[Shape], by_name: dict[str, Target]) -> list[tuple[Shape, list[str]]]:
+    """Which targets run at each shape, in the order of a round."""
+    out: list[tuple[Shape, list[str]]] = []
+    for s in shapes:
+        names = ["direct", "llmd"] + [n for n in ("candidate", "aiohttp-floor", "nginx") if n in by_name]
+        if s == C16:
+            # The metrics on/off pairs run interleaved as well.
+            names += [n for n in ("llmd-nometrics", "llmd-noledger", "candidate-nometrics") if n in by_name]
+        out.append((s, names))
+    return out
 
 
-def _own_cpu() -> float:
-    """This script's CPU plus its reaped children's (wrk, once communicate() returned)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+@dataclass(frozen=True)
+class Load:
+    """What every wrk run of a benchmark shares."""
+
+    wrk_exe: str
+    procs: Procs
+    cpus: set[int] | None  # the load side
+    scripts: dict[bool, Path]  # stream? -> wrk's Lua script
+    mock: subprocess.Popen[bytes]
+
+
+def run_rounds(
+    load: Load,
+    plan: list[tuple[Shape, list[str]]],
+    by_name: dict[str, Target],
+    rounds: int,
+    duration: float,
+) -> dict[tuple[str, Shape], Agg]:
+    """``rounds`` interleaved passes over the plan, a progress line per run on stderr."""
+    results: dict[tuple[str, Shape], Agg] = {}
+    total_runs = rounds * sum(len(n) for _, n in plan)
+    done = 0
+    for rnd in range(rounds):
+        for s, names in plan:
+            # Alternate the order each round so neither side always runs right after the other.
+            for name in names if rnd % 2 == 0 else reversed(names):
+                t = by_name[name]
+                run = wrk(
+                    load.wrk_exe,
+                    load.procs,
+                    load.cpus,
+                    load.scripts[s.stream],
+                    t.port,
+                    s.conns,
+                    duration,
+                    t.proc,
+                    load.mock,
+                )
+                results.setdefault((name, s), Agg()).runs.append(run)
+                done += 1
+                print(
+                    f"[{done}/{total_runs}] round {rnd + 1} {s.label:<16} {name:<15} {run.rps:9,.0f} req/s "
+                    f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:6.2f} ms "
+                    f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req "
+                    f"hop util {100 * run.hop_cpu_s / run.seconds:3.0f}% "
+                    f"foreign {100 * run.foreign_cores:3.0f}%",
+                    file=sys.stderr,
+                )
+    return results
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def report(
@@ -841,9 +450,6 @@ def report(
     args: argparse.Namespace,
     cpus: tuple[set[int] | None, set[int] | None],
 ) -> str:
-    def has(name: str, shape: Shape) -> bool:
-        return (name, shape) in results
-
     lines = [
         f"## llmd relay benchmark ({args.rounds} round(s) x {args.duration:g} s per run, upstream: {args.upstream}, "
         f"routing.strategy: {args.strategy}, keys: {'one key + tier limits' if args.key else 'none'})",
@@ -856,56 +462,10 @@ def report(
         )
         + "; every figure is the median over the rounds, ratios are medians of per-round ratios",
         "",
-        "| shape | direct RPS | llmd RPS | ratio | direct p50/p99 ms | llmd p50/p99 ms | added p50 ms "
-        "| llmd CPU ms/req (kernel share) | llmd core busy | mock CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_llmd_table(results, shapes),
+        *_reference_table(results, shapes),
+        *_candidate_table(results, shapes, args),
     ]
-    for s in shapes:
-        d, l_ = results[("direct", s)], results[("llmd", s)]
-        lines.append(
-            f"| {s.label} | {d.rps:,.0f} | {l_.rps:,.0f} | {l_.ratio(d):.3f} | {d.p50:.2f} / {d.p99:.2f} "
-            f"| {l_.p50:.2f} / {l_.p99:.2f} | {l_.p50 - d.p50:+.2f} | {l_.cpu_ms():.3f} ({100 * l_.sys_share:.0f}%) "
-            f"| {100 * l_.hop_util:.0f}% | {d.cpu_ms(hop=False):.3f} |"
-        )
-    others = [n for n in ("nginx", "aiohttp-floor") if any(k[0] == n for k in results)]
-    if others:
-        lines += [
-            "",
-            "Reference hops in front of the same mock, same rounds (nginx: 1 worker, plain keep-alive proxy; "
-            "aiohttp-floor: a bare aiohttp relay with none of llmd's logic):",
-            "",
-            "| shape | hop | RPS | p50/p99 ms | added p50 ms | CPU ms/req (kernel share) | llmd CPU / hop CPU |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for s in shapes:
-            for name in others:
-                d, n, l_ = results[("direct", s)], results[(name, s)], results[("llmd", s)]
-                lines.append(
-                    f"| {s.label} | {name} | {n.rps:,.0f} | {n.p50:.2f} / {n.p99:.2f} | {n.p50 - d.p50:+.2f} "
-                    f"| {n.cpu_ms():.3f} ({100 * n.sys_share:.0f}%) | {l_.cpu_ms() / max(1e-9, n.cpu_ms()):.1f}x |"
-                )
-    if any(k[0] == "candidate" for k in results):
-        lines += [
-            "",
-            f"candidate llmd from {args.candidate} vs llmd from {args.llmd_src} (same rounds, interleaved):",
-            "",
-            "| shape | llmd RPS | candidate RPS | ratio | llmd p50 ms | candidate p50 ms "
-            "| llmd CPU ms/req (kernel) | candidate CPU ms/req (kernel) | CPU change |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for s in shapes:
-            l_, c = results[("llmd", s)], results[("candidate", s)]
-            lines.append(
-                f"| {s.label} | {l_.rps:,.0f} | {c.rps:,.0f} | {c.ratio(l_):.3f} | {l_.p50:.2f} | {c.p50:.2f} "
-                f"| {l_.cpu_ms():.3f} ({100 * l_.sys_share:.0f}%) | {c.cpu_ms():.3f} ({100 * c.sys_share:.0f}%) "
-                f"| {100 * (c.cpu_ms() / l_.cpu_ms() - 1):+.1f}% |"
-            )
-        if has("candidate-nometrics", C16):
-            c_on, c_off = results[("candidate", C16)], results[("candidate-nometrics", C16)]
-            lines.append(
-                f"\ncandidate metrics on vs off, non-stream c=16: ratio {c_on.ratio(c_off):.3f} "
-                f"(CPU {c_on.cpu_ms():.3f} vs {c_off.cpu_ms():.3f} ms/req)"
-            )
     foreign = max(r.foreign_cores for v in results.values() for r in v.runs)
     lines += [
         "",
@@ -918,18 +478,13 @@ def report(
         lines += ["", f"**errors (non-2xx, timeouts, socket errors)**: {errors}"]
 
     lines.append("")
-    if has("llmd-nometrics", C16):
-        on, off = results[("llmd", C16)], results[("llmd-nometrics", C16)]
-        lines.append(
-            f"metrics on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio "
-            f"{on.ratio(off):.3f} (CPU {on.cpu_ms():.3f} vs {off.cpu_ms():.3f} ms/req)"
-        )
-    if has("llmd-noledger", C16):
-        on, off = results[("llmd", C16)], results[("llmd-noledger", C16)]
-        lines.append(
-            f"ledger on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio "
-            f"{on.ratio(off):.3f} (CPU {on.cpu_ms():.3f} vs {off.cpu_ms():.3f} ms/req)"
-        )
+    for twin, what in (("llmd-nometrics", "metrics"), ("llmd-noledger", "ledger")):
+        if (twin, C16) in results:
+            on, off = results[("llmd", C16)], results[(twin, C16)]
+            lines.append(
+                f"{what} on vs off, non-stream c=16: {on.rps:,.0f} vs {off.rps:,.0f} req/s -> ratio "
+                f"{on.ratio(off):.3f} (CPU {on.cpu_ms():.3f} vs {off.cpu_ms():.3f} ms/req)"
+            )
     lines += [
         f"llmd RSS after load: {rss[0]:.1f} MB (peak VmHWM {rss[1]:.1f} MB; {rss_idle:.1f} MB idle before load)",
         "",
@@ -939,7 +494,127 @@ def report(
         f"nginx as a plain hop: {NGINX_CPU_MS_REF} ms CPU/request.",
         "",
         "Targets:",
+        *_targets(results, rss),
     ]
+    return "\n".join(lines)
+
+
+def _llmd_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape]) -> list[str]:
+    rows = []
+    for s in shapes:
+        d, l_ = results[("direct", s)], results[("llmd", s)]
+        rows.append(
+            [
+                s.label,
+                f"{d.rps:,.0f}",
+                f"{l_.rps:,.0f}",
+                f"{l_.ratio(d):.3f}",
+                f"{d.p50:.2f} / {d.p99:.2f}",
+                f"{l_.p50:.2f} / {l_.p99:.2f}",
+                f"{l_.p50 - d.p50:+.2f}",
+                f"{l_.cpu_ms():.3f} ({100 * l_.sys_share:.0f}%)",
+                f"{100 * l_.hop_util:.0f}%",
+                f"{d.cpu_ms(hop=False):.3f}",
+            ]
+        )
+    header = (
+        "shape",
+        "direct RPS",
+        "llmd RPS",
+        "ratio",
+        "direct p50/p99 ms",
+        "llmd p50/p99 ms",
+        "added p50 ms",
+        "llmd CPU ms/req (kernel share)",
+        "llmd core busy",
+        "mock CPU ms/req",
+    )
+    return md_table(header, rows, "lrrrrrrrrr")
+
+
+def _reference_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape]) -> list[str]:
+    """nginx and the bare aiohttp relay, when they ran."""
+    others = [n for n in ("nginx", "aiohttp-floor") if any(k[0] == n for k in results)]
+    if not others:
+        return []
+    rows = []
+    for s in shapes:
+        for name in others:
+            d, n, l_ = results[("direct", s)], results[(name, s)], results[("llmd", s)]
+            rows.append(
+                [
+                    s.label,
+                    name,
+                    f"{n.rps:,.0f}",
+                    f"{n.p50:.2f} / {n.p99:.2f}",
+                    f"{n.p50 - d.p50:+.2f}",
+                    f"{n.cpu_ms():.3f} ({100 * n.sys_share:.0f}%)",
+                    f"{l_.cpu_ms() / max(1e-9, n.cpu_ms()):.1f}x",
+                ]
+            )
+    header = ("shape", "hop", "RPS", "p50/p99 ms", "added p50 ms", "CPU ms/req (kernel share)", "llmd CPU / hop CPU")
+    return [
+        "",
+        "Reference hops in front of the same mock, same rounds (nginx: 1 worker, plain keep-alive proxy; "
+        "aiohttp-floor: a bare aiohttp relay with none of llmd's logic):",
+        "",
+        *md_table(header, rows, "llrrrrr"),
+    ]
+
+
+def _candidate_table(results: dict[tuple[str, Shape], Agg], shapes: list[Shape], args: argparse.Namespace) -> list[str]:
+    """--candidate: its llmd against this checkout's, shape by shape."""
+    if not any(k[0] == "candidate" for k in results):
+        return []
+    rows = []
+    for s in shapes:
+        l_, c = results[("llmd", s)], results[("candidate", s)]
+        rows.append(
+            [
+                s.label,
+                f"{l_.rps:,.0f}",
+                f"{c.rps:,.0f}",
+                f"{c.ratio(l_):.3f}",
+                f"{l_.p50:.2f}",
+                f"{c.p50:.2f}",
+                f"{l_.cpu_ms():.3f} ({100 * l_.sys_share:.0f}%)",
+                f"{c.cpu_ms():.3f} ({100 * c.sys_share:.0f}%)",
+                f"{100 * (c.cpu_ms() / l_.cpu_ms() - 1):+.1f}%",
+            ]
+        )
+    header = (
+        "shape",
+        "llmd RPS",
+        "candidate RPS",
+        "ratio",
+        "llmd p50 ms",
+        "candidate p50 ms",
+        "llmd CPU ms/req (kernel)",
+        "candidate CPU ms/req (kernel)",
+        "CPU change",
+    )
+    lines = [
+        "",
+        f"candidate llmd from {args.candidate} vs llmd from {args.llmd_src} (same rounds, interleaved):",
+        "",
+        *md_table(header, rows, "lrrrrrrrr"),
+    ]
+    if ("candidate-nometrics", C16) in results:
+        c_on, c_off = results[("candidate", C16)], results[("candidate-nometrics", C16)]
+        lines.append(
+            f"\ncandidate metrics on vs off, non-stream c=16: ratio {c_on.ratio(c_off):.3f} "
+            f"(CPU {c_on.cpu_ms():.3f} vs {c_off.cpu_ms():.3f} ms/req)"
+        )
+    return lines
+
+
+def _targets(results: dict[tuple[str, Shape], Agg], rss: tuple[float, float]) -> list[str]:
+    """One PASS/MISS line per goal of the issue that this run measured."""
+
+    def has(name: str, shape: Shape) -> bool:
+        return (name, shape) in results
+
+    lines = []
     if has("llmd", C16):
         l16 = results[("llmd", C16)]
         lines.append(
@@ -977,7 +652,7 @@ def report(
         lines.append(
             f"- {verdict(ratio >= TARGET_METRICS_RATIO)} metrics on within 5% of off (c=16): ratio {ratio:.3f}{caveat}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 # --- profile ---------------------------------------------------------------------------------------
@@ -1052,20 +727,22 @@ def summarize_profile(path: Path, top: int = 25) -> str:
             incl_n[f] = incl_n.get(f, 0) + count
     if not total:
         return "(no samples)"
-    rows = ["| self % | inclusive % | function |", "|---:|---:|---|"]
-    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
-        rows.append(f"| {100 * n / total:.1f} | {100 * incl_n[f] / total:.1f} | `{f}` |")
-    rows += ["", "| inclusive % | function (llmd's own) |", "|---:|---|"]
-    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1]):
-        if "(llmd/" in f:
-            rows.append(f"| {100 * n / total:.1f} | `{f}` |")
-    return "\n".join(rows)
+    top_self = [
+        (f"{100 * k / total:.1f}", f"{100 * incl_n[f] / total:.1f}", f"`{f}`")
+        for f, k in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    ours = [
+        (f"{100 * k / total:.1f}", f"`{f}`") for f, k in sorted(incl_n.items(), key=lambda kv: -kv[1]) if "(llmd/" in f
+    ]
+    lines = md_table(("self %", "inclusive %", "function"), top_self, "rr")
+    lines += ["", *md_table(("inclusive %", "function (llmd's own)"), ours, "r")]
+    return "\n".join(lines)
 
 
 # --- main ------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round x 2 s per run (~35 s in all)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
@@ -1128,7 +805,11 @@ def main() -> int:
     args.duration = args.duration or (2.0 if args.quick else 3.0)
     if isinstance(args.shapes, str):  # the default is not run through type=
         args.shapes = [Shape.parse(x) for x in args.shapes.split(",")]
+    return args
 
+
+def main() -> int:
+    args = parse_args()
     wrk_exe = shutil.which("wrk")
     if wrk_exe is None:
         print(
@@ -1154,25 +835,7 @@ def main() -> int:
     t_begin = time.monotonic()
     try:
         mock, mock_port = start_mock(procs, load_cpus, tmp, args.upstream)
-        opts = LlmdOptions(args.strategy, args.key, args.llmd_src.resolve())
-        targets = [
-            Target("direct", mock_port, None),
-            start_llmd(procs, hop_cpus, tmp, "llmd", mock_port, True, opts),
-            start_llmd(procs, hop_cpus, tmp, "llmd-nometrics", mock_port, False, opts),
-            start_llmd(procs, hop_cpus, tmp, "llmd-noledger", mock_port, True, opts),
-        ]
-        if args.floor:
-            targets.append(start_floor(procs, hop_cpus, mock_port))
-        if args.candidate:
-            cand = LlmdOptions(args.strategy, args.key, args.candidate.resolve())
-            targets.append(start_llmd(procs, hop_cpus, tmp, "candidate", mock_port, True, cand))
-            targets.append(start_llmd(procs, hop_cpus, tmp, "candidate-nometrics", mock_port, False, cand))
-        if not args.no_nginx:
-            ng = start_nginx(procs, hop_cpus, tmp, mock_port)
-            if ng is None:
-                print("note: nginx not found, skipping the nginx reference hop", file=sys.stderr)
-            else:
-                targets.append(ng)
+        targets = start_targets(args, procs, hop_cpus, tmp, mock_port)
         by_name = {t.name: t for t in targets}
         sanity_check(targets)
         llmd = by_name["llmd"]
@@ -1184,40 +847,13 @@ def main() -> int:
             scripts[stream] = tmp / f"{'stream' if stream else 'plain'}.lua"
             scripts[stream].write_text(WRK_LUA.format(body=request_body(stream).decode(), secret=SECRET))
 
-        shapes: list[Shape] = args.shapes
-        plan: list[tuple[Shape, list[str]]] = []
-        for s in shapes:
-            names = ["direct", "llmd"] + [n for n in ("candidate", "aiohttp-floor", "nginx") if n in by_name]
-            if s == C16:
-                # The metrics on/off pairs run interleaved as well.
-                names += [n for n in ("llmd-nometrics", "llmd-noledger", "candidate-nometrics") if n in by_name]
-            plan.append((s, names))
-
         # Warm-up (not measured): connection pools, allocator arenas, lazily built label children.
         for t in targets:
             wrk(wrk_exe, procs, load_cpus, scripts[False], t.port, 16, 1, t.proc, mock)
 
-        results: dict[tuple[str, Shape], Agg] = {}
-        total_runs = args.rounds * sum(len(n) for _, n in plan)
-        done = 0
-        for rnd in range(args.rounds):
-            for s, names in plan:
-                # Alternate the order each round so neither side always runs right after the other.
-                for name in names if rnd % 2 == 0 else reversed(names):
-                    t = by_name[name]
-                    run = wrk(
-                        wrk_exe, procs, load_cpus, scripts[s.stream], t.port, s.conns, args.duration, t.proc, mock
-                    )
-                    results.setdefault((name, s), Agg()).runs.append(run)
-                    done += 1
-                    print(
-                        f"[{done}/{total_runs}] round {rnd + 1} {s.label:<16} {name:<15} {run.rps:9,.0f} req/s "
-                        f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:6.2f} ms "
-                        f"cpu {1000 * run.hop_cpu_s / max(1, run.requests):.3f} ms/req "
-                        f"hop util {100 * run.hop_cpu_s / run.seconds:3.0f}% "
-                        f"foreign {100 * run.foreign_cores:3.0f}%",
-                        file=sys.stderr,
-                    )
+        shapes: list[Shape] = args.shapes
+        load = Load(wrk_exe, procs, load_cpus, scripts, mock)
+        results = run_rounds(load, plan(shapes, by_name), by_name, args.rounds, args.duration)
         rss = rss_mb(llmd.proc.pid)
         print(report(results, shapes, rss, rss_idle, args, (load_cpus, hop_cpus)))
         errors = [e for e in map(log_errors, targets) if e]
@@ -1238,10 +874,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "_mock":
-        run_mock("127.0.0.1", 0)
-        sys.exit(0)
-    if len(sys.argv) >= 3 and sys.argv[1] == "_floor":
-        run_floor(int(sys.argv[2]))
-        sys.exit(0)
     sys.exit(main())

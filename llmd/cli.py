@@ -9,7 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from . import __version__
+from . import __version__, configfile
 from . import config as config_mod
 
 
@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        cfg = config_mod.load(args.config)
+        cfg = configfile.load(args.config)
     except config_mod.ConfigError as e:
         print(e, file=sys.stderr)
         print(f"{e.source}: {len(e.errors)} error(s); config is invalid", file=sys.stderr)
@@ -64,12 +64,13 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .usage import LedgerError, format_report, report_file
+    from .report import format_report, report_file
+    from .schema import LedgerError
 
     path = args.db
     if path is None:
         try:
-            path = config_mod.load(args.config).usage.path
+            path = configfile.load(args.config).usage.path
         except config_mod.ConfigError as e:
             print(e, file=sys.stderr)
             return 1
@@ -89,7 +90,7 @@ def _admin_get(args: argparse.Namespace, route: str) -> object:
     url = args.url
     if url is None:
         try:
-            cfg = config_mod.load(args.config)
+            cfg = configfile.load(args.config)
             host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
             url = f"http://{host}:{cfg.server.port}"
         except config_mod.ConfigError:

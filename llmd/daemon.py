@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import config as config_mod
+from . import configfile as config_mod
 from . import log as log_mod
 from .app import create_app
 from .config import Config, ConfigError

@@ -134,8 +134,8 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Which routes (routes.py names) each backend serves. llama-server serves them all (its
-# tools/server routes at the pinned version); vLLM 0.32 serves the OpenAI ones, Responses,
-# its own /tokenize and /detokenize and rerank (with a reranker model). A remote `openai`
+# tools/server routes at the pinned version); vLLM 0.32 serves the OpenAI ones, Anthropic
+# Messages, Responses, its own /tokenize and /detokenize and rerank (with a reranker model). A remote `openai`
 # server serves what its model's `routes:` says, the OpenAI three by default.
 LLAMA_SERVER_ROUTES = frozenset(
     {
@@ -143,7 +143,9 @@ LLAMA_SERVER_ROUTES = frozenset(
         "chat_input_tokens", "infill", "completion", "tokenize", "detokenize", "apply_template", "rerank",
     }
 )  # fmt: skip
-VLLM_ROUTES = frozenset({"chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "rerank"})
+VLLM_ROUTES = frozenset(
+    {"chat", "completions", "embeddings", "messages", "count_tokens", "responses", "tokenize", "detokenize", "rerank"}
+)
 REMOTE_DEFAULT_ROUTES = ("chat", "completions", "embeddings")
 
 

@@ -21,29 +21,14 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from .auth import Principal
 from .errors import RateLimited, quota_exhausted
+from .months import month_of, month_start, seconds_to_next_month
 
 MINUTE = 60.0
 HOUR = 3600.0
 DEFAULT_COMPLETION_RESERVE = 256  # reserved when neither the request nor the tier names max_tokens
-
-
-def month_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
-
-
-def _month_start(ts: float) -> float:
-    d = datetime.fromtimestamp(ts, UTC)
-    return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
-
-
-def seconds_to_next_month(ts: float) -> float:
-    d = datetime.fromtimestamp(ts, UTC)
-    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
-    return nxt.timestamp() - ts
 
 
 class _TokenEntry:
@@ -90,7 +75,7 @@ class MonthlyCounter:
     def __init__(self) -> None:
         now = time.time()
         self.month = month_of(now)
-        self._month_span = (_month_start(now), now + seconds_to_next_month(now))
+        self._month_span = (month_start(self.month), now + seconds_to_next_month(now))
         self.used: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
 
@@ -101,12 +86,12 @@ class MonthlyCounter:
 
     def roll(self, now: float) -> None:
         if self._month_span[0] <= now < self._month_span[1]:
-            return  # the common case, without a datetime per request
+            return  # the common case, without working out a month per request
         m = month_of(now)
         if m != self.month:
             # Reservations of requests still running carry over: they settle into the new month.
             self.month, self.used = m, {}
-        self._month_span = (_month_start(now), now + seconds_to_next_month(now))
+        self._month_span = (month_start(self.month), now + seconds_to_next_month(now))
 
     def add(self, key_id: str, tokens: int, now: float | None = None) -> None:
         # Roll first: tokens settled after a month boundary belong to the new month, for every

@@ -255,6 +255,7 @@ class _Response(msgspec.Struct):
 class _ResponsesEvent(msgspec.Struct):
     type: str = ""
     response: _Response | None = None
+    error: msgspec.Raw = msgspec.Raw(b"")  # llama-server's unnamed in-band error
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
@@ -303,7 +304,7 @@ class ResponsesMeter:
                 _take_responses(ex, ev.response.usage)
             if t == "response.failed":
                 ex.outcome = Outcome.UPSTREAM_ERROR
-        elif t == "error":
+        elif t == "error" or ev.error:
             ex.outcome = Outcome.UPSTREAM_ERROR
         return True
 

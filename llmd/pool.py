@@ -95,10 +95,11 @@ class Pool:
                             extra={"request_id": call.request_id, "replica": replica.name, "error": e.error.message},
                         )
                         continue
-                    if e.refused:
-                        # The only replica refused the connection: its process is gone and the
-                        # supervisor has not seen it yet (a slot freed by its crash went to a
-                        # waiter at once). Pause, then queue again: the restart answers it.
+                    if e.refused or replica.backend != "openai":
+                        # The only replica failed before answering: its process may be gone
+                        # without the supervisor having seen it yet (a slot freed by its crash
+                        # goes to a waiter at once, onto a dead pooled connection or a refused
+                        # one). Pause, then queue again: a restart answers it.
                         tried.discard(replica.name)
                         pause = True
                         self.metrics.observe_retry(self.model)

@@ -47,7 +47,6 @@ class Replica:
     cpus: list[int] | None = None
     gpus: list[int] | None = None
     restarts: int = 0
-    started_at: float = 0.0
 
     @property
     def routable(self) -> bool:

@@ -9,260 +9,50 @@ Reports and the limiter's monthly quota counters read only ``monthly`` (a few ro
 When the disk fails (full, locked, file removed, read-only), llmd keeps serving: the rows go
 back to the front of the queue, at most ``usage.max_pending_rows`` are kept (the oldest beyond
 that are dropped and counted), and the write is retried with backoff on a fresh connection.
+
+What a row is and the SQL that stores it live in ``schema.py``; report queries and their
+formats in ``report.py``; this module owns the queue, the flusher and the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
-import csv
-import io
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosqlite
-import msgspec
 
-from llmd.config import UsageConfig
-from llmd.outcome import Outcome
+from .config import UsageConfig
+from .months import check_month, month_of
+from .months import current_month as current_month  # runtime.py imports it from here
+from .report import ReportRow, report_query, report_rows
+
+# app.py imports LedgerError and UsageRow from here as well (with Ledger, the ledger's whole API).
+from .schema import (
+    BUSY_TIMEOUT_MS,
+    INSERT_REQUEST_SQL,
+    MONTH_TOTALS_SQL,
+    UPSERT_MONTHLY_SQL,
+    LedgerError,
+    UsageRow,
+    migrate,
+    rollup,
+    row_params,
+)
 
 log = logging.getLogger("llmd.usage")
 
-BUSY_TIMEOUT_MS = 5000  # wait this long for another writer (a maintenance script) before failing a flush
 MAX_BACKOFF_S = 5.0  # the longest wait between two failed writes; bounds recovery time after a disk heals
 TICK_MAX_ROWS = 2_000  # rows per transaction from the flusher, so a backlog never stalls the event loop
 LOG_EVERY_S = 30.0  # repeated drop/error warnings are summarised at most this often
 CLOSE_ATTEMPTS = 3  # final flush tries on close before rows are declared lost
-
-
-class UsageRow(msgspec.Struct, kw_only=True):
-    """One request that reached the limits (admitted or refused; ``status``/``outcome`` say which)."""
-
-    ts: float  # unix seconds when the request arrived; its UTC month is the rollup's month
-    request_id: str
-    key_id: str
-    tier: str
-    model: str  # the configured model name (not an alias)
-    replica: str  # "" when no replica was chosen (refused before the balancer)
-    route: str
-    status: int
-    stream: bool
-    outcome: str  # an Outcome value
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_ms: float | None = None
-    duration_ms: float = 0.0
-    client_ip: str = ""
-    token_method: str = "upstream"  # how tokens were counted: upstream usage | tokenize | estimate
-
-
-class ReportRow(msgspec.Struct, kw_only=True):
-    month: str
-    key_id: str
-    model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cached_tokens: int
-    errors: int  # rows whose outcome is not "ok"
-
-
-class LedgerError(Exception):
-    """The ledger's database cannot be opened or read (writes never raise; they retry)."""
-
-
-# --- schema -----------------------------------------------------------------------------------
-
-# Forward migrations: MIGRATIONS[i] takes a database from user_version i to i + 1. Append a new
-# tuple to change the schema (e.g. ("ALTER TABLE requests ADD COLUMN ...",)); never edit a step
-# that has shipped, because existing files already ran it.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE requests (
-            id INTEGER PRIMARY KEY,
-            ts REAL NOT NULL,
-            month TEXT NOT NULL,
-            request_id TEXT NOT NULL,
-            key_id TEXT NOT NULL,
-            tier TEXT NOT NULL,
-            model TEXT NOT NULL,
-            replica TEXT NOT NULL,
-            route TEXT NOT NULL,
-            status INTEGER NOT NULL,
-            stream INTEGER NOT NULL,
-            outcome TEXT NOT NULL,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            cached_tokens INTEGER NOT NULL DEFAULT 0,
-            ttft_ms REAL,
-            duration_ms REAL NOT NULL DEFAULT 0,
-            client_ip TEXT NOT NULL DEFAULT '',
-            token_method TEXT NOT NULL DEFAULT 'upstream'
-        )""",
-        # For ad-hoc queries by ops ("this key's requests in May"); llmd itself reads `monthly`.
-        "CREATE INDEX requests_month_key ON requests (month, key_id)",
-        """CREATE TABLE monthly (
-            key_id TEXT NOT NULL,
-            month TEXT NOT NULL,
-            model TEXT NOT NULL,
-            requests INTEGER NOT NULL DEFAULT 0,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            cached_tokens INTEGER NOT NULL DEFAULT 0,
-            errors INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (key_id, month, model)
-        ) WITHOUT ROWID""",
-        # The primary key serves "one key's month"; this serves "everyone's month" in key order.
-        "CREATE INDEX monthly_month ON monthly (month, key_id, model)",
-    ),
-)
-
-_REQUEST_COLUMNS = (
-    "ts",
-    "month",
-    "request_id",
-    "key_id",
-    "tier",
-    "model",
-    "replica",
-    "route",
-    "status",
-    "stream",
-    "outcome",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "ttft_ms",
-    "duration_ms",
-    "client_ip",
-    "token_method",
-)
-INSERT_REQUEST_SQL = (
-    f"INSERT INTO requests ({', '.join(_REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(_REQUEST_COLUMNS))})"
-)
-UPSERT_MONTHLY_SQL = """
-INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (key_id, month, model) DO UPDATE SET
-    requests = requests + excluded.requests,
-    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-    completion_tokens = completion_tokens + excluded.completion_tokens,
-    cached_tokens = cached_tokens + excluded.cached_tokens,
-    errors = errors + excluded.errors
-"""
-MONTH_TOTALS_SQL = "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM monthly WHERE month = ? GROUP BY key_id"
-
-_MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
-
-
-def report_query(month: str | None = None, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
-    """The SQL and parameters of a report: one row per (month, key, model), every month when
-    ``month`` is None. It reads only the rollup; with a month or a key, through an index."""
-    where: list[str] = []
-    params: list[str] = []
-    if month is not None:
-        where.append("month = ?")
-        params.append(_check_month(month))
-    if key is not None:
-        where.append("key_id = ?")
-        params.append(key)
-    if model is not None:
-        where.append("model = ?")
-        params.append(model)
-    sql = (
-        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors "
-        f"FROM monthly {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY month, key_id, model"
-    )
-    return sql, params
-
-
-def _report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
-    return [
-        ReportRow(
-            month=month,
-            key_id=key_id,
-            model=model,
-            requests=requests,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            cached_tokens=cached,
-            errors=errors,
-        )
-        for month, key_id, model, requests, prompt, completion, cached, errors in rows
-    ]
-
-
-def current_month(ts: float | None = None) -> str:
-    """``YYYY-MM`` of ``ts`` (default: now) in UTC, the month quotas and reports use."""
-    t = time.gmtime(time.time() if ts is None else ts)
-    return f"{t.tm_year:04d}-{t.tm_mon:02d}"
-
-
-def month_start(month: str) -> float:
-    """Unix time of the first second of ``month`` (UTC); handy for quota resets and tests."""
-    year, mon = _check_month(month).split("-")
-    return float(calendar.timegm((int(year), int(mon), 1, 0, 0, 0)))
-
-
-def _check_month(month: str) -> str:
-    if not _MONTH_RE.match(month):
-        raise ValueError(f"month must look like 2025-01, got {month!r}")
-    return month
-
-
-def _row_params(row: UsageRow) -> tuple[Any, ...]:
-    """The INSERT parameters of a row, coerced so that a malformed row fails here, alone,
-    rather than failing the whole batch in SQLite on every retry."""
-    t = time.gmtime(row.ts)
-    ttft = None if row.ttft_ms is None else float(row.ttft_ms)
-    return (
-        float(row.ts),
-        f"{t.tm_year:04d}-{t.tm_mon:02d}",
-        str(row.request_id),
-        str(row.key_id),
-        str(row.tier),
-        str(row.model),
-        str(row.replica),
-        str(row.route),
-        int(row.status),
-        int(bool(row.stream)),
-        str(row.outcome),
-        int(row.prompt_tokens),
-        int(row.completion_tokens),
-        int(row.cached_tokens),
-        ttft,
-        float(row.duration_ms),
-        str(row.client_ip),
-        str(row.token_method),
-    )
-
-
-def _rollup(params: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """One UPSERT tuple per (key, month, model) in the batch."""
-    acc: dict[tuple[str, str, str], list[int]] = {}
-    for p in params:
-        # indexes follow _REQUEST_COLUMNS
-        k = (p[3], p[1], p[5])
-        a = acc.get(k)
-        if a is None:
-            a = acc[k] = [0, 0, 0, 0, 0]
-        a[0] += 1
-        a[1] += p[11]
-        a[2] += p[12]
-        a[3] += p[13]
-        a[4] += p[10] != Outcome.OK
-    return [(*k, *a) for k, a in acc.items()]
 
 
 class _Throttle:
@@ -448,7 +238,7 @@ class Ledger:
             rows: list[UsageRow] = []
             for row in batch:
                 try:
-                    params.append(_row_params(row))
+                    params.append(row_params(row))
                     rows.append(row)
                 except (TypeError, ValueError, OverflowError, OSError) as e:
                     self._note_drop(1, f"malformed, e.g. {row!r}: {e}")
@@ -460,7 +250,7 @@ class Ledger:
                 db = await self._connection()
                 await db.execute("BEGIN IMMEDIATE")
                 await db.executemany(INSERT_REQUEST_SQL, params)
-                await db.executemany(UPSERT_MONTHLY_SQL, _rollup(params))
+                await db.executemany(UPSERT_MONTHLY_SQL, rollup(params))
                 await db.execute("COMMIT")
             except Exception as e:
                 # Closing the connection rolls the transaction back; the next try opens afresh,
@@ -539,14 +329,14 @@ class Ledger:
     async def month_totals(self, month: str) -> dict[str, int]:
         """key_id -> prompt + completion tokens in ``month``, including rows not yet written,
         so a limiter rebuilt on reload starts from exactly what was served."""
-        _check_month(month)
+        check_month(month)
         async with self._lock:
             rows = await self._read(MONTH_TOTALS_SQL, [month])
             totals = {key_id: int(total or 0) for key_id, total in rows}
             for row in self._queue:
                 # A malformed row (dropped when written) must not stop the limiter from loading.
                 with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
-                    if current_month(row.ts) == month:
+                    if month_of(row.ts) == month:
                         used = int(row.prompt_tokens) + int(row.completion_tokens)
                         totals[row.key_id] = totals.get(row.key_id, 0) + used
         return totals
@@ -557,7 +347,7 @@ class Ledger:
         """Per (month, key, model) totals from the committed rollup; every month if ``month`` is None."""
         sql, params = report_query(month, key, model)
         async with self._lock:
-            return _report_rows(await self._read(sql, params))
+            return report_rows(await self._read(sql, params))
 
     async def _read(self, sql: str, params: list[str]) -> list[Any]:
         if self._closed:
@@ -616,7 +406,7 @@ class Ledger:
                 )
             # NORMAL in WAL mode: a power cut may lose the last batches, never corrupt the file.
             await db.execute("PRAGMA synchronous = NORMAL")
-            await _migrate(db, self.path)
+            await migrate(db, self.path)
         except BaseException as e:
             with contextlib.suppress(Exception):
                 await db.close()
@@ -630,94 +420,6 @@ class Ledger:
         if db is not None:
             with contextlib.suppress(Exception):
                 await db.close()
-
-
-async def _user_version(db: aiosqlite.Connection) -> int:
-    async with db.execute("PRAGMA user_version") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
-
-
-async def _migrate(db: aiosqlite.Connection, path: str) -> None:
-    """Bring the file to len(MIGRATIONS), all steps in one transaction (all or nothing)."""
-    target = len(MIGRATIONS)
-    if await _user_version(db) == target:
-        return
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        # Read again under the write lock: another process may have migrated meanwhile.
-        version = await _user_version(db)
-        if version > target:
-            raise LedgerError(
-                f"usage ledger {path}: schema version {version} is newer than this llmd's ({target}); "
-                "upgrade llmd or point usage.path at another file"
-            )
-        for v in range(version, target):
-            for stmt in MIGRATIONS[v]:
-                await db.execute(stmt)
-        await db.execute(f"PRAGMA user_version = {target}")
-        await db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await db.execute("ROLLBACK")
-        raise
-    if version < target:
-        log.info("usage ledger %s: schema migrated from version %d to %d", path, version, target)
-
-
-# --- reading from another process (`llmd usage`) ------------------------------------------------
-
-
-def report_file(
-    path: str, month: str | None = None, key: str | None = None, model: str | None = None
-) -> list[ReportRow]:
-    """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
-    sql, params = report_query(month, key, model)
-    p = Path(path)
-    if not p.is_file():
-        raise LedgerError(f"usage ledger {path}: no such file")
-    try:
-        with contextlib.closing(
-            sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-        ) as db:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
-                return []  # created but never migrated: nothing recorded yet
-            return _report_rows(db.execute(sql, params).fetchall())
-    except sqlite3.Error as e:
-        raise LedgerError(f"usage ledger {path}: {e}") from e
-
-
-_REPORT_FIELDS = tuple(f.name for f in msgspec.structs.fields(ReportRow))
-
-
-def format_report(rows: Sequence[ReportRow], fmt: Literal["table", "csv", "json"] = "table") -> str:
-    if fmt == "json":
-        return msgspec.json.format(msgspec.json.encode(list(rows)), indent=2).decode() + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(_REPORT_FIELDS)
-        w.writerows(msgspec.structs.astuple(r) for r in rows)
-        return buf.getvalue()
-    if fmt != "table":
-        raise ValueError(f"format must be table, csv or json, got {fmt!r}")
-    header = ("MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS")
-    lines: list[tuple[str, ...]] = [header]
-    lines += [tuple(str(v) for v in msgspec.structs.astuple(r)) for r in rows]
-    if len(rows) > 1:
-        sums = [sum(getattr(r, f) for r in rows) for f in _REPORT_FIELDS[3:]]
-        lines.append(("", "total", "", *map(str, sums)))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    # Names left-aligned, numbers right-aligned so that digits line up.
-    out = [
-        "  ".join(
-            c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    ]
-    if not rows:
-        out.append("(no usage recorded)")
-    return "\n".join(out) + "\n"
 
 
 class NullLedger(Ledger):

@@ -19,6 +19,11 @@ function of the request and its flags, so tests can predict every byte:
   servers always evaluate the last prompt token). Any two chat prompts share their leading
   ``<|im_start|>``, so a replica that has served any chat reports at least 1 cached token.
 * Embeddings: a unit vector seeded from sha256 of the input text.
+* Anthropic and Responses requests are chats: their system/instructions and messages/input are
+  converted to chat messages as llama.cpp converts them, then counted as above. /detokenize maps
+  ids back to the words the process has tokenized (or ``t{i}``), joined by spaces.
+* Rerank: a document's score is the share of the query's distinct words it contains; it costs
+  the words of query + document.
 
 Per-request behaviour is steered by an extra body object ``"fake": {...}`` (see ``Controls``); a
 typo in it is a 400 so that tests fail loudly. How answers are framed on the wire (JSON spacing, SSE
@@ -147,8 +152,25 @@ def parse_cli(
 # --------------------------------------------------------------------------------------------
 
 
+# Every word the process has given an id (tokenized or generated), so that /detokenize can map
+# ids back; crc32 is not invertible.
+VOCAB: dict[int, str] = {}
+
+
 def token_id(word: str) -> int:
-    return zlib.crc32(word.encode()) % VOCAB_SIZE
+    tid = zlib.crc32(word.encode()) % VOCAB_SIZE
+    VOCAB.setdefault(tid, word)
+    return tid
+
+
+def detokenize(ids: Iterable[Any]) -> str:
+    """The words of known ids joined by spaces (the fake's tokens are whitespace-split words, so
+    detokenize(tokenize(text)) is the text with its whitespace normalised); generated tokens
+    ``t0 t1 ...`` are known too; an id never seen reads ``[id]``."""
+    if len(VOCAB) < 1024:
+        for i in range(1024):
+            token_id(f"t{i}")
+    return " ".join(VOCAB.get(i, f"[{i}]") if isinstance(i, int) else f"[{i}]" for i in ids)
 
 
 def piece(i: int) -> str:
@@ -191,6 +213,96 @@ def completion_prompt(prompt: Any) -> list[str]:
             tokens += completion_prompt(item) if isinstance(item, str | list) else [str(item)]
         return tokens
     return []
+
+
+def anthropic_chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """An Anthropic Messages request as chat messages, the way llama.cpp converts it before its
+    chat template (and vLLM alike, as far as the prompt's words go): ``system`` (a string, or text
+    blocks concatenated without a separator) is a system message; ``messages`` that is not a
+    list counts as no message; text blocks are the content, tool_use blocks tool calls, and
+    tool_result blocks tool messages. The caller checks that ``messages`` is present."""
+    out: list[dict[str, Any]] = []
+    system = body.get("system")
+    if isinstance(system, str):
+        out.append({"role": "system", "content": system})
+    elif isinstance(system, list):
+        text = "".join(str(b.get("text", "")) for b in system if isinstance(b, dict) and b.get("type") == "text")
+        out.append({"role": "system", "content": text})
+    messages = body.get("messages")
+    for msg in messages if isinstance(messages, list) else ():
+        if not isinstance(msg, dict):
+            continue
+        content = msg.get("content")
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        texts: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        for block in content:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                texts.append(block)
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id", ""), "type": "function",
+                              "function": {"name": block.get("name", ""),
+                                           "arguments": json.dumps(block.get("input", {}))}})
+            elif kind == "tool_result":
+                results.append({"role": "tool", "content": content_text(block.get("content"))})
+        if texts or calls:
+            out.append({"role": msg.get("role", ""), "content": texts, "tool_calls": calls})
+        out += results
+    return out
+
+
+def responses_chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """An OpenAI Responses request as chat messages (llama.cpp's conversion, as far as the
+    prompt's words go): ``instructions`` is a system message, a string ``input`` one user
+    message; a list ``input`` holds messages (string or input_text/output_text parts),
+    function_call items (an assistant tool call) and function_call_output items (a tool
+    message). The caller checks that ``input`` is a string or a list."""
+    out: list[dict[str, Any]] = []
+    if "instructions" in body:
+        out.append({"role": "system", "content": str(body.get("instructions") or "")})
+    value = body.get("input")
+    if isinstance(value, str):
+        return [*out, {"role": "user", "content": value}]
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": item.get("call_id", ""), "type": "function",
+                 "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")}}]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "content": str(item.get("output", ""))})
+        elif "role" in item:
+            out.append({"role": item["role"], "content": item.get("content", "")})
+    return out
+
+
+def infill_prompt(body: dict[str, Any]) -> list[str]:
+    """The words of a FIM prompt, laid out as llama.cpp's format_prompt_infill does: each extra
+    context chunk (``<|file_sep|>``, its file name and text), then ``<|fim_prefix|>`` prefix
+    ``<|fim_suffix|>`` suffix ``<|fim_middle|>`` and the prompt."""
+    words: list[str] = []
+    for chunk in body.get("input_extra") or ():
+        words += ["<|file_sep|>", *str(chunk.get("filename", "")).split(), *str(chunk.get("text", "")).split()]
+    words += ["<|fim_prefix|>", *str(body.get("input_prefix", "")).split(),
+              "<|fim_suffix|>", *str(body.get("input_suffix", "")).split(),
+              "<|fim_middle|>", *(body.get("prompt") if isinstance(body.get("prompt"), str) else "").split()]
+    return words
+
+
+def rerank_score(query: str, document: str) -> float:
+    """A deterministic relevance score: the share of the query's distinct words (lower-cased,
+    punctuation stripped) that the document contains."""
+    def words(text: str) -> set[str]:
+        return {w.strip(".,;:!?\"'()").lower() for w in text.split()} - {""}
+
+    q = words(query)
+    return len(q & words(document)) / len(q) if q else 0.0
 
 
 def embedding(text: str, dim: int) -> list[float]:
@@ -448,6 +560,15 @@ def wire_shape(wire: Wire, obj: Any, include_usage: bool) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class Named:
+    """An SSE event with an ``event:`` line before its data, as Anthropic Messages and OpenAI
+    Responses streams name every event (llama-server and vLLM alike)."""
+
+    event: str
+    data: Any
+
+
 class SseWriter:
     """Writes one SSE answer in a wire profile. With ``split``, each event's bytes go out in
     pieces (separate writes, a moment apart, so that they reach the reader separately), the last
@@ -463,6 +584,13 @@ class SseWriter:
         self.eol = wire.eol.encode()
 
     async def event(self, obj: Any) -> None:
+        if isinstance(obj, Named):
+            # Usage is part of these protocols' own events (message_delta, response.completed):
+            # no profile drops it. "event:" follows the profile's "data:" spelling.
+            name = self.wire.data_prefix.replace("data", "event").encode() + obj.event.encode()
+            payload = wire_encode(self.wire, wire_shape(self.wire, obj.data, False))
+            await self._send(name + self.eol + self.wire.data_prefix.encode() + payload + self.eol + self.eol)
+            return
         if not self.wire.stream_usage and isinstance(obj, dict) and "usage" in obj:
             if not obj.get("choices"):
                 return  # a usage-only chunk: this upstream never sends one
@@ -637,6 +765,7 @@ class RequestError(Exception):
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 InferenceHandler = Callable[[web.Request, dict[str, Any], Controls], Awaitable[web.StreamResponse]]
+HelperHandler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 
 class Renderer:
@@ -822,6 +951,33 @@ class FakeServer:
 
         return wrapped
 
+    def helper(self, handler: HelperHandler) -> Handler:
+        """Wrap a route that answers without generating (tokenizer, templates, token counts): no
+        slot, not counted in ``requests`` (the gateway calls some of them on its own), only its
+        path in ``by_path``. Controls apply only when the request carries its own ``"fake"``
+        (delay, status, drop, hang): the process's --fake-controls are meant for inference."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            self.stats.by_path[request.path] += 1
+            body = await self.read_json(request)
+            if isinstance(body, web.Response):
+                return body
+            if not isinstance(body, dict):
+                return self.error_response(400, "request body must be a JSON object")
+            try:
+                ctl = msgspec.convert(body.get("fake") or {}, Controls)
+            except msgspec.ValidationError as exc:
+                return self.error_response(400, f"fake: {exc}")
+            early = await self._before_first_byte(request, ctl)
+            if early is not None:
+                return early
+            try:
+                return await handler(request, body)
+            except RequestError as exc:
+                return self.error_response(exc.status, exc.message, error_type=exc.error_type, extra=exc.extra)
+
+        return wrapped
+
     @contextlib.asynccontextmanager
     async def _tracked(self, request: web.Request) -> AsyncIterator[None]:
         """in_flight covers a request until its last byte is written or its client is gone."""
@@ -851,7 +1007,8 @@ class FakeServer:
         ms = ctl.token_delay_ms if ctl.token_delay_ms is not None else self.opts["token_delay_ms"]
         return max(ms, 0.0) / 1000.0
 
-    def control_error(self, ctl: Controls) -> web.Response:
+    def control_error(self, ctl: Controls, request: web.Request) -> web.Response:
+        """The answer to a ``status`` control: the server's error envelope for that route."""
         status = ctl.status or 500
         if ctl.body is not None:
             return web.Response(text=ctl.body, status=status, headers=ctl.headers)
@@ -883,7 +1040,7 @@ class FakeServer:
         if ctl.delay_ms:
             await asyncio.sleep(ctl.delay_ms / 1000.0)
         if ctl.status is not None:
-            return self.control_error(ctl)
+            return self.control_error(ctl, request)
         if ctl.drop:
             abort_connection(request)
             await asyncio.Future()  # the connection_lost cancellation ends this handler

@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmd import config as config_mod
+from llmd import configfile
 from llmd.daemon import Daemon
 from tests.fakeproc import FAKE_LLAMA, FAKE_VLLM, FakeProc, start_fake
 
@@ -65,7 +65,7 @@ def base_config(tmp_path: Path, models: dict[str, Any], **sections: Any) -> dict
 @contextlib.asynccontextmanager
 async def run_llmd(path: Path) -> AsyncIterator[Llmd]:
     """llmd in this process (same code path as `llmd serve`, minus signal handlers)."""
-    cfg = config_mod.load(path)
+    cfg = configfile.load(path)
     daemon = Daemon(cfg, path)
     assert await daemon.start()
     try:

@@ -2,8 +2,8 @@
 (captured in reference/observed/llama-server/), with a deterministic model (see _fake_common).
 
     python tests/fake_backend.py --host 127.0.0.1 --port 8081 -m model.gguf -np 2 -c 4096 --metrics
-        [--embeddings] [--pooling mean] [--alias NAME] [--no-jinja] [-n N] [--no-slots]
-        [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
+        [--embeddings] [--pooling mean] [--reranking] [--no-fim] [--alias NAME] [--no-jinja] [-n N]
+        [--no-slots] [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
         [--fake-embedding-dim 640] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
 Any other llama-server flag is accepted and ignored. Behaviour worth knowing (all from the real one):
@@ -15,10 +15,23 @@ Any other llama-server flag is accepted and ignored. Behaviour worth knowing (al
   llama.cpp's native formats, exactly as the real server routes them. /chat/completions is an alias.
 * A chat stream sends usage only when ``stream_options.include_usage`` is true; otherwise the
   finish chunk carries just ``timings``. A completions stream always ends with usage + timings.
+* /v1/messages (Anthropic) and /v1/responses (OpenAI) are chats with the same prompt count; their
+  streams are named events without [DONE]. Anthropic's ``input_tokens`` excludes the cache hit
+  (``cache_read_input_tokens``); a missing ``max_tokens`` is allowed. /v1/messages/count_tokens,
+  /v1/responses/input_tokens and /(v1/)chat/completions/input_tokens count without generating.
+* /infill answers like /completion (a FIM model); ``--no-fim`` gives the real 501 of a model
+  without FIM tokens (Gemma 3). /completion and /infill honour ``response_fields``.
+* /rerank, /reranking, /v1/rerank, /v1/reranking: 501 unless ``--reranking`` (= --embeddings
+  --pooling rank); Jina's shape for ``documents``, TEI's bare list for ``texts``.
+* /tokenize, /detokenize, /apply-template and the token counts are helpers: no slot, not in
+  /fake/stats' ``requests``; a request's own ``"fake"`` controls still apply.
+* Shapes are checked against the captures in tests/data/observed/llama-server/routes/
+  (test_fake_routes.py) and against a live llama-server (test_real_routes_shapes.py).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
 import sys
@@ -34,17 +47,23 @@ from _fake_common import (
     FakeServer,
     Flag,
     Job,
+    Named,
     Output,
     Renderer,
     RequestError,
+    anthropic_chat_messages,
     chat_prompt,
     completion_prompt,
+    detokenize,
     early_sigterm,
     embedding,
     embedding_base64,
     embedding_inputs,
+    infill_prompt,
     parse_cli,
     plan_output,
+    rerank_score,
+    responses_chat_messages,
     run,
     token_id,
 )
@@ -77,6 +96,9 @@ FLAGS: dict[str, Flag] = {
     "--embedding": Flag("embeddings", "switch"),
     "--embeddings": Flag("embeddings", "switch"),
     "--pooling": Flag("pooling"),
+    "--rerank": Flag("reranking", "switch"),
+    "--reranking": Flag("reranking", "switch"),
+    "--no-fim": Flag("fim", "off"),  # the fake's own: a model without FIM tokens (like Gemma 3)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -94,6 +116,8 @@ DEFAULTS: dict[str, Any] = {
     "slots_endpoint": True,
     "embeddings": False,
     "pooling": None,
+    "reranking": False,
+    "fim": True,
     "embedding_dim": 640,  # Gemma 3 270M's n_embd
 }
 
@@ -110,6 +134,25 @@ SAMPLING_PARAMS: dict[str, Any] = {
     "frequency_penalty": 0.0, "max_tokens": -1, "n_predict": -1, "n_keep": 0, "ignore_eos": False,
     "stream": False, "n_probs": 0, "chat_format": "Content-only", "reasoning_format": "none",
     "samplers": ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"],
+}
+
+# /completion's generation_settings (the real one's defaults, from routes/completion.http.txt);
+# the fake fills in what the request set: temperature, stop, stream, n_predict.
+GENERATION_SETTINGS: dict[str, Any] = {
+    "seed": 4294967295, "temperature": 0.800000011920929, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
+    "top_k": 40, "top_p": 0.949999988079071, "min_p": 0.05000000074505806, "top_n_sigma": -1.0,
+    "xtc_probability": 0.0, "xtc_threshold": 0.10000000149011612, "typical_p": 1.0, "repeat_last_n": 64,
+    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
+    "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 64,
+    "dry_sequence_breakers": ["\n", ":", "\"", "*"], "mirostat": 0, "mirostat_tau": 5.0,
+    "mirostat_eta": 0.10000000149011612, "adaptive_target": -1.0, "adaptive_decay": 0.8999999761581421,
+    "stop": [], "max_tokens": -1, "n_predict": -1, "n_keep": 0, "n_discard": 0, "ignore_eos": False,
+    "stream": False, "logit_bias": [], "n_probs": 0, "min_keep": 0, "grammar": "", "grammar_lazy": False,
+    "grammar_triggers": [], "preserved_tokens": [], "chat_format": "Content-only", "reasoning_format": "deepseek",
+    "reasoning_in_content": False, "generation_prompt": "",
+    "samplers": ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"],
+    "speculative.types": "none", "timings_per_token": False, "post_sampling_probs": False,
+    "backend_sampling": False, "lora": [],
 }
 
 CHAT_TEMPLATE = (
@@ -197,9 +240,18 @@ class NativeCompletionRenderer(LlamaRenderer):
 
     done_marker = None
 
-    def __init__(self, server: LlamaServer, job: Job, output: Output, prompt_text: str) -> None:
+    def __init__(self, server: LlamaServer, job: Job, output: Output, prompt_text: str,
+                 body: dict[str, Any]) -> None:
         super().__init__(server, job, output)
         self.prompt_text = prompt_text
+        fields = body.get("response_fields")
+        self.response_fields: list[str] = [str(f) for f in fields] if isinstance(fields, list) else []
+        stop = body.get("stop")
+        temperature = body.get("temperature")
+        self.settings = {**GENERATION_SETTINGS, "stop": stop if isinstance(stop, list) else [],
+                         "stream": bool(body.get("stream")), "max_tokens": job.n_predict, "n_predict": job.n_predict}
+        if isinstance(temperature, int | float):
+            self.settings["temperature"] = float(temperature)
         self.streamed = False
 
     def chunk(self, i: int) -> Any:
@@ -212,16 +264,189 @@ class NativeCompletionRenderer(LlamaRenderer):
         return [self.final()]
 
     def final(self) -> Any:
+        return pick_fields(self.response_fields, self._final())
+
+    def _final(self) -> dict[str, Any]:
         return {
             "index": 0, "content": "" if self.streamed else self.output.text, "tokens": [],
             "id_slot": self.job.slot, "stop": True, "model": self.model,
             "tokens_predicted": self.job.decoded, "tokens_evaluated": self.job.prompt_tokens,
-            "generation_settings": {**SAMPLING_PARAMS, "n_predict": self.job.n_predict},
+            "generation_settings": self.settings,
             "prompt": self.prompt_text, "has_new_line": False, "truncated": False,
             "stop_type": "limit" if self.output.finish_reason == "length" else "eos",
             "stopping_word": "", "tokens_cached": self.job.prompt_tokens + self.job.decoded,
             "timings": self.job.timings(),
         }
+
+
+def pick_fields(paths: list[str], doc: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's ``response_fields``: only these keys ("a/b" reaches into objects), each under
+    its path as written; paths that lead nowhere are left out. Empty: the whole answer."""
+    if not paths:
+        return doc
+    picked: dict[str, Any] = {}
+    for path in paths:
+        value: Any = doc
+        for key in path.split("/"):
+            if not (isinstance(value, dict) and key in value):
+                break
+            value = value[key]
+        else:
+            picked[path] = value
+    return picked
+
+
+# Anthropic's stop_reason for the fake's finish reasons (llama.cpp's mapping)
+ANTHROPIC_STOP = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_use"}
+
+
+class AnthropicRenderer(LlamaRenderer):
+    """POST /v1/messages: Anthropic's message, or its named-event stream (no [DONE]). Like the
+    real one, ``input_tokens`` leaves out the prompt-cache hit, which is ``cache_read_input_tokens``."""
+
+    done_marker = None
+
+    def usage(self) -> dict[str, Any]:
+        return {"cache_read_input_tokens": self.job.cached, "input_tokens": self.job.prompt_tokens - self.job.cached,
+                "output_tokens": self.job.decoded}
+
+    def _message(self, content: list[Any], stop_reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "content": content, "model": self.model,
+                "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
+
+    def head(self) -> list[Any]:
+        events = [Named("message_start", {"type": "message_start",
+                                          "message": self._message([], None, {**self.usage(), "output_tokens": 0})})]
+        if self.output.tool_call is None and self.output.n_tokens:
+            events.append(Named("content_block_start", {"type": "content_block_start", "index": 0,
+                                                        "content_block": {"type": "text", "text": ""}}))
+        return events
+
+    def chunk(self, i: int) -> Any:
+        call = self.output.tool_call
+        if call is None:
+            delta: dict[str, Any] = {"type": "text_delta", "text": self.output.pieces[i]}
+        elif i == 0:
+            return Named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": call.id, "name": call.name}})
+        else:
+            delta = {"type": "input_json_delta", "partial_json": self.output.pieces[i - 1]}
+        return Named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+
+    def tail(self) -> list[Any]:
+        events = []
+        if self.output.n_tokens:
+            events.append(Named("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events.append(Named("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": ANTHROPIC_STOP[self.output.finish_reason], "stop_sequence": None},
+            "usage": {"output_tokens": self.job.decoded}}))
+        events.append(Named("message_stop", {"type": "message_stop"}))
+        return events
+
+    def final(self) -> Any:
+        call = self.output.tool_call
+        content: list[Any] = []
+        if call is not None:
+            try:
+                arguments = json.loads(call.arguments)
+            except ValueError:
+                arguments = {}
+            content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
+        elif self.output.text:
+            content.append({"type": "text", "text": self.output.text})
+        return self._message(content, ANTHROPIC_STOP[self.output.finish_reason], self.usage())
+
+    def stream_error(self, message: str) -> Any:
+        return Named("error", {"code": 500, "message": message, "type": "server_error"})
+
+
+class ResponsesRenderer(LlamaRenderer):
+    """POST /v1/responses: OpenAI's Responses object, or its named-event stream (no [DONE]);
+    ``input_tokens`` counts the whole prompt, the cache hit is in its details."""
+
+    done_marker = None
+
+    def __init__(self, server: LlamaServer, job: Job, output: Output) -> None:
+        super().__init__(server, job, output)
+        self.id = "resp_" + random_string()
+        self.message_id = "msg_" + random_string()
+
+    def usage(self) -> dict[str, Any]:
+        return {"input_tokens": self.job.prompt_tokens, "output_tokens": self.job.decoded,
+                "total_tokens": self.job.prompt_tokens + self.job.decoded,
+                "input_tokens_details": {"cached_tokens": self.job.cached}}
+
+    def _pending(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "response", "status": "in_progress"}
+
+    def _text_part(self) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [], "text": self.output.text}
+
+    def _items(self) -> list[dict[str, Any]]:
+        """The output items of the finished response."""
+        call = self.output.tool_call
+        if call is not None:
+            return [{"id": "fc_" + call.id, "type": "function_call", "status": "completed",
+                     "arguments": call.arguments, "call_id": "call_" + call.id, "name": call.name}]
+        if not self.output.text:
+            return []
+        return [{"type": "message", "status": "completed", "id": self.message_id,
+                 "content": [self._text_part()], "role": "assistant"}]
+
+    def head(self) -> list[Any]:
+        events = [Named("response.created", {"type": "response.created", "response": self._pending()}),
+                  Named("response.in_progress", {"type": "response.in_progress", "response": self._pending()})]
+        if self.output.tool_call is None and self.output.n_tokens:
+            events += [
+                Named("response.output_item.added", {"type": "response.output_item.added", "item": {
+                    "content": [], "id": self.message_id, "role": "assistant", "status": "in_progress",
+                    "type": "message"}}),
+                Named("response.content_part.added", {"type": "response.content_part.added",
+                                                      "item_id": self.message_id,
+                                                      "part": {"type": "output_text", "text": ""}}),
+            ]
+        return events
+
+    def chunk(self, i: int) -> Any:
+        call = self.output.tool_call
+        if call is None:
+            return Named("response.output_text.delta", {"type": "response.output_text.delta",
+                                                        "item_id": self.message_id, "delta": self.output.pieces[i]})
+        if i == 0:
+            return Named("response.output_item.added", {"type": "response.output_item.added", "item": {
+                "id": "fc_" + call.id, "arguments": "", "call_id": "call_" + call.id, "name": call.name,
+                "type": "function_call", "status": "in_progress"}})
+        return Named("response.function_call_arguments.delta", {
+            "type": "response.function_call_arguments.delta", "delta": self.output.pieces[i - 1],
+            "item_id": "fc_" + call.id})
+
+    def tail(self) -> list[Any]:
+        events: list[Any] = []
+        if self.output.tool_call is None and self.output.text:
+            events += [
+                Named("response.output_text.done", {"type": "response.output_text.done",
+                                                    "item_id": self.message_id, "text": self.output.text}),
+                Named("response.content_part.done", {"type": "response.content_part.done",
+                                                     "item_id": self.message_id, "part": self._text_part()}),
+            ]
+        events += [Named("response.output_item.done", {"type": "response.output_item.done", "item": item})
+                   for item in self._items()]
+        events.append(Named("response.completed", {
+            "type": "response.completed",
+            "response": {"id": self.id, "object": "response", "created_at": int(time.time()), "status": "completed",
+                         "model": self.model, "output": self._items(), "usage": self.usage()},
+            "timings": self.job.timings()}))
+        return events
+
+    def final(self) -> Any:
+        now = int(time.time())
+        return {"completed_at": now, "created_at": now, "id": self.id, "model": self.model, "object": "response",
+                "output": self._items(), "status": "completed", "usage": self.usage()}
+
+    def stream_error(self, message: str) -> Any:
+        # the real one sends a Responses stream's error as an unnamed OpenAI-style event
+        return {"error": {"code": 500, "message": message, "type": "server_error"}}
 
 
 class LlamaServer(FakeServer):
@@ -247,6 +472,8 @@ class LlamaServer(FakeServer):
     )
 
     def __init__(self, opts: dict[str, Any]) -> None:
+        if opts["reranking"]:  # --reranking is --embeddings --pooling rank, as in llama.cpp's arg.cpp
+            opts = {**opts, "embeddings": True, "pooling": "rank"}
         slots = opts["parallel"] if opts["parallel"] > 0 else AUTO_SLOTS
         super().__init__(opts, slots)
         self.model_name: str = opts["alias"] or opts["model"]
@@ -260,8 +487,20 @@ class LlamaServer(FakeServer):
         add.add_get("/metrics", self.metrics)
         add.add_get("/models", self.models)
         add.add_get("/v1/models", self.models)
-        add.add_post("/tokenize", self.tokenize)
-        add.add_post("/apply-template", self.apply_template)
+        add.add_post("/tokenize", self.helper(self.tokenize))
+        add.add_post("/detokenize", self.helper(self.detokenize))
+        add.add_post("/apply-template", self.helper(self.apply_template))
+        add.add_post("/chat/completions/input_tokens", self.helper(self.chat_input_tokens))
+        add.add_post("/v1/chat/completions/input_tokens", self.helper(self.chat_input_tokens))
+        add.add_post("/v1/messages", self.inference(self.messages))
+        add.add_post("/v1/messages/count_tokens", self.helper(self.messages_count_tokens))
+        add.add_post("/v1/responses", self.inference(self.responses))
+        add.add_post("/responses", self.inference(self.responses))
+        add.add_post("/v1/responses/input_tokens", self.helper(self.responses_input_tokens))
+        add.add_post("/responses/input_tokens", self.helper(self.responses_input_tokens))
+        add.add_post("/infill", self.inference(self.infill))
+        for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
+            add.add_post(path, self.inference(self.rerank))
         add.add_post("/v1/chat/completions", self.inference(self.chat))
         add.add_post("/chat/completions", self.inference(self.chat))
         add.add_post("/v1/completions", self.inference(self.completions))
@@ -407,8 +646,8 @@ class LlamaServer(FakeServer):
                                                       "families": [""], "parameter_size": "",
                                                       "quantization_level": ""}}],
             "object": "list",
+            # (no "architecture": this build sends it only in router mode; routes/models.http.txt)
             "data": [{"id": name, "aliases": [name], "tags": [], "object": "model",
-                      "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
                       "created": int(time.time()), "owned_by": "llamacpp",
                       "meta": {"vocab_type": 1, "n_vocab": 262144, "n_ctx": self.n_ctx_slot,
                                "n_ctx_train": 32768, "n_embd": self.opts["embedding_dim"],
@@ -449,6 +688,17 @@ class LlamaServer(FakeServer):
                 None, "", "text", "json_object", "json_schema"):
             raise RequestError(400, 'response_format type must be one of "text" or "json_object", but got: '
                                     f"{response_format.get('type')}")
+        messages = self.chat_messages(body)
+        job = self.new_job(chat_prompt(messages), body)
+        output = plan_output(body, ctl, job.n_predict, random_string())
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+        renderer = ChatRenderer(self, job, output, include_usage)
+        return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+
+    @staticmethod
+    def chat_messages(body: dict[str, Any]) -> list[Any]:
+        """The messages of a chat request, checked as llama.cpp checks them."""
         if "messages" not in body:
             raise RequestError(400, "'messages' is required")
         messages = body["messages"]
@@ -460,12 +710,60 @@ class LlamaServer(FakeServer):
                 raise RequestError(400, "All non-assistant messages must contain 'content'")
             if role == "assistant" and "content" not in message and "tool_calls" not in message:
                 raise RequestError(400, "Assistant message must contain either 'content' or 'tool_calls'!")
-        job = self.new_job(chat_prompt(messages), body)
-        output = plan_output(body, ctl, job.n_predict, random_string())
-        stream_options = body.get("stream_options")
-        include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
-        renderer = ChatRenderer(self, job, output, include_usage)
-        return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+        return messages
+
+    async def chat_input_tokens(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """/chat/completions/input_tokens: the prompt size a chat request would be charged."""
+        n = len(chat_prompt(self.chat_messages(body)))
+        return self.json({"input_tokens": n, "object": "response.input_tokens"})
+
+    # ---- Anthropic Messages and OpenAI Responses (llama.cpp converts both to a chat) ----
+
+    @staticmethod
+    def anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+        if "messages" not in body:
+            raise RequestError(500, "'messages' is required")  # a runtime_error in llama.cpp, so a 500
+        return anthropic_chat_messages(body)
+
+    async def messages(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """POST /v1/messages. Like the real one it is permissive: no max_tokens is allowed (the
+        real default is 4096, the fake's DEFAULT_MAX_TOKENS), ``messages`` that is not a list
+        counts as none; ``n_predict`` is not read (the conversion drops it)."""
+        messages = self.anthropic_messages(body)
+        tools = [{"type": "function", "function": {"name": t.get("name", ""),
+                                                   "parameters": t.get("input_schema") or {}}}
+                 for t in body.get("tools") or () if isinstance(t, dict)]
+        job = self.new_job(chat_prompt(messages), {"max_tokens": body.get("max_tokens")})
+        output = plan_output({"tools": tools}, ctl, job.n_predict, random_string())
+        return await self.generate(request, ctl, job, AnthropicRenderer(self, job, output), bool(body.get("stream")))
+
+    async def messages_count_tokens(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return self.json({"input_tokens": len(chat_prompt(self.anthropic_messages(body)))})
+
+    @staticmethod
+    def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+        if "input" not in body:
+            raise RequestError(400, "'input' is required")
+        if body.get("previous_response_id"):
+            raise RequestError(400, "llama.cpp does not support 'previous_response_id'.")
+        if not isinstance(body["input"], str | list):
+            raise RequestError(400, "'input' must be a string or array of objects")
+        return responses_chat_messages(body)
+
+    async def responses(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """POST /v1/responses: ``max_output_tokens`` bounds the answer."""
+        messages = self.responses_messages(body)
+        tools = [{"type": "function", "function": {"name": t.get("name", ""), "parameters": t.get("parameters") or {}}}
+                 for t in body.get("tools") or () if isinstance(t, dict)]
+        job = self.new_job(chat_prompt(messages), {"max_tokens": body.get("max_output_tokens")})
+        output = plan_output({"tools": tools}, ctl, job.n_predict, random_string())
+        return await self.generate(request, ctl, job, ResponsesRenderer(self, job, output), bool(body.get("stream")))
+
+    async def responses_input_tokens(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        n = len(chat_prompt(self.responses_messages(body)))
+        return self.json({"input_tokens": n, "object": "response.input_tokens"})
+
+    # ---- native completion, infill, rerank ----
 
     def _completion_job(self, body: dict[str, Any], ctl: Controls) -> tuple[Job, Output]:
         if "prompt" not in body:
@@ -488,8 +786,65 @@ class LlamaServer(FakeServer):
                                 ctl: Controls) -> web.StreamResponse:
         job, output = self._completion_job(body, ctl)
         prompt = body["prompt"]
-        renderer = NativeCompletionRenderer(self, job, output, prompt if isinstance(prompt, str) else "")
+        renderer = NativeCompletionRenderer(self, job, output, prompt if isinstance(prompt, str) else "", body)
         return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+
+    async def infill(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """POST /infill (llama.vscode, ...): /completion's answer for a fill-in-the-middle prompt.
+        With --no-fim, the real error of a model without FIM tokens (Gemma 3's)."""
+        if not self.opts["fim"]:
+            raise RequestError(501, "Infill is not supported by this model: prefix token is missing. suffix token "
+                                    "is missing. middle token is missing. ")
+        extra = body.get("input_extra", [])
+        if not isinstance(extra, list):
+            raise RequestError(400, '"input_extra" must be an array of {"filename": string, "text": string}')
+        for chunk in extra:
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str):
+                raise RequestError(400, 'extra_context chunk must contain a "text" field with a string value')
+            if not isinstance(chunk.get("filename", ""), str):
+                raise RequestError(400, 'extra_context chunk\'s "filename" field must be a string')
+        for key in ("input_prefix", "input_suffix"):
+            if key not in body:
+                # llama.cpp sets a 400 here but reads the key anyway: nlohmann's out_of_range, a 500
+                raise RequestError(500, f"[json.exception.out_of_range.403] key '{key}' not found")
+        words = infill_prompt(body)
+        job = self.new_job(words, body)
+        output = plan_output(body, msgspec.structs.replace(ctl, tool_call=False), job.n_predict, "")
+        renderer = NativeCompletionRenderer(self, job, output, " ".join(words), body)
+        return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+
+    async def rerank(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """/rerank, /reranking, /v1/rerank, /v1/reranking (--reranking): Jina's shape
+        (``documents``: results sorted by relevance_score, usage) or TEI's (``texts``: a bare
+        list of {index, score[, text]}). Each document costs the words of query + document."""
+        if not (self.opts["embeddings"] and self.opts["pooling"] == "rank"):
+            raise RequestError(501, "This server does not support reranking. Start it with `--reranking`")
+        if "query" not in body:
+            raise RequestError(400, '"query" must be provided')
+        query = body["query"]
+        if not isinstance(query, str):
+            raise RequestError(400, '"query" must be a string')
+        tei = "texts" in body
+        documents = body.get("documents", body.get("texts", []))
+        if not isinstance(documents, list) or not documents:
+            raise RequestError(400, '"documents" must be a non-empty string array')
+        documents = [str(d) for d in documents]
+        top_n = body.get("top_n", len(documents))
+        words = [w for d in documents for w in query.split() + d.split()]
+        job = Job(self.next_task_id(), words)
+        label = "score" if tei else "relevance_score"
+
+        def build() -> Any:
+            ranked = sorted(({"index": i, label: rerank_score(query, d)} for i, d in enumerate(documents)),
+                            key=lambda r: -r[label])[: max(int(top_n), 0)]
+            if tei:
+                if body.get("return_text"):
+                    ranked = [{**r, "text": documents[r["index"]]} for r in ranked]
+                return ranked
+            return {"model": body.get("model", self.model_name), "object": "list",
+                    "usage": {"prompt_tokens": len(words), "total_tokens": len(words)}, "results": ranked}
+
+        return await self.answer(request, ctl, job, build)
 
     # ---- embeddings and tokenizer ----
 
@@ -542,30 +897,28 @@ class LlamaServer(FakeServer):
         return await self.answer(request, ctl, job, lambda: [
             {"index": i, "embedding": [embedding(text, dim)]} for i, text in enumerate(texts)])
 
-    async def apply_template(self, request: web.Request) -> web.Response:
+    async def apply_template(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         """llama-server's POST /apply-template: the chat prompt as text. Newlines are rendered
         as a visible "<nl>" word so /tokenize (a whitespace split) counts them as the chat does."""
-        body = await self.read_json(request)
-        if isinstance(body, web.Response):
-            return body
-        messages = body.get("messages") if isinstance(body, dict) else None
+        messages = body.get("messages")
         if not isinstance(messages, list):
             return self.json({"error": {"code": 400, "message": "'messages' is required",
                                         "type": "invalid_request_error"}}, status=400)
         words = ["<nl>" if w == "\n" else w for w in chat_prompt(messages)]
         return self.json({"prompt": " ".join(words)})
 
-    async def tokenize(self, request: web.Request) -> web.Response:
-        # Not counted in /fake/stats: it is a helper, not inference.
-        body = await self.read_json(request)
-        if isinstance(body, web.Response):
-            return body
-        words = str(body.get("content", "")).split() if isinstance(body, dict) else []
+    async def tokenize(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        # Not counted in /fake/stats' requests: llmd tokenizes abandoned prompts on its own.
+        words = str(body.get("content", "")).split()
         if body.get("with_pieces"):
             tokens: list[Any] = [{"id": token_id(w), "piece": w} for w in words]
         else:
             tokens = [token_id(w) for w in words]
         return self.json({"tokens": tokens})
+
+    async def detokenize(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        tokens = body.get("tokens")
+        return self.json({"content": detokenize(tokens if isinstance(tokens, list) else [])})
 
 
 def log(line: str) -> None:

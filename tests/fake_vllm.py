@@ -5,7 +5,7 @@ deterministic model of _fake_common.
     python tests/fake_vllm.py [serve] MODEL --host 127.0.0.1 --port 8000 [--served-model-name A B]
         [--max-num-seqs 256] [--max-model-len 4096] [--runner generate|pooling]
         [--kv-cache-memory-bytes 512M] [--block-size 16] [--enable-prompt-tokens-details]
-        [--enable-auto-tool-choice --tool-call-parser hermes] [--api-key KEY]
+        [--enable-auto-tool-choice --tool-call-parser hermes] [--api-key KEY] [--fake-reranker]
         [--load-delay-s 0.2] [--token-delay-ms 0] [--exit-after-s F] [--fail-health]
         [--fake-embedding-dim 384] [--fake-wire native|openai|chaos|no-usage] [--fake-controls JSON]
 
@@ -13,8 +13,14 @@ Put MODEL first (or use --model): a bare word after an unknown flag is read as t
 Behaviour worth knowing (all from the real one):
 
 * Nothing listens until the engine is up (--load-delay-s): connections are refused, not 503'd.
-* The generate runner serves chat/completions only and the pooling runner embeddings only; the
-  other routes are 404 ``{"detail":"Not Found"}``.
+* The generate runner serves chat/completions, Anthropic /v1/messages (+count_tokens) and
+  /v1/responses; the pooling runner embeddings, and /rerank, /v1/rerank, /v2/rerank when its model
+  is a cross-encoder (``--fake-reranker``, or ``--task score`` / ``--convert classify``); the other
+  routes are 404 ``{"detail":"Not Found"}``. /tokenize and /detokenize are always there. (Not
+  faked: /pooling, /score, /classify, /v1/responses/{id}; vLLM has no /infill, /completion,
+  /apply-template nor input_tokens routes.) The new routes' shapes come from vLLM 0.32's own
+  pydantic models (data/vllm-0.32-models/routes.json, tests/vllm_model_shapes.py), not from a
+  capture of a running server.
 * Streams send usage only when ``stream_options.include_usage`` is true; the last token chunk
   carries finish_reason (no separate finish chunk). ``stream_options`` without ``stream`` is a 400.
 * usage.prompt_tokens_details is null unless --enable-prompt-tokens-details; cached tokens are
@@ -25,6 +31,7 @@ Behaviour worth knowing (all from the real one):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -43,11 +50,14 @@ from _fake_common import (
     FakeServer,
     Flag,
     Job,
+    Named,
     Output,
     Renderer,
     RequestError,
+    anthropic_chat_messages,
     chat_prompt,
     completion_prompt,
+    detokenize,
     early_sigterm,
     embedding,
     embedding_base64,
@@ -55,6 +65,8 @@ from _fake_common import (
     parse_cli,
     plan_output,
     prometheus_float,
+    rerank_score,
+    responses_chat_messages,
     run,
     token_id,
 )
@@ -94,6 +106,7 @@ FLAGS: dict[str, Flag] = {
     "--enable-auto-tool-choice": Flag("auto_tool_choice", "switch"),
     "--tool-call-parser": Flag("tool_call_parser"),
     "--api-key": Flag("api_key"),
+    "--fake-reranker": Flag("reranker", "switch"),  # the pooling model is a cross-encoder (scores pairs)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -114,6 +127,7 @@ DEFAULTS: dict[str, Any] = {
     "auto_tool_choice": False,
     "tool_call_parser": None,
     "api_key": None,
+    "reranker": False,
     "embedding_dim": 384,  # all-MiniLM-L6-v2, the captured pooling model
 }
 
@@ -243,6 +257,185 @@ class CompletionRenderer(VllmRenderer):
         }
 
 
+# Anthropic's stop_reason for the fake's finish reasons (vLLM's _to_anthropic_stop_reason)
+ANTHROPIC_STOP = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_use"}
+
+
+class AnthropicRenderer(VllmRenderer):
+    """/v1/messages, as vLLM converts a chat answer: the whole message without its None fields
+    (no stop_sequence), the stream as named events (no [DONE]); usage.input_tokens leaves out
+    cache_read_input_tokens, which is only there with --enable-prompt-tokens-details."""
+
+    done_marker = None
+
+    def __init__(self, server: VllmServer, job: Job, output: Output, model: str) -> None:
+        super().__init__(server, job, output, model, include_usage=True)
+        self.id = hex_id("chatcmpl-")
+
+    def anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
+        usage = {"input_tokens": self.job.prompt_tokens, "output_tokens": output_tokens}
+        if self.server.opts["prompt_tokens_details"]:
+            usage = {"input_tokens": self.job.prompt_tokens - self.job.cached, "output_tokens": output_tokens,
+                     "cache_read_input_tokens": self.job.cached}
+        return usage
+
+    def head(self) -> list[Any]:
+        events = [Named("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+            "stop_reason": None, "stop_sequence": None, "usage": self.anthropic_usage(0)}})]
+        if self.output.tool_call is None and self.output.n_tokens:
+            events.append(Named("content_block_start", {"type": "content_block_start",
+                                                        "content_block": {"type": "text", "text": ""}, "index": 0}))
+        return events
+
+    def chunk(self, i: int) -> Any:
+        call = self.output.tool_call
+        if call is None:
+            delta: dict[str, Any] = {"type": "text_delta", "text": self.output.pieces[i]}
+        elif i == 0:
+            return Named("content_block_start", {"type": "content_block_start", "content_block": {
+                "type": "tool_use", "id": call.id, "name": call.name, "input": {}}, "index": 0})
+        else:
+            delta = {"type": "input_json_delta", "partial_json": self.output.pieces[i - 1]}
+        return Named("content_block_delta", {"type": "content_block_delta", "delta": delta, "index": 0})
+
+    def tail(self) -> list[Any]:
+        events = []
+        if self.output.n_tokens:
+            events.append(Named("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events += [
+            Named("message_delta", {"type": "message_delta",
+                                    "delta": {"stop_reason": ANTHROPIC_STOP[self.output.finish_reason],
+                                              "stop_sequence": None},
+                                    "usage": self.anthropic_usage(self.job.decoded)}),
+            Named("message_stop", {"type": "message_stop"}),
+        ]
+        return events
+
+    def final(self) -> Any:
+        call = self.output.tool_call
+        if call is not None:
+            content = [{"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}]
+        else:
+            # an empty answer is one empty text block, not [] (strict clients read content[0])
+            content = [{"type": "text", "text": self.output.text}]
+        return {"id": self.id, "type": "message", "role": "assistant", "content": content, "model": self.model,
+                "stop_reason": ANTHROPIC_STOP[self.output.finish_reason],
+                "usage": self.anthropic_usage(self.job.decoded)}
+
+    def stream_error(self, message: str) -> Any:
+        return Named("error", {"type": "error", "error": {"type": "internal_error", "message": message}})
+
+
+class ResponsesRenderer(VllmRenderer):
+    """/v1/responses (a model without a reasoning or tool parser: one output message): vLLM's
+    ResponsesResponse with every field, null or not; a run to max_output_tokens is "incomplete".
+    The stream's events carry sequence_number, output_index and content_index; the created,
+    in_progress and completed events carry the whole response. Key sets from vLLM 0.32's own
+    pydantic models (not captured from a running server)."""
+
+    done_marker = None
+
+    def __init__(self, server: VllmServer, job: Job, output: Output, model: str, body: dict[str, Any]) -> None:
+        super().__init__(server, job, output, model, include_usage=True)
+        self.body = body
+        self.id = hex_id("resp_")
+        self.message_id = hex_id("msg_")
+        self.sequence = 0
+
+    def _event(self, kind: str, **fields: Any) -> Named:
+        self.sequence += 1
+        return Named(kind, {**fields, "sequence_number": self.sequence - 1, "type": kind})
+
+    def _part(self, text: str, logprobs: list[Any] | None) -> dict[str, Any]:
+        return {"annotations": [], "text": text, "type": "output_text", "logprobs": logprobs}
+
+    def _message(self, status: str) -> dict[str, Any]:
+        content = [self._part(self.output.text, None)] if self.output.text and status == "completed" else []
+        return {"id": self.message_id, "content": content, "role": "assistant", "status": status, "type": "message",
+                "phase": None}
+
+    def response(self, status: str) -> dict[str, Any]:
+        body = self.body
+        done = status != "in_progress"
+        if done and self.output.finish_reason == "length":
+            status = "incomplete"
+        usage = None
+        if done:
+            usage = {"input_tokens": self.job.prompt_tokens,
+                     "input_tokens_details": {"cached_tokens": self.job.cached, "cache_write_tokens": 0,
+                                              "input_tokens_per_turn": [self.job.prompt_tokens],
+                                              "cached_tokens_per_turn": [self.job.cached]},
+                     "output_tokens": self.job.decoded,
+                     "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0,
+                                               "output_tokens_per_turn": [self.job.decoded],
+                                               "tool_output_tokens_per_turn": [0]},
+                     "total_tokens": self.job.prompt_tokens + self.job.decoded}
+        return {
+            "id": self.id, "created_at": self.created,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.get("instructions"), "metadata": body.get("metadata"), "model": self.model,
+            "object": "response", "output": [self._message("completed")] if done else [],
+            "parallel_tool_calls": True, "temperature": float(body.get("temperature", 1.0)),
+            "tool_choice": body.get("tool_choice", "auto" if body.get("tools") else "none"),
+            "tools": body.get("tools") or [], "top_p": float(body.get("top_p", 1.0)), "background": False,
+            "max_output_tokens": self.job.n_predict, "max_tool_calls": None, "previous_response_id": None,
+            "prompt": None, "reasoning": None, "service_tier": "auto", "status": status, "text": None,
+            "top_logprobs": None, "truncation": "disabled", "usage": usage, "user": None,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "kv_transfer_params": None,
+            "ec_transfer_params": None, "input_messages": None, "output_messages": None,
+        }
+
+    def head(self) -> list[Any]:
+        pending = self.response("in_progress")
+        events = [self._event("response.created", response=pending),
+                  self._event("response.in_progress", response=pending)]
+        if self.output.n_tokens:
+            events += [self._event("response.output_item.added", item=self._message("in_progress"), output_index=0),
+                       self._event("response.content_part.added", content_index=0, item_id=self.message_id,
+                                   output_index=0, part=self._part("", []))]
+        return events
+
+    def chunk(self, i: int) -> Any:
+        return self._event("response.output_text.delta", content_index=0, delta=self.output.pieces[i],
+                           item_id=self.message_id, logprobs=[], output_index=0)
+
+    def tail(self) -> list[Any]:
+        events = []
+        if self.output.n_tokens:
+            events += [
+                self._event("response.output_text.done", content_index=0, item_id=self.message_id, logprobs=[],
+                            output_index=0, text=self.output.text),
+                self._event("response.content_part.done", content_index=0, item_id=self.message_id,
+                            output_index=0, part=self._part(self.output.text, None)),
+                self._event("response.output_item.done", item=self._message("completed"), output_index=0),
+            ]
+        events.append(self._event("response.completed", response=self.response("completed")))
+        return events
+
+    def final(self) -> Any:
+        return self.response("completed")
+
+    def stream_error(self, message: str) -> Any:
+        # OpenAI's ResponseErrorEvent, which vLLM sends for a generation error
+        return self._event("error", code="internal_error", message=message, param=None)
+
+
+# Set on a request whose handler errors vLLM renders in Anthropic's envelope (/v1/messages)
+ANTHROPIC_ERRORS = web.RequestKey("fake_anthropic_errors", bool)
+
+
+def anthropic_error(error: web.Response) -> web.Response:
+    """vLLM's translate_error_response: an error the Messages handler returns, re-enveloped as
+    {"type": "error", "error": {"type", "message"}} with the same status."""
+    doc = json.loads(error.body) if isinstance(error.body, bytes) else {}
+    inner = doc.get("error") or {}
+    body = {"type": "error", "error": {"type": inner.get("type", error_type_for(error.status)),
+                                       "message": inner.get("message", "")}}
+    headers = {k: v for k, v in error.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response(body, status=error.status, headers=headers)
+
+
 class VllmServer(FakeServer):
     name = "vllm"
     server_header = "uvicorn"
@@ -273,11 +466,19 @@ class VllmServer(FakeServer):
         add.add_get("/metrics", self.metrics)
         add.add_get("/v1/models", self.models)
         add.add_post("/tokenize", self.tokenize)
+        add.add_post("/detokenize", self.helper(self.detokenize))
         if self.runner == "pooling":
             add.add_post("/v1/embeddings", self.inference(self.embeddings))
+            if opts["reranker"] or opts["task"] == "score" or opts["convert"] == "classify":
+                # a cross-encoder: Jina/Cohere-style rerank (and vLLM's own /score, not faked)
+                for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+                    add.add_post(path, self.inference(self.rerank))
         else:
             add.add_post("/v1/chat/completions", self.inference(self.chat))
             add.add_post("/v1/completions", self.inference(self.completions))
+            add.add_post("/v1/messages", self.inference(self.messages))
+            add.add_post("/v1/messages/count_tokens", self.helper(self.messages_count_tokens))
+            add.add_post("/v1/responses", self.inference(self.responses))
 
     # ---- envelopes ----
 
@@ -290,6 +491,10 @@ class VllmServer(FakeServer):
 
     def not_found(self) -> web.Response:
         return self.json({"detail": "Not Found"}, 404)
+
+    def control_error(self, ctl: Controls, request: web.Request) -> web.Response:
+        error = super().control_error(ctl, request)
+        return anthropic_error(error) if request.get(ANTHROPIC_ERRORS) and ctl.body is None else error
 
     def method_not_allowed(self) -> web.Response:
         return self.json({"detail": "Method Not Allowed"}, 405)
@@ -344,6 +549,11 @@ class VllmServer(FakeServer):
             words = completion_prompt(body.get("prompt", ""))
         return self.json({"count": len(words), "max_model_len": self.max_model_len,
                           "tokens": [token_id(w) for w in words], "token_strs": None})
+
+    async def detokenize(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        if not isinstance(body.get("tokens"), list):
+            raise validation_error("tokens", "missing", "Field required", body)
+        return self.json({"prompt": detokenize(body["tokens"])})
 
     # ---- metrics ----
 
@@ -516,6 +726,79 @@ class VllmServer(FakeServer):
         output = plan_output(body, msgspec.structs.replace(ctl, tool_call=False), job.n_predict, "")
         renderer = CompletionRenderer(self, job, output, model, include_usage)
         return await self.generate(request, ctl, job, renderer, stream)
+
+    @staticmethod
+    def require(body: dict[str, Any], *fields: tuple[str, type]) -> None:
+        """pydantic's first complaint about a missing or mistyped required field (the real one
+        lists them all, "N validation errors")."""
+        for name, kind in fields:
+            if name not in body:
+                raise validation_error(name, "missing", "Field required", body)
+            if kind is list and not isinstance(body[name], list):
+                raise validation_error(name, "list_type", "Input should be a valid list", body)
+            if kind is int and (not isinstance(body[name], int) or isinstance(body[name], bool)):
+                raise validation_error(name, "int_type", "Input should be a valid integer", body)
+
+    async def messages(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """POST /v1/messages: model, messages and max_tokens are required (pydantic, 400)."""
+        if denied := self.check_api_key(request):
+            return denied
+        # pydantic's errors come before the handler (OpenAI's envelope); the handler's own, and a
+        # status control, are re-enveloped the Anthropic way
+        self.require(body, ("model", str), ("messages", list), ("max_tokens", int))
+        request[ANTHROPIC_ERRORS] = True
+        try:
+            model = self.resolve_model(body)
+            job = self.new_job(chat_prompt(anthropic_chat_messages(body)), {"max_tokens": body["max_tokens"]})
+        except RequestError as exc:
+            return anthropic_error(self.error_response(exc.status, exc.message, error_type=exc.error_type))
+        tools = [{"type": "function", "function": {"name": t.get("name", ""),
+                                                   "parameters": t.get("input_schema") or {}}}
+                 for t in body.get("tools") or () if isinstance(t, dict)]
+        output = plan_output({"tools": tools}, ctl, job.n_predict, hex_id("chatcmpl-tool-"))
+        renderer = AnthropicRenderer(self, job, output, model)
+        return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+
+    async def messages_count_tokens(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        self.require(body, ("model", str), ("messages", list))
+        n = len(chat_prompt(anthropic_chat_messages(body)))
+        return self.json({"input_tokens": n, "context_management": {"original_input_tokens": n}})
+
+    async def responses(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """POST /v1/responses: ``input`` is required; text answers only (no tool parser)."""
+        if denied := self.check_api_key(request):
+            return denied
+        self.require(body, ("input", object))
+        model = self.resolve_model(body)
+        job = self.new_job(chat_prompt(responses_chat_messages(body)), {"max_tokens": body.get("max_output_tokens")})
+        output = plan_output(body, msgspec.structs.replace(ctl, tool_call=False), job.n_predict, "")
+        renderer = ResponsesRenderer(self, job, output, model, body)
+        return await self.generate(request, ctl, job, renderer, bool(body.get("stream")))
+
+    async def rerank(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
+        """/rerank, /v1/rerank, /v2/rerank with a cross-encoder: results sorted by
+        relevance_score, each with its document; top_n 0 (the default) is all."""
+        if denied := self.check_api_key(request):
+            return denied
+        self.require(body, ("query", str), ("documents", object))
+        model = self.resolve_model(body)
+        query = str(body["query"])
+        documents = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
+        documents = [str(d) for d in documents]
+        top_n = body.get("top_n", 0) if isinstance(body.get("top_n", 0), int) else 0
+        words = [w for d in documents for w in query.split() + d.split()]
+        job = Job(self.next_task_id(), words)
+
+        def build() -> dict[str, Any]:
+            results = sorted(({"index": i, "document": {"text": d, "multi_modal": None},
+                               "relevance_score": rerank_score(query, d)} for i, d in enumerate(documents)),
+                             key=lambda r: -r["relevance_score"])
+            if 0 < top_n < len(documents):
+                results = results[:top_n]
+            return {"id": hex_id("score-"), "model": model,
+                    "usage": {"prompt_tokens": len(words), "total_tokens": len(words)}, "results": results}
+
+        return await self.answer(request, ctl, job, build)
 
     async def embeddings(self, request: web.Request, body: dict[str, Any], ctl: Controls) -> web.StreamResponse:
         if denied := self.check_api_key(request):

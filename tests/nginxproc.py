@@ -137,12 +137,6 @@ def has_ipv6() -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def run_nginx(rendered: Rendered, https_port: int) -> AsyncIterator[asyncio.subprocess.Process]:
     """nginx in the foreground until the block ends; yields once the HTTPS port accepts.

@@ -13,6 +13,7 @@ from typing import Any
 class Event:
     data: str
     comment: bool = False
+    event: str = ""  # the "event:" field (Anthropic and Responses streams name every event)
 
     @property
     def done(self) -> bool:
@@ -28,6 +29,7 @@ class SseParser:
 
     _buf: str = ""
     _data: list[str] = field(default_factory=list)
+    _event: str = ""
     _saw_cr: bool = False
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -41,8 +43,9 @@ class SseParser:
             line, self._buf = self._buf.split("\n", 1)
             if line == "":
                 if self._data:
-                    events.append(Event("\n".join(self._data)))
+                    events.append(Event("\n".join(self._data), event=self._event))
                     self._data = []
+                self._event = ""
                 continue
             if line.startswith(":"):
                 continue
@@ -51,6 +54,8 @@ class SseParser:
                 value = value[1:]
             if name == "data":
                 self._data.append(value)
+            elif name == "event":
+                self._event = value
         return events
 
 

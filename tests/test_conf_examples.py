@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmd import config as config_mod
+from llmd import configfile
 from llmd.launchers import flag_value, launch_spec, launcher_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_gpu_host_replicas_get_their_gpu_sets_and_tensor_parallel_size(monkeypat
     path = CONF / "gpu-host.yaml"
     for name, value in needed_env(path).items():
         monkeypatch.setenv(name, value)
-    cfg = config_mod.load(path)
+    cfg = configfile.load(path)
     vllm = [(name, m) for name, m in cfg.models.items() if m.backend == "vllm"]
     assert vllm, "the GPU example has a vLLM model"
     name, model = vllm[0]
@@ -70,7 +70,7 @@ def test_cpu_host_replicas_do_not_share_cores(monkeypatch: pytest.MonkeyPatch) -
     path = CONF / "cpu-host.yaml"
     for name, value in needed_env(path).items():
         monkeypatch.setenv(name, value)
-    cfg = config_mod.load(path)
+    cfg = configfile.load(path)
     cpu_sets = [set(c) for m in cfg.models.values() for c in m.cpus or []]
     assert len(cpu_sets) >= 3
     assert sum(len(s) for s in cpu_sets) == len(set().union(*cpu_sets))

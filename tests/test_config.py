@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from llmd import config
+from llmd import config, configfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ routing: {strategy: random, timeouts: {connect_s: -1}}
 
 def errors_of(text: str) -> list[str]:
     with pytest.raises(config.ConfigError) as e:
-        config.parse(text, "t.yaml")
+        configfile.parse(text, "t.yaml")
     return e.value.errors
 
 
@@ -93,7 +94,7 @@ models:
   g: {backend: llama-server, model: ./m.gguf, aliases: [gpt-4o-mini]}
 """
     )
-    cfg = config.load(p)
+    cfg = configfile.load(p)
     assert cfg.server.port == 8123
     assert cfg.server.host == "127.0.0.1"
     assert cfg.server.max_body_bytes == 8 * 1024 * 1024
@@ -110,7 +111,7 @@ def test_yaml_syntax_error_names_the_line() -> None:
 
 
 def test_default_config_is_valid() -> None:
-    cfg = config.load(ROOT / "config.yaml")
+    cfg = configfile.load(ROOT / "config.yaml")
     assert "gemma-3-270m" in cfg.models
     assert cfg.server.host == "127.0.0.1"
 
@@ -150,7 +151,7 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
     secret = next(line for line in lines if line.startswith("sk-"))
     assert len(secret) >= 3 + 43  # 256 bits, base64url
     entry = "\n".join(line for line in lines if line.startswith("  "))
-    cfg = config.parse(
+    cfg = configfile.parse(
         f"tiers: {{std: {{}}}}\nkeys:\n{entry}\nmodels: {{m: {{backend: openai, urls: [http://x/v1]}}}}\n"
     )
     table = KeyTable(cfg)
@@ -161,3 +162,38 @@ def test_keys_new_output_pasted_into_config_authenticates(tmp_path: Path) -> Non
 def test_flags_llmd_sets_itself_are_refused_at_check_time() -> None:
     errs = errors_of("models:\n  g: {backend: llama-server, model: m.gguf, args: ['--port', '9000']}\n")
     assert any(e.startswith("models.g.args: --port is set by llmd") for e in errs), errs
+
+
+def _llmd_imports(path: Path) -> set[str]:
+    """The llmd modules a module imports, at any depth of its code (late imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                names.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif node.module == "llmd":
+                names.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("llmd."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("llmd."))
+    return names - {"__version__"}
+
+
+def test_llmd_has_no_import_cycles_and_config_is_its_bottom() -> None:
+    """1. Every module's llmd imports, late ones included, form a graph without cycles.
+    2. config.py and decode.py import nothing of llmd, so any module may import them."""
+    graph = {p.stem: _llmd_imports(p) for p in (ROOT / "llmd").glob("*.py")}
+    assert graph["config"] == set() and graph["decode"] == set()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -23,12 +23,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llmd import config as config_mod
+from llmd import configfile
 from llmd.admission import Admission
 from llmd.auth import Principal
 from llmd.balancer import MAX_HASHED_BYTES, Balancer, block_hashes
 from llmd.config import ConfigError, LimitFields
-from llmd.limits import Limiter, MonthlyCounter, month_of
+from llmd.limits import Limiter, MonthlyCounter
+from llmd.months import month_of
 from llmd.replica import Replica, ReplicaState
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
@@ -481,10 +482,10 @@ async def test_reload_applies_max_body_bytes_and_names_restart_only_settings(fak
 def test_open_mode_on_a_non_loopback_address_is_refused(tmp_path: Path) -> None:
     doc = base_config(tmp_path, {}, server={"host": "0.0.0.0"})
     with pytest.raises(ConfigError) as e:
-        config_mod.load(write_config(tmp_path / "config.yaml", doc))
+        configfile.load(write_config(tmp_path / "config.yaml", doc))
     assert any(err.startswith("keys:") for err in e.value.errors)
     doc["server"]["host"] = "::1"
-    config_mod.load(write_config(tmp_path / "config.yaml", doc))
+    configfile.load(write_config(tmp_path / "config.yaml", doc))
 
 
 async def test_open_mode_admin_routes_answer_local_clients_only(fake: FakeProc, tmp_path: Path) -> None:

@@ -49,7 +49,6 @@ from tests.faultkit import (
     whole_answer,
 )
 from tests.nginxproc import Rendered, render, run_nginx, substitute
-from tests.nginxproc import free_port as nginx_free_port
 
 # --- shared ---------------------------------------------------------------------------------------
 
@@ -851,8 +850,8 @@ SLOW_HEADER_TIMEOUT_S = 2
 async def nginx_in_front(tmp_path: Path, llmd_port: int) -> AsyncIterator[tuple[int, ssl.SSLContext, Rendered]]:
     """nginx with nginx/llm-api.conf (rendered for the test, client_header_timeout 2 s) proxying
     to llmd; yields (https port, a TLS context trusting its throw-away certificate, the render)."""
-    https_port = nginx_free_port()
-    rendered = render(tmp_path / "nginx", https_port=https_port, http_port=nginx_free_port(), upstream_port=llmd_port)
+    https_port = free_port()
+    rendered = render(tmp_path / "nginx", https_port=https_port, http_port=free_port(), upstream_port=llmd_port)
     site = rendered.prefix / "llm-api.conf"
     site.write_text(substitute(site.read_text(), r"^(\s*client_header_timeout)\s+\S+;",
                                rf"\1 {SLOW_HEADER_TIMEOUT_S}s;", 1))

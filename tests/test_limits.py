@@ -8,7 +8,8 @@ import pytest
 from llmd.auth import Principal
 from llmd.config import LimitFields
 from llmd.errors import ApiError
-from llmd.limits import Limiter, MonthlyCounter, _duration, month_of
+from llmd.limits import Limiter, MonthlyCounter, _duration
+from llmd.months import month_of
 
 T0 = 1_800_000_000.0  # a fixed clock
 

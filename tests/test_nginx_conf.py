@@ -22,7 +22,8 @@ import pytest
 from aiohttp import web
 
 from llmd.config import ServerConfig
-from tests.nginxproc import free_port, has_ipv6, nginx_args, render, run_nginx
+from tests.fakeproc import free_port
+from tests.nginxproc import has_ipv6, nginx_args, render, run_nginx
 
 # client_max_body_size must match llmd's own limit.
 MAX_BODY_BYTES = ServerConfig().max_body_bytes

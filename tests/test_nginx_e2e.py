@@ -21,8 +21,8 @@ import httpx2
 import openai
 
 from tests.conftest import LlmdProc, base_config, llmd_process, write_config
-from tests.fakeproc import FakeProc
-from tests.nginxproc import free_port, render, run_nginx
+from tests.fakeproc import FakeProc, free_port
+from tests.nginxproc import render, run_nginx
 
 MSG = [{"role": "user", "content": "hello through nginx"}]
 TOKENS = 6

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmd import config as config_mod
-from llmd.config import RouteName
+from llmd import configfile
+from llmd.config import ConfigError, RouteName
 from llmd.envelope import functions_to_tools
 from llmd.errors import ApiError, overloaded
 from llmd.exchange import Exchange
@@ -117,16 +117,16 @@ def test_config_checks_default_models_and_remote_routes(tmp_path: Path) -> None:
     remote = {"backend": "openai", "urls": ["http://127.0.0.1:9/v1"], "routes": ["chat", "rerank"]}
     doc = base_config(tmp_path, {"m": remote}, server={"default_model": "m"},
                       keys=[{"id": "k", "sha256": "0" * 64, "default_model": "m", "models": ["m"]}])  # fmt: skip
-    config_mod.load(write_config(tmp_path / "c.yaml", doc))
+    configfile.load(write_config(tmp_path / "c.yaml", doc))
     unknown = base_config(tmp_path, {"m": {**remote, "routes": ["chat", "teleport"]}})
-    with pytest.raises(config_mod.ConfigError) as e:
-        config_mod.load(write_config(tmp_path / "c.yaml", unknown))
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c.yaml", unknown))
     assert "models.m.routes: expected a list of one of 'chat'" in str(e.value) and "'teleport'" in str(e.value)
     bad = base_config(tmp_path, {"m": remote, "s": {"backend": "llama-server", "model": "x.gguf", "routes": ["chat"]}},
                       server={"default_model": "nope"},
                       keys=[{"id": "k", "sha256": "0" * 64, "default_model": "s", "models": ["m"]}])  # fmt: skip
-    with pytest.raises(config_mod.ConfigError) as e:
-        config_mod.load(write_config(tmp_path / "c.yaml", bad))
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c.yaml", bad))
     text = "\n".join(e.value.errors)
     assert "models.s.routes: only for backend openai" in text
     assert "server.default_model: 'nope'" in text

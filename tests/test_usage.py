@@ -20,22 +20,13 @@ import aiosqlite
 import msgspec
 import pytest
 
-from llmd import usage
+from llmd import schema, usage
 from llmd.config import UsageConfig
-from llmd.usage import (
-    MONTH_TOTALS_SQL,
-    UPSERT_MONTHLY_SQL,
-    Ledger,
-    LedgerError,
-    Outcome,
-    ReportRow,
-    UsageRow,
-    current_month,
-    format_report,
-    month_start,
-    report_file,
-    report_query,
-)
+from llmd.months import month_of, month_start
+from llmd.outcome import Outcome
+from llmd.report import ReportRow, format_report, report_file, report_query
+from llmd.schema import MONTH_TOTALS_SQL, UPSERT_MONTHLY_SQL, LedgerError, UsageRow
+from llmd.usage import Ledger
 
 JAN_15 = calendar.timegm((2025, 1, 15, 12, 0, 0))
 MANUAL = 60_000  # flush_ms so long that the flusher never ticks: the test calls flush() itself
@@ -231,8 +222,8 @@ async def test_month_boundary_is_utc(ledger: Ledger) -> None:
     and February, whatever the local time zone says."""
     feb_1 = calendar.timegm((2025, 2, 1, 0, 0, 0))
     assert month_start("2025-02") == feb_1
-    assert (current_month(feb_1 - 1), current_month(feb_1)) == ("2025-01", "2025-02")
-    assert current_month(calendar.timegm((2024, 12, 31, 23, 59, 59))) == "2024-12"
+    assert (month_of(feb_1 - 1), month_of(feb_1)) == ("2025-01", "2025-02")
+    assert month_of(calendar.timegm((2024, 12, 31, 23, 59, 59))) == "2024-12"
     ledger.record(row(1, ts=feb_1 - 0.5, prompt=100, completion=0))
     ledger.record(row(2, ts=feb_1, prompt=7, completion=0))
     await ledger.flush()
@@ -267,7 +258,7 @@ async def test_reopen_is_idempotent(tmp_path: Path) -> None:
         await led.open()
         led.record(row(i))
         await led.close()
-    assert query(cfg.path, "PRAGMA user_version") == [(len(usage.MIGRATIONS),)]
+    assert query(cfg.path, "PRAGMA user_version") == [(len(schema.MIGRATIONS),)]
     assert query(cfg.path, "PRAGMA journal_mode") == [("wal",)]
     assert query(cfg.path, "SELECT COUNT(*) FROM requests") == [(3,)]
     assert query(cfg.path, "SELECT requests FROM monthly") == [(3,)]
@@ -283,10 +274,10 @@ async def test_forward_migration_keeps_rows(tmp_path: Path, monkeypatch: pytest.
     await led.open()
     led.record(row(1))
     await led.close()
-    v1 = len(usage.MIGRATIONS)
+    v1 = len(schema.MIGRATIONS)
 
     v2_step = ("ALTER TABLE requests ADD COLUMN region TEXT NOT NULL DEFAULT ''",)
-    monkeypatch.setattr(usage, "MIGRATIONS", (*usage.MIGRATIONS, v2_step))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, v2_step))
     led = Ledger(cfg)
     await led.open()
     led.record(row(2))
@@ -305,10 +296,10 @@ async def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pyt
     await led.open()
     await led.close()
     broken = ("CREATE TABLE extra (x)", "THIS IS NOT SQL")
-    monkeypatch.setattr(usage, "MIGRATIONS", (*usage.MIGRATIONS, broken))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
     with pytest.raises(LedgerError, match="syntax error"):
         await Ledger(cfg).open()
-    assert query(cfg.path, "PRAGMA user_version") == [(len(usage.MIGRATIONS) - 1,)]
+    assert query(cfg.path, "PRAGMA user_version") == [(len(schema.MIGRATIONS) - 1,)]
     assert query(cfg.path, "SELECT name FROM sqlite_master WHERE name = 'extra'") == []
 
 

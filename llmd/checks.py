@@ -1,0 +1,163 @@
+"""Semantic checks of a decoded config: what the Struct types cannot say (names unique across
+models and aliases, a key's tier defined, exactly one of ``sha256``/``secret_env``, no flag in
+``args`` that llmd sets itself, ...). Every problem is reported with its YAML path; none stops
+the others from being found.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+
+from .config import Config, LauncherConfig
+from .launchers import validate as validate_launch
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check(cfg: Config) -> list[str]:
+    """Every problem of a decoded config that its types cannot express, each with its YAML path,
+    in the order of the file's sections. Also fills two defaults the checks rely on: a tier's
+    ``priority`` (0) and lower-case ``sha256`` hashes."""
+    errors: list[str] = []
+    _check_server(cfg, errors)
+    _check_default_models(cfg, errors)
+    names = _check_models(cfg, errors)
+    for t in cfg.tiers.values():
+        if t.priority is None:
+            t.priority = 0
+    _check_keys(cfg, names, errors)
+    _check_launchers(cfg, errors)
+    errors.extend(validate_launch(cfg))
+    return errors
+
+
+def _check_server(cfg: Config, errors: list[str]) -> None:
+    try:
+        ipaddress.ip_address(cfg.server.host)
+    except ValueError:
+        if cfg.server.host != "localhost":
+            errors.append(f"server.host: expected an IP address, got {cfg.server.host!r}")
+    if not cfg.keys and not is_loopback_host(cfg.server.host):
+        errors.append(
+            f"keys: none configured while server.host is {cfg.server.host!r}, which is not loopback: "
+            "without keys llmd accepts anyone who reaches it; add keys or bind 127.0.0.1"
+        )
+    for i, p in enumerate(cfg.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(p, strict=False)
+        except ValueError:
+            errors.append(f"server.trusted_proxies[{i}]: expected an IP address or network, got {p!r}")
+    for i, o in enumerate(cfg.server.cors_origins):
+        if o != "*" and not re.match(r"^https?://[^/]+$", o):
+            errors.append(f"server.cors_origins[{i}]: expected an origin like https://host[:port], got {o!r}")
+
+
+def _check_default_models(cfg: Config, errors: list[str]) -> None:
+    """``server.default_model`` and ``keys[].default_model`` name a model the key may use."""
+    names = cfg.model_names()
+    if cfg.server.default_model is not None and cfg.server.default_model not in names:
+        errors.append(f"server.default_model: {cfg.server.default_model!r} is not a model or alias of models:")
+    for i, k in enumerate(cfg.keys):
+        if k.default_model is not None:
+            if k.default_model not in names:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not a model or alias of models:")
+            elif k.models is not None and k.default_model not in k.models:
+                errors.append(f"keys[{i}].default_model: {k.default_model!r} is not in the key's models:")
+
+
+def _check_models(cfg: Config, errors: list[str]) -> dict[str, str]:
+    """Checks ``models``; returns every name a client may send (names, aliases) -> model."""
+    seen_names: dict[str, str] = {}
+    for name, m in cfg.models.items():
+        p = f"models.{name}"
+        for n in [name, *m.aliases]:
+            if n in seen_names and seen_names[n] != name:
+                errors.append(f"{p}: name {n!r} is already used by models.{seen_names[n]}")
+            seen_names.setdefault(n, name)
+        if m.backend == "openai":
+            if not m.urls:
+                errors.append(f"{p}.urls: required for backend openai (a list of upstream base URLs)")
+            for i, u in enumerate(m.urls):
+                if not re.match(r"^https?://", u):
+                    errors.append(f"{p}.urls[{i}]: expected an http(s) URL, got {u!r}")
+            for fld in ("model", "cpus", "gpus"):
+                if getattr(m, fld):
+                    errors.append(f"{p}.{fld}: not used by backend openai (llmd does not start it)")
+            if m.api_key_env and m.api_key_env not in os.environ:
+                errors.append(f"{p}.api_key_env: environment variable {m.api_key_env} is not set")
+        else:
+            if not m.model:
+                errors.append(f"{p}.model: required for backend {m.backend} (path of the model)")
+            if m.urls:
+                errors.append(f"{p}.urls: only for backend openai; llmd starts {m.backend} itself")
+            for fld, sets in (("cpus", m.cpus), ("gpus", m.gpus)):
+                if sets is None:
+                    continue
+                if len(sets) != m.replicas:
+                    errors.append(f"{p}.{fld}: expected one set per replica ({m.replicas}), got {len(sets)}")
+                for i, s in enumerate(sets):
+                    if not s:
+                        errors.append(f"{p}.{fld}[{i}]: must not be empty")
+            if m.backend == "llama-server" and m.gpus:
+                errors.append(f"{p}.gpus: llama-server replicas here run on CPUs; use cpus")
+        if m.routes is not None and m.backend != "openai":
+            errors.append(f"{p}.routes: only for backend openai; llmd knows what {m.backend} serves")
+        if m.slots is not None and m.backend != "openai":
+            errors.append(f"{p}.slots: only for backend openai; supervised backends report their own")
+    return seen_names
+
+
+def _check_keys(cfg: Config, seen_names: dict[str, str], errors: list[str]) -> None:
+    ids: set[str] = set()
+    hashes: dict[str, str] = {}
+    for i, k in enumerate(cfg.keys):
+        p = f"keys[{i}]"
+        if not _KEY_ID.match(k.id):
+            errors.append(f"{p}.id: expected letters, digits and ._@- (max 64), got {k.id!r}")
+        if k.id in ids:
+            errors.append(f"{p}.id: duplicate key id {k.id!r}")
+        ids.add(k.id)
+        if k.tier is not None and k.tier not in cfg.tiers:
+            errors.append(f"{p}.tier: unknown tier {k.tier!r}; defined: {', '.join(cfg.tiers) or 'none'}")
+        if k.secret is not None:
+            errors.append(
+                f"{p}.secret: plain secrets are not allowed in config.yaml; store its hash instead: "
+                "`printf %s 'SECRET' | sha256sum` -> sha256: <hex>, or `llmd keys new "
+                f"{k.id}` for a new one, or secret_env: VAR to read it from the environment"
+            )
+        given = [f for f in ("sha256", "secret_env") if getattr(k, f)]
+        if len(given) != 1 and k.secret is None:
+            errors.append(f"{p}: exactly one of sha256 or secret_env is required")
+        if k.sha256 is not None:
+            h = k.sha256.lower()
+            if not _HEX64.match(h):
+                errors.append(f"{p}.sha256: expected 64 hex digits (sha256 of the secret)")
+            elif h in hashes:
+                errors.append(f"{p}.sha256: the same secret as key {hashes[h]!r}")
+            else:
+                hashes[h] = k.id
+            k.sha256 = h
+        if k.secret_env is not None and not os.environ.get(k.secret_env):
+            errors.append(f"{p}.secret_env: environment variable {k.secret_env} is not set or empty")
+        for j, mname in enumerate(k.models or []):
+            if mname not in seen_names:
+                errors.append(f"{p}.models[{j}]: unknown model {mname!r}")
+
+
+def _check_launchers(cfg: Config, errors: list[str]) -> None:
+    for lname in ("llama_server", "vllm"):
+        launcher: LauncherConfig = getattr(cfg.launchers, lname)
+        if isinstance(launcher.command, list) and not launcher.command:
+            errors.append(f"launchers.{lname.replace('_', '-')}.command: must not be empty")
