@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisDeprecationWarning
 from schemathesis import Case, GenerationMode
 
-from llmd import config as config_mod
+from llmd import configfile
 from llmd import middleware as llmd_middleware
 from llmd.auth import hash_secret
 from llmd.daemon import Daemon
@@ -171,7 +171,7 @@ class Stack:
             self.fake = await start_fake(FAKE_LLAMA, "-np", "4", "--embeddings")
             doc = fuzz_config(self.tmp, self.fake.url, self.max_body_bytes)
             self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-            self.daemon = Daemon(config_mod.load(self.config_path), self.config_path)
+            self.daemon = Daemon(configfile.load(self.config_path), self.config_path)
             assert await self.daemon.start()
         except BaseException as e:
             self._error = e

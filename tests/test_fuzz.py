@@ -20,7 +20,7 @@ from openapi_spec_validator import validate
 
 from llmd import __version__, openapi
 from llmd.auth import hash_secret
-from llmd.config import parse
+from llmd.configfile import parse
 from llmd.envelope import Envelope
 from llmd.routes import ROUTES
 from tests import fuzzing
