@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llmd.auth import Principal
@@ -126,7 +126,8 @@ def _check_upstream_body(body: bytes, env: Envelope) -> None:
         whole = msgspec.json.decode(body)
     except msgspec.DecodeError:
         whole = None  # the envelope decoder skips fields it does not read; a full decode may not
-    for upstream in (env.model, "upstream-name"):
+    # The pipeline always names a model upstream: the body's, or the default it resolved.
+    for upstream in (env.model or "default-model", "upstream-name"):
         try:
             # As the pipeline calls it on chat: legacy `functions` translated when present.
             out, hidden = upstream_body(body, env, upstream, True, bool(env.functions))
@@ -166,6 +167,8 @@ def valid_with_a_hostile_member(draw: st.DrawFn) -> tuple[bytes, str]:
 
 @PROPS
 @given(st.tuples(st.binary(max_size=200) | hostile_json(), st.sampled_from(REQUIRED)) | valid_with_a_hostile_member())
+@example((b'{"messages": [], "stream": true}', "messages"))  # no model: the default one goes upstream
+@example((b'{"model": "m", "x": 1e999, "stream": true, "stream_options": {}, "messages": []}', "messages"))
 def test_envelope_decoder_accepts_or_says_400_for_any_bytes(item: tuple[bytes, str]) -> None:
     """Any bytes: an Envelope, or an ApiError 400 in llmd's envelope (never another exception);
     and an accepted body always makes an upstream body (or a 400)."""
