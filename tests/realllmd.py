@@ -41,9 +41,10 @@ class RealLlmd:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, db: Path, log: Path) -> None:
         self.proc, self.url, self.db, self.log = proc, url, db, log
 
-    def replica(self, key: str | None = None) -> str:
-        """The origin of the only replica, to ask it the same question directly."""
-        (rep,) = json.loads(call(self.url + "/admin/status", None, key)[2])["replicas"]
+    def replica(self, key: str | None = None, model: str | None = None) -> str:
+        """The origin of the (only) replica of ``model``, to ask it the same question directly."""
+        reps = json.loads(call(self.url + "/admin/status", None, key)[2])["replicas"]
+        (rep,) = [r for r in reps if model is None or r["model"] == model]
         return str(rep["url"]).removesuffix("/v1")
 
     def rows(self) -> list[dict[str, Any]]:

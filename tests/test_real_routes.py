@@ -41,7 +41,10 @@ def llmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlmd]:
     doc = base_config(
         tmp,
         {"gemma": {"backend": "llama-server", "model": str(MODEL), "cpus": [[0]], "aliases": ["claude-test"],
-                   "args": ["-c", "2048", "-np", "2", "-t", "1", "--jinja"]}},
+                   "args": ["-c", "2048", "-np", "2", "-t", "1", "--jinja"]},
+         # The small model reranks (meaningless scores, the real shape): enough to prove the route.
+         "gemma-rerank": {"backend": "llama-server", "model": str(MODEL), "cpus": [[1]],
+                          "args": ["--reranking", "-c", "1024", "-np", "1", "-t", "1"]}},
         server={"port": free_port(), "drain_seconds": 5, "default_model": "gemma"},
         tiers={"std": {"requests_per_minute": 1000}, "tight": {"requests_per_minute": 1}},
         keys=[{"id": "dev", "tier": "std", "sha256": sha(DEV), "admin": True},
@@ -62,7 +65,7 @@ def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: RealL
     sampling = {"temperature": 0, "seed": 7}  # llama-server reads them; this SDK version has no such arguments
     n = len(llmd.rows())
     msg = anthropic_client(llmd).messages.create(**body, extra_body=sampling)  # type: ignore[arg-type]
-    status, _, raw = call(llmd.replica(DEV) + "/v1/messages", {**body, **sampling, "model": "gemma"})
+    status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/messages", {**body, **sampling, "model": "gemma"})
     direct = json.loads(raw)
     assert status == 200 and msg.type == "message"
     assert [b.text for b in msg.content if b.type == "text"] == [b["text"] for b in direct["content"]]
@@ -110,7 +113,7 @@ def test_openai_responses_create_and_stream(llmd: RealLlmd) -> None:
     n = len(llmd.rows())
     r = client.responses.create(model="gemma", instructions=SYSTEM, input="Name three colours.",
                                 max_output_tokens=12, temperature=0)  # fmt: skip
-    status, _, raw = call(llmd.replica(DEV) + "/v1/responses",
+    status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/responses",
                           {"model": "gemma", "instructions": SYSTEM, "input": "Name three colours.",
                            "max_output_tokens": 12, "temperature": 0})  # fmt: skip
     assert status == 200 and r.output_text == _responses_text(json.loads(raw))
@@ -137,12 +140,12 @@ def test_llama_native_routes_without_model(llmd: RealLlmd) -> None:
     /tokenize + /detokenize round trip; the ledger names each route."""
     n = len(llmd.rows())
     via = call(llmd.url + "/infill", LLAMA_VSCODE_INFILL, DEV)
-    infill = call(llmd.replica(DEV) + "/infill", LLAMA_VSCODE_INFILL)
+    infill = call(llmd.replica(DEV, "gemma") + "/infill", LLAMA_VSCODE_INFILL)
     assert (via[0], json.loads(via[2])) == (infill[0], json.loads(infill[2]))
     assert infill[0] == 501, "this model has no FIM tokens: the engine says so, and llmd relays it"
     body = {"prompt": "The colours of the rainbow are", "n_predict": 8, "temperature": 0, "seed": 1}
     via = call(llmd.url + "/completion", body, DEV)
-    direct = call(llmd.replica(DEV) + "/completion", body)
+    direct = call(llmd.replica(DEV, "gemma") + "/completion", body)
     assert via[0] == direct[0] == 200
     got, want = json.loads(via[2]), json.loads(direct[2])
     assert got["content"] == want["content"]
@@ -155,7 +158,7 @@ def test_llama_native_routes_without_model(llmd: RealLlmd) -> None:
     )
     status, _, raw = call(llmd.url + "/tokenize", {"content": "Hello colourful world", "with_pieces": False}, DEV)
     tokens = json.loads(raw)["tokens"]
-    assert status == 200 and tokens == json.loads(call(llmd.replica(DEV) + "/tokenize",
+    assert status == 200 and tokens == json.loads(call(llmd.replica(DEV, "gemma") + "/tokenize",
                                                        {"content": "Hello colourful world"})[2])["tokens"]  # fmt: skip
     status, _, raw = call(llmd.url + "/detokenize", {"tokens": tokens}, DEV)
     assert status == 200 and json.loads(raw)["content"].strip() == "Hello colourful world"
@@ -171,3 +174,16 @@ def test_unprefixed_openai_paths_and_models(llmd: RealLlmd) -> None:
     r = c.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=3, temperature=0)  # type: ignore[arg-type]
     assert r.usage is not None and r.usage.completion_tokens > 0
     assert {m.id for m in c.models.list()} >= {"gemma", "claude-test"}
+
+
+def test_rerank_equals_the_replica_and_bills_its_prompt(llmd: RealLlmd) -> None:
+    body = {"model": "gemma-rerank", "query": "What is the capital of France?",
+            "documents": ["Paris is the capital of France.", "Bananas are yellow."], "top_n": 2}  # fmt: skip
+    n = len(llmd.rows())
+    status, _, raw = call(llmd.url + "/v1/rerank", body, DEV)
+    d_status, _, d_raw = call(llmd.replica(DEV, "gemma-rerank") + "/v1/rerank", body)
+    got, want = json.loads(raw), json.loads(d_raw)
+    assert (status, d_status) == (200, 200) and got["results"] == want["results"]
+    row = llmd.row_after(n)
+    assert (row["route"], row["model"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "rerank", "gemma-rerank", got["usage"]["prompt_tokens"], 0)  # fmt: skip
