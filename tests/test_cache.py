@@ -132,7 +132,10 @@ async def test_only_deterministic_requests_are_served_and_key_order_does_not_mat
         status, first, state = await post(llmd.url, chat(temperature=0))
         assert (status, state) == (200, "miss")
         # The same request with its keys in another order and other whitespace.
-        raw = b'{ "temperature" : 0,\n "max_tokens": 5, "messages": [{"content": "one two three", "role": "user"}],  "model": "m"}'
+        raw = (
+            b'{ "temperature" : 0,\n "max_tokens": 5,'
+            b' "messages": [{"content": "one two three", "role": "user"}],  "model": "m"}'
+        )
         status, again, state = await post(llmd.url, raw)
         assert (status, state) == (200, "hit")
         assert again == first  # the bytes the first client got (the fake's ids differ per answer)
@@ -163,8 +166,7 @@ async def test_scope_key_tier_and_shared(tmp_path: Path, fake: FakeProc) -> None
     (tmp_path / "usage.sqlite3").unlink()
     async with run_llmd(config(tmp_path, fake, {"scope": "tier"})) as llmd:
         assert (await post(llmd.url, chat(seed=2), "a1"))[2] == "miss"
-        status, body, state = await post(llmd.url, chat(seed=2), "a2")
-        assert state == "hit"
+        assert (await post(llmd.url, chat(seed=2), "a2"))[2] == "hit"  # a tier-mate
         assert (await post(llmd.url, chat(seed=2), "b1"))[2] == "miss"  # another tier
     async with run_llmd(config(tmp_path, fake, {"scope": "shared"})) as llmd:
         assert (await post(llmd.url, chat(seed=3), "a1"))[2] == "miss"
@@ -295,7 +297,7 @@ async def test_ledger_rows_of_hits(tmp_path: Path, fake: FakeProc) -> None:
     # Not counted against the quota by default: the rollup says how much, so a restart agrees.
     assert hit["quota_exempt_tokens"] == hit["prompt_tokens"] + hit["completion_tokens"]
     con = sqlite3.connect(tmp_path / "usage.sqlite3")
-    (hits, exempt), = con.execute("SELECT cache_hits, quota_exempt_tokens FROM monthly WHERE key_id = 'a1'")
+    ((hits, exempt),) = con.execute("SELECT cache_hits, quota_exempt_tokens FROM monthly WHERE key_id = 'a1'")
     assert (hits, exempt) == (1, hit["quota_exempt_tokens"])
 
 
