@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import enum
 import logging
 import os
 import signal
@@ -33,6 +34,20 @@ from llmd.launchers import LOOPBACK, LaunchSpec, parse_metrics
 from llmd.replica import Replica, ReplicaState
 
 log = logging.getLogger("llmd.process")
+
+
+class ProcOutcome(enum.Enum):
+    """How one phase of a child's life ended; the owner task decides the next state from it."""
+
+    READY = "ready"  # healthy: serve it
+    FAILED = "failed"  # could not start, or never became healthy: BACKOFF
+    STOP = "stop"  # llmd asked it to stop
+    EXITED = "exited"  # died while starting (maybe its port was taken: try another)
+    TIMEOUT = "timeout"  # not healthy within start_timeout_s
+    CRASHED = "crashed"  # died while serving
+    UNHEALTHY = "unhealthy"  # alive but failing health checks
+
+
 child_log = logging.getLogger("llmd.replica")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -157,19 +172,19 @@ class ManagedProcess:
         try:
             while not self.stopping:
                 outcome = await self._start(stop_waiter)
-                if outcome == "ready":
+                if outcome is ProcOutcome.READY:
                     ready_at = loop.time()
                     outcome = await self._watch(stop_waiter)
                     # Stable for as long as the longest backoff: the failure streak is over.
                     if loop.time() - ready_at >= self.spec.restart_max_delay_s:
                         self._failures = 0
-                    if outcome in ("crashed", "unhealthy"):
+                    if outcome in (ProcOutcome.CRASHED, ProcOutcome.UNHEALTHY):
                         # READY -> UNHEALTHY
                         self._set_state(ReplicaState.UNHEALTHY)
                         # A crashed child's group is only swept; a hung one gets SIGTERM first.
-                        grace = self.spec.stop_timeout_s if outcome == "unhealthy" else 0.0
+                        grace = self.spec.stop_timeout_s if outcome is ProcOutcome.UNHEALTHY else 0.0
                         await self._terminate(loop.time() + grace)
-                if outcome == "stop":
+                if outcome is ProcOutcome.STOP:
                     break
                 delay = min(self.spec.restart_delay_s * 2**self._failures, self.spec.restart_max_delay_s)
                 self._failures += 1
@@ -193,9 +208,9 @@ class ManagedProcess:
             # STOPPING -> STOPPED
             self._set_state(ReplicaState.STOPPED)
 
-    async def _start(self, stop_waiter: asyncio.Future[object]) -> str:
-        """Spawn and wait for health: 'ready', 'failed' (child gone, go to BACKOFF) or 'stop'."""
-        outcome = "failed"
+    async def _start(self, stop_waiter: asyncio.Future[object]) -> ProcOutcome:
+        """Spawn and wait for health: READY, FAILED (child gone: go to BACKOFF) or STOP."""
+        outcome = ProcOutcome.FAILED
         for attempt in range(1, BIND_ATTEMPTS + 1):
             spec = msgspec.structs.replace(self.spec, port=free_port())
             try:
@@ -208,11 +223,11 @@ class ManagedProcess:
                     e,
                     extra={"replica": self.replica.name},
                 )
-                return "failed"
+                return ProcOutcome.FAILED
             # STOPPED/BACKOFF -> STARTING
             self._set_state(ReplicaState.STARTING)
             outcome = await self._wait_healthy(spec, stop_waiter)
-            if outcome != "exited":
+            if outcome is not ProcOutcome.EXITED:
                 break
             await self._terminate(asyncio.get_running_loop().time())
             tail = "\n".join(self._tail)
@@ -231,8 +246,8 @@ class ManagedProcess:
                 tail,
                 extra={"replica": self.replica.name},
             )
-            return "failed"
-        if outcome == "timeout":
+            return ProcOutcome.FAILED
+        if outcome is ProcOutcome.TIMEOUT:
             log.error(
                 "%s: not healthy within start_timeout_s=%gs; stopping it",
                 self.replica.name,
@@ -240,15 +255,15 @@ class ManagedProcess:
                 extra={"replica": self.replica.name},
             )
             await self._terminate(asyncio.get_running_loop().time() + spec.stop_timeout_s)
-            return "failed"
-        if outcome == "stop":
-            return "stop"
+            return ProcOutcome.FAILED
+        if outcome is ProcOutcome.STOP:
+            return ProcOutcome.STOP
         self.replica.slots = await self._read_slots(spec)
         self.replica.failures = 0
         self.replica.ejected_until = 0.0
         # STARTING -> READY
         self._set_state(ReplicaState.READY)
-        return "ready"
+        return ProcOutcome.READY
 
     async def _spawn(self, spec: LaunchSpec) -> None:
         self._tail.clear()
@@ -282,27 +297,27 @@ class ManagedProcess:
             extra={"replica": r.name},
         )
 
-    async def _wait_healthy(self, spec: LaunchSpec, stop_waiter: asyncio.Future[object]) -> str:
+    async def _wait_healthy(self, spec: LaunchSpec, stop_waiter: asyncio.Future[object]) -> ProcOutcome:
         """Poll health until 200: 'ready', 'exited', 'timeout' or 'stop'."""
         assert self._exit is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.start_timeout_s
         while True:
             if self.stopping:
-                return "stop"
+                return ProcOutcome.STOP
             if self._exit.done():
-                return "exited"
+                return ProcOutcome.EXITED
             # 503 (llama-server: "Loading model") and refused connections mean: not yet.
             if await self._probe(spec, timeout_s=1.0) == 200:
-                return "ready"
+                return ProcOutcome.READY
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return "timeout"
+                return ProcOutcome.TIMEOUT
             await asyncio.wait(
                 [self._exit, stop_waiter], timeout=min(START_POLL_S, remaining), return_when=asyncio.FIRST_COMPLETED
             )
 
-    async def _watch(self, stop_waiter: asyncio.Future[object]) -> str:
+    async def _watch(self, stop_waiter: asyncio.Future[object]) -> ProcOutcome:
         """While READY: health and metrics every health_interval_s, until 'crashed' (the child
         exited), 'unhealthy' (health_failures checks in a row failed) or 'stop'."""
         assert self._exit is not None
@@ -313,7 +328,7 @@ class ManagedProcess:
                 [self._exit, stop_waiter], timeout=spec.health_interval_s, return_when=asyncio.FIRST_COMPLETED
             )
             if self.stopping:
-                return "stop"
+                return ProcOutcome.STOP
             if self._exit.done():
                 log.error(
                     "%s: %s; last output:\n%s",
@@ -322,7 +337,7 @@ class ManagedProcess:
                     "\n".join(self._tail),
                     extra={"replica": self.replica.name},
                 )
-                return "crashed"
+                return ProcOutcome.CRASHED
             status = await self._probe(spec, timeout_s=max(1.0, min(5.0, spec.health_interval_s)))
             if status == 200:
                 failed_checks = 0
@@ -343,7 +358,7 @@ class ManagedProcess:
                 extra={"replica": self.replica.name},
             )
             if failed_checks >= spec.health_failures:
-                return "unhealthy"
+                return ProcOutcome.UNHEALTHY
 
     # --- HTTP ----------------------------------------------------------------------------------
 
