@@ -8,13 +8,18 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from llmd import schema
 from llmd.cache import Entry, Store, deterministic
+from llmd.config import UsageConfig
+from llmd.months import month_of
+from llmd.usage import Ledger
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
 
@@ -328,3 +333,59 @@ async def test_limits_follow_the_tier(tmp_path: Path, fake: FakeProc) -> None:
         assert [r["cache"] for r in beta] == ["miss", "hit", "hit", "hit"]
         assert used == 4 * (beta[0]["prompt_tokens"] + beta[0]["completion_tokens"])
         assert all(r["quota_exempt_tokens"] == 0 for r in beta)
+
+
+async def test_a_ledger_of_the_previous_version_is_migrated(tmp_path: Path) -> None:
+    """A file at schema version 1 (before the cache) with rows: opening adds the cache columns,
+    keeps the rows (upstream_tokens NULL: unknown, all upstream work then) and the quota totals."""
+    path = tmp_path / "usage.sqlite3"
+    month = month_of(time.time())
+    con = sqlite3.connect(path)
+    for stmt in schema.MIGRATIONS[0]:
+        con.execute(stmt)
+    con.execute(
+        "INSERT INTO requests (ts, month, request_id, key_id, tier, model, replica, route, status, stream, outcome,"
+        " prompt_tokens, completion_tokens) VALUES (?, ?, 'old', 'k', '', 'm', 'm/0', 'chat', 200, 0, 'ok', 7, 3)",
+        (time.time(), month),
+    )
+    con.execute(
+        "INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens) VALUES"
+        " ('k', ?, 'm', 1, 7, 3)",
+        (month,),
+    )
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    led = Ledger(UsageConfig(path=str(path), flush_ms=10_000))
+    await led.open()
+    try:
+        assert await led.month_totals(month) == {"k": 10}
+    finally:
+        await led.close()
+    (old,) = rows(tmp_path)
+    assert (old["request_id"], old["cache"], old["upstream_tokens"], old["quota_exempt_tokens"]) == ("old", "", None, 0)
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT cache_hits, quota_exempt_tokens FROM monthly").fetchall() == [(0, 0)]
+    assert con.execute("PRAGMA user_version").fetchone() == (len(schema.MIGRATIONS),)
+
+
+async def test_reload_applies_bounds_and_scope(tmp_path: Path, fake: FakeProc) -> None:
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        for seed in (1, 2, 3):
+            assert (await post(llmd.url, chat(seed=seed)))[2] == "miss"
+        cache = llmd.services.cache
+        assert len(cache.store.entries) == 3
+        config(tmp_path, fake, {"max_entries": 1, "scope": "shared"})
+        await llmd.daemon.reload()
+        assert len(cache.store.entries) == 1  # the least recently used went at once
+        # Shared now: the new entries answer every key (the old ones were stored per key).
+        assert (await post(llmd.url, chat(seed=4), "a1"))[2] == "miss"
+        assert (await post(llmd.url, chat(seed=4), "b1"))[2] == "hit"
+
+
+async def test_an_unusable_cache_file_leaves_the_cache_in_memory(tmp_path: Path, fake: FakeProc) -> None:
+    cfg = config(tmp_path, fake, {"store": "sqlite", "path": str(tmp_path / "missing" / "dir" / "cache.sqlite3")})
+    async with run_llmd(cfg) as llmd:
+        assert not llmd.services.cache.persistent
+        assert (await post(llmd.url, chat(seed=1)))[2] == "miss"
+        assert (await post(llmd.url, chat(seed=1)))[2] == "hit"
