@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import handlers
+from . import handlers, openapi
 from .appkeys import SERVICES
 from .middleware import middleware, on_prepare
 from .pipeline import inference
@@ -31,6 +31,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_route)
     app.router.add_get("/version", handlers.version_route)
+    app.router.add_get("/openapi.json", openapi.handler(services))
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)

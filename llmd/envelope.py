@@ -125,7 +125,12 @@ def upstream_body(
         start = body.index(b"{") + 1
         sep = b"," if body[start:].strip() != b"}" else b""
         return body[:start] + b'"stream_options":{"include_usage":true}' + sep + body[start:], True
-    doc: dict[str, Any] = _generic(body)
+    try:
+        doc: dict[str, Any] = _generic(body)
+    except msgspec.DecodeError as e:
+        # The envelope decoder skips the fields it does not read without checking them all
+        # (a number like 1e999, invalid UTF-8): only a re-encoded body meets them.
+        raise bad_request(f"We could not parse the JSON body of your request: {e}.", code="invalid_json") from None
     doc["model"] = upstream_model
     if legacy_functions:
         functions_to_tools(doc)

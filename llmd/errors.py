@@ -52,7 +52,13 @@ class ApiError(Exception):
         self.outcome = outcome
 
     def body(self) -> bytes:
-        return _encoder.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
+        try:
+            return _encoder.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
+        except UnicodeEncodeError:
+            # The message quotes a header or path whose bytes were not UTF-8 (aiohttp keeps them
+            # as lone surrogates, which JSON cannot carry): quote them escaped instead.
+            message, param = (_printable(x) for x in (self.message, self.param))
+            return _encoder.encode(ErrorEnvelope(ErrorBody(message or "", self.type, param, self.code)))
 
     def anthropic_body(self) -> bytes:
         """Anthropic's envelope, whose ``error.type`` its SDK and Claude Code read."""
@@ -76,6 +82,10 @@ ANTHROPIC_TYPES = {
     503: "overloaded_error",
     529: "overloaded_error",
 }
+
+
+def _printable(text: str | None) -> str | None:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if text is not None else None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -14,6 +14,7 @@ import asyncio
 import time
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import envelope
 from .appkeys import CALL, SERVICES
@@ -151,11 +152,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise too_large(limit)
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        parts.append(chunk)
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            parts.append(chunk)
+    except RequestPayloadError as e:
+        # aiohttp could not decode what was sent: a Content-Encoding the bytes do not match,
+        # a broken chunked framing. The client's 400, not llmd's 500.
+        raise bad_request(f"The request body could not be read: {e}.", code="invalid_body") from None
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

@@ -12,61 +12,25 @@ One `llmd serve` with one llama-server replica (Gemma 3 270M, one slot, CPU 0) f
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config
 from tests.fakeproc import free_port
+from tests.realllmd import LLAMA, MODEL, RealLlmd, call, real_llmd
 
 pytestmark = pytest.mark.real
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA = ROOT / "bin" / "llama-server"
-MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 MESSAGES = [{"role": "user", "content": "Count from one to twenty, separated by commas."}]
 
 
-class Llmd:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, db: Path, log: Path) -> None:
-        self.proc, self.url, self.db, self.log = proc, url, db, log
-
-    def replica_url(self) -> str:
-        with urllib.request.urlopen(self.url + "/admin/status", timeout=5) as r:
-            (rep,) = json.loads(r.read())["replicas"]
-        return str(rep["url"]).removesuffix("/v1")
-
-    def rows(self) -> list[dict[str, Any]]:
-        con = sqlite3.connect(self.db)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute("select * from requests order by ts")]
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            con.close()
-
-    def wait_rows(self, n: int, timeout_s: float = 20) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while len(got := self.rows()) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(got)} rows, expected {n}")
-            time.sleep(0.1)
-        return got
-
-
-def post(url: str, body: dict[str, Any] | bytes, timeout: float = 120) -> bytes:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.read()
+def post(url: str, body: dict[str, Any] | bytes) -> bytes:
+    status, _, raw = call(url, body)
+    assert status == 200, raw
+    return raw
 
 
 def events(raw: bytes) -> list[dict[str, Any]]:
@@ -79,70 +43,41 @@ def events(raw: bytes) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def llmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llmd]:
-    assert LLAMA.exists() and MODEL.exists(), "run `make setup` (packaging/setup.sh) first"
+def llmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlmd]:
     tmp = tmp_path_factory.mktemp("real-exact")
-    port = free_port()
     doc = base_config(
         tmp,
-        {
-            "gemma": {
-                "backend": "llama-server",
-                "model": str(MODEL),
-                "cpus": [[0]],
-                "args": ["-c", "1024", "-np", "1", "-t", "1"],
-            }
-        },
-        server={"port": port, "drain_seconds": 5},
+        {"gemma": {"backend": "llama-server", "model": str(MODEL), "cpus": [[0]],
+                   "args": ["-c", "1024", "-np", "1", "-t", "1"]}},
+        server={"port": free_port(), "drain_seconds": 5},
         launchers={"llama-server": {"command": str(LLAMA), "start_timeout_s": 120, "health_interval_s": 0.5}},
         routing={"timeouts": {"connect_s": 2, "first_byte_s": 120, "total_s": 300}},
-    )
-    path = write_config(tmp / "config.yaml", doc)
-    log = tmp / "llmd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmd", "serve", "-c", str(path)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-    srv = Llmd(proc, f"http://127.0.0.1:{port}", Path(doc["usage"]["path"]), log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(srv.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.25)
+    )  # fmt: skip
+    with real_llmd(tmp, doc) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
-def test_stream_options_null_is_billed_exactly_on_the_real_engine(llmd: Llmd) -> None:
+def test_stream_options_null_is_billed_exactly_on_the_real_engine(llmd: RealLlmd) -> None:
     base = {"model": "gemma", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "stream": True}
     # 1. The premise, asked of the replica itself: a later null overrides an earlier object.
     inserted = b'{"stream_options":{"include_usage":true},' + json.dumps({**base, "stream_options": None}).encode()[1:]
-    direct = events(post(llmd.replica_url() + "/v1/chat/completions", inserted))
+    direct = events(post(llmd.replica() + "/v1/chat/completions", inserted))
     assert not any(e.get("usage") for e in direct), "llama-server kept the first duplicate key"
     # The replica's own usage for this prompt and answer, with include_usage asked properly.
     asked = events(
-        post(llmd.replica_url() + "/v1/chat/completions", {**base, "stream_options": {"include_usage": True}})
+        post(llmd.replica() + "/v1/chat/completions", {**base, "stream_options": {"include_usage": True}})
     )
     usage = next(e["usage"] for e in asked if e.get("usage"))
     # 2. Through llmd: usage hidden from the client, exact in the ledger.
     before = len(llmd.rows())
     through = events(post(llmd.url + "/v1/chat/completions", {**base, "stream_options": None}))
     assert not any(e.get("usage") for e in through)
-    row = llmd.wait_rows(before + 1)[-1]
+    row = llmd.row_after(before)
     assert row["stream"] == 1 and row["token_method"] == "upstream"
     assert (row["prompt_tokens"], row["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
-def test_an_abandoned_stream_is_billed_chunks_plus_the_replicas_prompt_count(llmd: Llmd) -> None:
+def test_an_abandoned_stream_is_billed_chunks_plus_the_replicas_prompt_count(llmd: RealLlmd) -> None:
     """The client reads three token chunks of a long answer and hangs up."""
     n0 = len(llmd.rows())
     one = json.loads(
@@ -152,7 +87,8 @@ def test_an_abandoned_stream_is_billed_chunks_plus_the_replicas_prompt_count(llm
         )
     )
     prompt_tokens = one["usage"]["prompt_tokens"]
-    before = len(llmd.wait_rows(n0 + 1))  # the ledger writes behind: wait for that row first
+    llmd.row_after(n0)  # the ledger writes behind: wait for that row first
+    before = n0 + 1
     body = json.dumps(
         {
             "model": "gemma",
@@ -175,7 +111,7 @@ def test_an_abandoned_stream_is_billed_chunks_plus_the_replicas_prompt_count(llm
                     got += 1
                     if got == 3:
                         break
-    row = llmd.wait_rows(before + 1)[-1]
+    row = llmd.row_after(before)
     assert row["outcome"] == "client_abort" and row["token_method"] == "stream_chunks+tokenize"
     assert row["prompt_tokens"] == prompt_tokens
     # What was generated before llmd noticed the hang-up: at least what the client read.

@@ -12,144 +12,60 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from tests.conftest import base_config, write_config
+from tests.capture_routes import LLAMA_VSCODE_INFILL
+from tests.conftest import base_config
 from tests.fakeproc import free_port
+from tests.realllmd import LLAMA, MODEL, RealLlmd, call, real_llmd
 
 pytestmark = pytest.mark.real
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA = ROOT / "bin" / "llama-server"
-MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 DEV, TIGHT = "sk-dev-routes", "sk-tight-routes"
 SYSTEM = "You are terse."
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-# llama.vscode's /infill body (ggml-org/llama.vscode src/llama-server.ts, FIM request)
-INFILL = {
-    "input_prefix": "def add(a, b):\n    ",
-    "input_suffix": "\n\nprint(add(1, 2))\n",
-    "input_extra": [{"filename": "util.py", "text": "def sub(a, b):\n    return a - b\n"}],
-    "prompt": "",
-    "n_predict": 16,
-    "top_k": 40,
-    "top_p": 0.99,
-    "stream": False,
-    "samplers": ["top_k", "top_p", "infill"],
-    "cache_prompt": True,
-    "t_max_prompt_ms": 500,
-    "t_max_predict_ms": 1000,
-    "response_fields": ["content", "timings/prompt_n", "timings/predicted_n", "truncated", "tokens_cached"],
-}
 
 
 def sha(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
-class Llmd:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, db: Path, log: Path) -> None:
-        self.proc, self.url, self.db, self.log = proc, url, db, log
-
-    def replica(self) -> str:
-        status = json.loads(call(self.url + "/admin/status", None, DEV)[2])
-        (rep,) = status["replicas"]
-        return str(rep["url"]).removesuffix("/v1")
-
-    def rows(self) -> list[dict[str, Any]]:
-        con = sqlite3.connect(self.db)
-        con.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in con.execute("select * from requests order by id")]
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            con.close()
-
-    def row_after(self, n: int, timeout_s: float = 20) -> dict[str, Any]:
-        """The (n+1)-th row, once the write-behind ledger has it."""
-        deadline = time.monotonic() + timeout_s
-        while len(rows := self.rows()) <= n:
-            assert time.monotonic() < deadline, f"no row after {n}"
-            time.sleep(0.05)
-        return rows[n]
-
-
-def call(url: str, body: dict[str, Any] | None, key: str | None = None, **headers: str) -> tuple[int, dict, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    h = {"Content-Type": "application/json", **headers}
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=data, headers=h, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
 @pytest.fixture(scope="module")
-def llmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llmd]:
-    assert LLAMA.exists() and MODEL.exists(), "run `make setup` (packaging/setup.sh) first"
+def llmd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlmd]:
     tmp = tmp_path_factory.mktemp("real-routes")
-    port = free_port()
     doc = base_config(
         tmp,
         {"gemma": {"backend": "llama-server", "model": str(MODEL), "cpus": [[0]], "aliases": ["claude-test"],
-                   "args": ["-c", "2048", "-np", "2", "-t", "1", "--jinja"]}},
-        server={"port": port, "drain_seconds": 5, "default_model": "gemma"},
+                   "args": ["-c", "2048", "-np", "2", "-t", "1", "--jinja"]},
+         # The small model reranks (meaningless scores, the real shape): enough to prove the route.
+         "gemma-rerank": {"backend": "llama-server", "model": str(MODEL), "cpus": [[1]],
+                          "args": ["--reranking", "-c", "1024", "-np", "1", "-t", "1"]}},
+        server={"port": free_port(), "drain_seconds": 5, "default_model": "gemma"},
         tiers={"std": {"requests_per_minute": 1000}, "tight": {"requests_per_minute": 1}},
         keys=[{"id": "dev", "tier": "std", "sha256": sha(DEV), "admin": True},
               {"id": "tight", "tier": "tight", "sha256": sha(TIGHT)}],
         launchers={"llama-server": {"command": str(LLAMA), "start_timeout_s": 120, "health_interval_s": 0.5}},
         routing={"timeouts": {"connect_s": 2, "first_byte_s": 120, "total_s": 300}},
     )  # fmt: skip
-    path = write_config(tmp / "config.yaml", doc)
-    log = tmp / "llmd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llmd", "serve", "-c", str(path)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
-    srv = Llmd(proc, f"http://127.0.0.1:{port}", Path(doc["usage"]["path"]), log)
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(srv.url):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.25)
+    with real_llmd(tmp, doc) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
-def _ready(url: str) -> bool:
-    try:
-        return call(url + "/readyz", None)[0] == 200
-    except OSError:
-        return False
-
-
-def anthropic_client(llmd: Llmd, key: str = DEV) -> anthropic.Anthropic:
+def anthropic_client(llmd: RealLlmd, key: str = DEV) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=llmd.url, api_key=key, max_retries=0, timeout=120)
 
 
-def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: Llmd) -> None:
+def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: RealLlmd) -> None:
     body = {"model": "claude-test", "max_tokens": 12, "system": SYSTEM, "messages": MESSAGES}
     sampling = {"temperature": 0, "seed": 7}  # llama-server reads them; this SDK version has no such arguments
     n = len(llmd.rows())
     msg = anthropic_client(llmd).messages.create(**body, extra_body=sampling)  # type: ignore[arg-type]
-    status, _, raw = call(llmd.replica() + "/v1/messages", {**body, **sampling, "model": "gemma"})
+    status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/messages", {**body, **sampling, "model": "gemma"})
     direct = json.loads(raw)
     assert status == 200 and msg.type == "message"
     assert [b.text for b in msg.content if b.type == "text"] == [b["text"] for b in direct["content"]]
@@ -160,7 +76,7 @@ def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: Llmd)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, u.output_tokens)
 
 
-def test_anthropic_stream_and_count_tokens(llmd: Llmd) -> None:
+def test_anthropic_stream_and_count_tokens(llmd: RealLlmd) -> None:
     client = anthropic_client(llmd)
     n = len(llmd.rows())
     with client.messages.stream(model="claude-test", max_tokens=10, system=SYSTEM, messages=MESSAGES,  # type: ignore[arg-type]
@@ -179,7 +95,7 @@ def test_anthropic_stream_and_count_tokens(llmd: Llmd) -> None:
     assert (row["route"], row["prompt_tokens"], row["completion_tokens"]) == ("count_tokens", 0, 0)
 
 
-def test_anthropic_sdk_raises_its_own_errors_from_llmd(llmd: Llmd) -> None:
+def test_anthropic_sdk_raises_its_own_errors_from_llmd(llmd: RealLlmd) -> None:
     tight = anthropic_client(llmd, TIGHT)
     tight.messages.create(model="claude-test", max_tokens=1, messages=MESSAGES)  # type: ignore[arg-type]
     with pytest.raises(anthropic.RateLimitError) as e:
@@ -192,12 +108,12 @@ def test_anthropic_sdk_raises_its_own_errors_from_llmd(llmd: Llmd) -> None:
         anthropic_client(llmd).messages.create(model="no-such-model", max_tokens=1, messages=MESSAGES)  # type: ignore[arg-type]
 
 
-def test_openai_responses_create_and_stream(llmd: Llmd) -> None:
+def test_openai_responses_create_and_stream(llmd: RealLlmd) -> None:
     client = openai.OpenAI(base_url=llmd.url + "/v1", api_key=DEV, max_retries=0, timeout=120)
     n = len(llmd.rows())
     r = client.responses.create(model="gemma", instructions=SYSTEM, input="Name three colours.",
                                 max_output_tokens=12, temperature=0)  # fmt: skip
-    status, _, raw = call(llmd.replica() + "/v1/responses",
+    status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/responses",
                           {"model": "gemma", "instructions": SYSTEM, "input": "Name three colours.",
                            "max_output_tokens": 12, "temperature": 0})  # fmt: skip
     assert status == 200 and r.output_text == _responses_text(json.loads(raw))
@@ -218,18 +134,18 @@ def _responses_text(doc: dict[str, Any]) -> str:
                    for c in o.get("content", []))  # fmt: skip
 
 
-def test_llama_native_routes_without_model(llmd: Llmd) -> None:
+def test_llama_native_routes_without_model(llmd: RealLlmd) -> None:
     """llama.vscode's /infill (no model: the default serves it) gets the engine's own answer
     (this model has no FIM tokens: its exact error); /completion equals the replica's; the
     /tokenize + /detokenize round trip; the ledger names each route."""
     n = len(llmd.rows())
-    via = call(llmd.url + "/infill", INFILL, DEV)
-    infill = call(llmd.replica() + "/infill", INFILL)
+    via = call(llmd.url + "/infill", LLAMA_VSCODE_INFILL, DEV)
+    infill = call(llmd.replica(DEV, "gemma") + "/infill", LLAMA_VSCODE_INFILL)
     assert (via[0], json.loads(via[2])) == (infill[0], json.loads(infill[2]))
     assert infill[0] == 501, "this model has no FIM tokens: the engine says so, and llmd relays it"
     body = {"prompt": "The colours of the rainbow are", "n_predict": 8, "temperature": 0, "seed": 1}
     via = call(llmd.url + "/completion", body, DEV)
-    direct = call(llmd.replica() + "/completion", body)
+    direct = call(llmd.replica(DEV, "gemma") + "/completion", body)
     assert via[0] == direct[0] == 200
     got, want = json.loads(via[2]), json.loads(direct[2])
     assert got["content"] == want["content"]
@@ -242,7 +158,7 @@ def test_llama_native_routes_without_model(llmd: Llmd) -> None:
     )
     status, _, raw = call(llmd.url + "/tokenize", {"content": "Hello colourful world", "with_pieces": False}, DEV)
     tokens = json.loads(raw)["tokens"]
-    assert status == 200 and tokens == json.loads(call(llmd.replica() + "/tokenize",
+    assert status == 200 and tokens == json.loads(call(llmd.replica(DEV, "gemma") + "/tokenize",
                                                        {"content": "Hello colourful world"})[2])["tokens"]  # fmt: skip
     status, _, raw = call(llmd.url + "/detokenize", {"tokens": tokens}, DEV)
     assert status == 200 and json.loads(raw)["content"].strip() == "Hello colourful world"
@@ -253,8 +169,21 @@ def test_llama_native_routes_without_model(llmd: Llmd) -> None:
     ]
 
 
-def test_unprefixed_openai_paths_and_models(llmd: Llmd) -> None:
+def test_unprefixed_openai_paths_and_models(llmd: RealLlmd) -> None:
     c = openai.OpenAI(base_url=llmd.url, api_key=DEV, max_retries=0, timeout=120)
     r = c.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=3, temperature=0)  # type: ignore[arg-type]
     assert r.usage is not None and r.usage.completion_tokens > 0
     assert {m.id for m in c.models.list()} >= {"gemma", "claude-test"}
+
+
+def test_rerank_equals_the_replica_and_bills_its_prompt(llmd: RealLlmd) -> None:
+    body = {"model": "gemma-rerank", "query": "What is the capital of France?",
+            "documents": ["Paris is the capital of France.", "Bananas are yellow."], "top_n": 2}  # fmt: skip
+    n = len(llmd.rows())
+    status, _, raw = call(llmd.url + "/v1/rerank", body, DEV)
+    d_status, _, d_raw = call(llmd.replica(DEV, "gemma-rerank") + "/v1/rerank", body)
+    got, want = json.loads(raw), json.loads(d_raw)
+    assert (status, d_status) == (200, 200) and got["results"] == want["results"]
+    row = llmd.row_after(n)
+    assert (row["route"], row["model"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "rerank", "gemma-rerank", got["usage"]["prompt_tokens"], 0)  # fmt: skip
