@@ -249,7 +249,7 @@ class Cache:
             # The body as it goes upstream: the client's, with what llmd changes in it (the
             # upstream's model name, include_usage) changed the same way every time.
             doc = _decode(call.upstream_body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # e.g. thousands of nested arrays: not ours to judge
             doc = None
         if not isinstance(doc, dict) or not (route.name in PURE or deterministic(doc)):
             call.cache = "bypass"
