@@ -41,6 +41,11 @@ class Call:
     response_headers: dict[str, str] = field(default_factory=dict)
     hide_usage: bool = False  # llmd asked for the stream's usage chunk; the client did not
     rewrite: LegacyFunctions | None = None  # translates the answer back for an old client
+    # The completion cache (cache.py): hit | miss | bypass ("" when the model has none); the
+    # entry's key when the answer may be stored; the stream's bytes as the client got them.
+    cache: str = ""
+    cache_key: bytes = b""
+    capture: list[bytes] | None = None
     exchange: Exchange = field(init=False)
     status: int = 0  # what the client got (499 when it left first)
 

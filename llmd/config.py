@@ -58,6 +58,11 @@ class LimitFields(_Section, kw_only=True, forbid_unknown_fields=True):
     max_concurrent: PositiveInt | None = None
     priority: int | None = None
     default_max_tokens: PositiveInt | None = None  # reserved against tokens_per_minute when a request names none
+    # An answer from the completion cache costs the model nothing: by default it counts as a
+    # request (request windows, concurrency) but its tokens count against neither
+    # tokens_per_minute nor monthly_tokens. Absent = those defaults (see limits_for).
+    cache_hit_requests: bool | None = None
+    cache_hit_tokens: bool | None = None
 
 
 LIMIT_FIELDS = tuple(f.name for f in msgspec.structs.fields(LimitFields))
@@ -131,6 +136,7 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     slots: PositiveInt | None = None
     start_timeout_s: PositiveFloat | None = None  # overrides the launcher's
     routes: list[RouteName] | None = None  # backend openai: what the remote serves (default the OpenAI three)
+    cache: bool = False  # deterministic answers of this model may come from the completion cache
 
 
 class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -152,6 +158,19 @@ class RoutingConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     eject_after_failures: PositiveInt = 3
 
 
+class CacheConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """The completion cache (cache.py), used by the models with ``cache: true``."""
+
+    store: Literal["memory", "sqlite"] = "memory"  # sqlite: also written to a file, reloaded at start
+    path: str | None = None  # sqlite: default cache.sqlite3 beside usage.path
+    ttl_s: PositiveFloat = 600.0
+    max_bytes: PositiveInt = 256 * 1024 * 1024
+    max_entries: PositiveInt | None = None
+    # Whose entries may answer a request: the same key's (key), any key of the same tier (tier),
+    # anyone's (shared). A cached answer may carry what a prompt disclosed, so key is the default.
+    scope: Literal["key", "tier", "shared"] = "key"
+
+
 class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     # Empty is valid (a fresh package install serves nothing until ops add a model).
     models: dict[str, ModelConfig] = field(default_factory=dict)
@@ -161,6 +180,7 @@ class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     keys: list[KeyConfig] = field(default_factory=list)
     launchers: LaunchersConfig = field(default_factory=LaunchersConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Where it was read from; not part of the YAML.
     source: str = ""
 
@@ -205,6 +225,10 @@ def limits_for(cfg: Config, key: KeyConfig) -> LimitFields:
             merged[f] = v
     if merged["priority"] is None:
         merged["priority"] = 0
+    if merged["cache_hit_requests"] is None:
+        merged["cache_hit_requests"] = True
+    if merged["cache_hit_tokens"] is None:
+        merged["cache_hit_tokens"] = False
     if merged["monthly_tokens"] == 0:
         merged["monthly_tokens"] = None
     return LimitFields(**merged)

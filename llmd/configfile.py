@@ -23,6 +23,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         return str((base / p).resolve()) if p and not os.path.isabs(p) else p
 
     cfg.usage.path = resolve(cfg.usage.path)
+    if cfg.cache.path:
+        cfg.cache.path = resolve(cfg.cache.path)
     for m in cfg.models.values():
         if m.model and m.backend == "llama-server":
             m.model = resolve(m.model)

@@ -22,7 +22,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .auth import Principal
+from .config import LimitFields
 from .errors import RateLimited, quota_exhausted
 from .months import month_of, month_start, seconds_to_next_month
 
@@ -103,21 +106,24 @@ class MonthlyCounter:
 class Grant:
     """What admission took for one request; settle() and release() give it back exactly once."""
 
-    __slots__ = ("_limiter", "entry", "principal", "released", "reserved")
+    __slots__ = ("_limiter", "entry", "principal", "released", "reserved", "tokens")
 
-    def __init__(self, limiter: Limiter, principal: Principal, entry: _TokenEntry | None, reserved: int) -> None:
+    def __init__(
+        self, limiter: Limiter, principal: Principal, entry: _TokenEntry | None, reserved: int, tokens: bool = True
+    ) -> None:
         self._limiter = limiter
         self.principal = principal
         self.entry = entry
         self.reserved = reserved
         self.released = False
+        self.tokens = tokens  # False: its tokens count against no token limit (a cache hit, by default)
 
     def release(self, used_tokens: int, now: float | None = None) -> None:
         """The request ended (any way): free its concurrency slot, settle tokens to real usage."""
         if self.released:
             return
         self.released = True
-        self._limiter._release(self, used_tokens, now)
+        self._limiter._release(self, used_tokens if self.tokens else 0, now)
 
 
 class Limiter:
@@ -139,13 +145,19 @@ class Limiter:
         completion = (per_choice or DEFAULT_COMPLETION_RESERVE) * max(1, n)
         return max(1, prompt_estimate) + max(0, completion)
 
-    def admit(self, p: Principal, reserve: int, now: float | None = None) -> Grant:
-        """Admit one request or raise a 429 ApiError (with Retry-After)."""
+    def admit(
+        self, p: Principal, reserve: int, now: float | None = None, *, requests: bool = True, tokens: bool = True
+    ) -> Grant:
+        """Admit one request or raise a 429 ApiError (with Retry-After). A cache hit may count
+        as no request (``requests``: concurrency and request windows) or no tokens (``tokens``:
+        tokens_per_minute and monthly_tokens), per its tier's cache_hit_* settings."""
         now = time.time() if now is None else now
         lim = p.limits
         s = self.state(p.key_id)
         s.prune(now)
         tier = f" of tier '{p.tier}'" if p.tier else ""
+        if not requests or not tokens:
+            lim = _counted(lim, requests, tokens)
         if lim.max_concurrent is not None and s.in_flight >= lim.max_concurrent:
             raise _rate_limited(
                 f"Too many concurrent requests for key '{p.key_id}': max_concurrent={lim.max_concurrent}{tier}.",
@@ -202,7 +214,7 @@ class Limiter:
             s.tokens_in_window += reserve
         if lim.monthly_tokens:
             self.monthly.reserved[p.key_id] = self.monthly.reserved.get(p.key_id, 0) + reserve
-        return Grant(self, p, entry, reserve)
+        return Grant(self, p, entry, reserve if tokens else 0, tokens)
 
     def _release(self, g: Grant, used_tokens: int, now: float | None = None) -> None:
         key = g.principal.key_id
@@ -221,7 +233,7 @@ class Limiter:
                 extra = _TokenEntry(now, used_tokens - g.entry.tokens)
                 s.tokens.append(extra)
                 s.tokens_in_window += extra.tokens
-        if g.principal.limits.monthly_tokens:
+        if g.principal.limits.monthly_tokens and g.reserved:
             self.monthly.reserved[key] = self.monthly.reserved.get(key, 0) - g.reserved
         self.monthly.add(key, used_tokens, now)
 
@@ -251,6 +263,16 @@ class Limiter:
             out["x-ratelimit-remaining-tokens"] = str(max(0, lim.tokens_per_minute - used_t))
             out["x-ratelimit-reset-tokens"] = _duration(max(0.0, reset_t))
         return out
+
+
+def _counted(lim: LimitFields, requests: bool, tokens: bool) -> LimitFields:
+    """The limits a request is held to when it counts as no request and/or no tokens."""
+    off: dict[str, None] = {}
+    if not requests:
+        off.update(max_concurrent=None, requests_per_minute=None, requests_per_hour=None)
+    if not tokens:
+        off.update(tokens_per_minute=None, monthly_tokens=None)
+    return msgspec.structs.replace(lim, **off)
 
 
 def _duration(seconds: float) -> str:

@@ -388,7 +388,6 @@ class NativeMeter:
             ex.take_prompt(r.tokens_evaluated, cached)
 
 
-
 # --- token-only routes (/tokenize, count_tokens, ...) ----------------------------------------
 
 

@@ -132,7 +132,20 @@ class Metrics:
             OVERHEAD_BUCKETS,
         )
         self.affinity = _FastCounter("llmd_affinity", "Prefix-affinity decisions", ["model", "result"])
-        r.register(_FastCollector([self.requests, self.duration, self.ttft, self.tokens, self.overhead, self.affinity]))
+        self.cache_lookups = _FastCounter(
+            "llmd_cache_lookups", "Completion cache lookups of deterministic requests", ["model", "result"]
+        )
+        self.cache_evictions = _FastCounter("llmd_cache_evictions", "Completion cache entries evicted", ["reason"])
+        r.register(
+            _FastCollector(
+                [
+                    self.requests, self.duration, self.ttft, self.tokens, self.overhead, self.affinity,
+                    self.cache_lookups, self.cache_evictions,
+                ]
+            )
+        )  # fmt: skip
+        self.cache_bytes = Gauge("llmd_cache_bytes", "Bytes held by the completion cache", registry=r)
+        self.cache_entries = Gauge("llmd_cache_entries", "Entries in the completion cache", registry=r)
         self.retries = Counter("llmd_retries", "Requests retried on another replica", ["model"], registry=r)
         self._children: dict[tuple[str, ...], object] = {}
         self._restarts_seen: dict[str, int] = {}
@@ -198,6 +211,18 @@ class Metrics:
     def observe_retry(self, model: str) -> None:
         if self.enabled:
             self._child(self.retries, self.model(model)).inc()  # type: ignore[attr-defined]
+
+    def observe_cache(self, model: str, hit: bool) -> None:
+        if self.enabled:
+            self.cache_lookups.inc((self.model(model), "hit" if hit else "miss"))
+
+    def observe_cache_eviction(self, reason: str) -> None:
+        if self.enabled:
+            self.cache_evictions.inc((reason,))
+
+    def observe_cache_size(self, nbytes: int, entries: int) -> None:
+        self.cache_bytes.set(nbytes)
+        self.cache_entries.set(entries)
 
     # --- replicas, refreshed on state changes and at scrape time ----------------------------
 

@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from . import envelope
 from .appkeys import CALL, SERVICES
+from .cache import Entry
 from .call import Call
 from .errors import (
     ApiError,
@@ -46,12 +47,20 @@ async def inference(request: web.Request) -> web.StreamResponse:
     try:
         authenticate(call, rt)  # 2
         await decode(call, rt)  # 3
-        admit(call, rt, services)  # 4
+        hit = services.cache.consult(call, rt.cfg)
+        admit(call, rt, services, hit)  # 4
+        if hit is not None:  # the completion cache answers: no slot, no replica
+            resp = await services.cache.answer(call, hit)
+            call.status = resp.status
+            return resp
+        if call.cache:
+            call.response_headers["x-llmd-cache"] = call.cache
         pool = rt.pools.get(call.model)
         if pool is None:  # a reload removed the model while this request read its body
             raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
         resp = await pool.serve(call, services.relay)  # 5, 6, 7
         call.status = resp.status
+        services.cache.keep(call, resp)
         return resp
     except ApiError as e:
         call.status = e.status
@@ -114,15 +123,22 @@ async def decode(call: Call, rt: Runtime) -> None:
     call.upstream_headers = headers
 
 
-def admit(call: Call, rt: Runtime, services: Services) -> None:
-    """Per-key windows, concurrency and quota: a Grant, or a 429 with the limit headers."""
+def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None) -> None:
+    """Per-key windows, concurrency and quota: a Grant, or a 429 with the limit headers. A
+    cache hit's tokens are known, and count as the tier says (cache_hit_requests/_tokens)."""
     p, env = call.principal, call.env
     assert p is not None and env is not None
     limiter = rt.limiter
-    reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or env.n_cmpl or 1)
     call.reached_limits = True  # from here on the request has a usage row, admitted or not
     try:
-        call.grant = limiter.admit(p, reserve)
+        if hit is None:
+            reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or env.n_cmpl or 1)
+            call.grant = limiter.admit(p, reserve)
+        else:
+            lim = p.limits
+            call.grant = limiter.admit(
+                p, hit.tokens, requests=bool(lim.cache_hit_requests), tokens=bool(lim.cache_hit_tokens)
+            )
     except ApiError as e:
         services.metrics.observe_rate_limited(p.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens")
         e.headers.update(limiter.headers(p))
@@ -196,9 +212,14 @@ def _finish(call: Call, services: Services) -> None:
     ex = call.exchange
     route = call.route.name if call.route is not None else "other"
     tokens = ex.prompt_tokens + ex.completion_tokens
+    hit = call.cache == "hit" and not ex.replica
+    exempt = 0
     if call.grant is not None:
-        call.grant.release(tokens)
-        services.metrics.observe_tokens(call.model, call.key_id, ex.prompt_tokens, ex.completion_tokens)
+        call.grant.release(tokens)  # a hit's tokens settle as 0 unless its tier counts them
+        if hit and not call.grant.tokens:
+            exempt = tokens
+        if not hit:  # llmd_tokens: what the models worked on; hits are llmd_cache_lookups
+            services.metrics.observe_tokens(call.model, call.key_id, ex.prompt_tokens, ex.completion_tokens)
         if ex.ttft_s is not None:
             services.metrics.observe_ttft(call.model, ex.ttft_s)
     now = time.monotonic()
@@ -223,6 +244,9 @@ def _finish(call: Call, services: Services) -> None:
                 duration_ms=round(total * 1000, 2),
                 client_ip=call.client_ip,
                 token_method=ex.token_method,
+                cache=call.cache,
+                upstream_tokens=0 if hit else None,
+                quota_exempt_tokens=exempt,
             )
         )
     services.metrics.observe_request(route, call.model, call.key_id, call.status, total, total - ex.upstream_s)

@@ -167,6 +167,8 @@ class Relay:
                             relay = b"".join(parts)
                             await out.write(relay)
                             ex.client_bytes += len(relay)
+                            if call.capture is not None:  # the completion cache keeps what the client got
+                                call.capture.append(relay)
                     if not data:
                         break
             if not ex.finished and ex.outcome is Outcome.OK:

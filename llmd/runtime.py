@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import KeyTable
+from .cache import Cache
 from .config import Config
 from .limits import Limiter
 from .log import AccessLog
@@ -88,6 +89,7 @@ class Services:
         self.metrics = Metrics(enabled=cfg.server.metrics)
         self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
         self.access = AccessLog()
+        self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
         self.started_unix = int(time.time())
         self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
         self._cfg = cfg
@@ -115,6 +117,7 @@ class Services:
         self.runtime = Runtime(cfg, self.supervisor, self.metrics)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         await self.ledger.open()
+        await self.cache.open()
         month = current_month()
         self.runtime.limiter.monthly.load(month, await self.ledger.month_totals(month))
         self.runtime.activate()
@@ -150,6 +153,7 @@ class Services:
         self.runtime = new  # the swap: requests from here on see the new config
         self.metrics.set_names(cfg.models, new.keys.ids)
         self.relay.timeouts = cfg.routing.timeouts
+        self.cache.configure(cfg.cache)
         new.activate()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
@@ -179,6 +183,7 @@ class Services:
         m = self.metrics
         m.usage_pending.set(self.ledger.pending_rows)
         m.observe_dropped(self.ledger.dropped_rows)
+        self.cache.observe()
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
             reps = self.supervisor.replicas(name)
@@ -197,6 +202,11 @@ class Services:
         await self._bounded(self.ledger.flush(), deadline, "flush")
         await self.supervisor.stop(deadline)
         await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
+        try:
+            async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
+                await self.cache.close()
+        except TimeoutError:
+            log.error("completion cache: its last writes did not finish before the shutdown deadline")
         self.access.flush()
         self.upstreams.close()
         await self.session.close()

@@ -42,7 +42,10 @@ class UsageRow(msgspec.Struct, kw_only=True):
     ttft_ms: float | None = None
     duration_ms: float = 0.0
     client_ip: str = ""
-    token_method: str = "upstream"  # how tokens were counted: upstream usage | tokenize | estimate
+    token_method: str = "upstream"  # how tokens were counted: upstream usage | tokenize | estimate | cache
+    cache: str = ""  # the completion cache: hit | miss | bypass; "" when the model has no cache
+    upstream_tokens: int | None = None  # tokens a replica worked on (0 for a cache hit); None: prompt + completion
+    quota_exempt_tokens: int = 0  # of prompt + completion, not counted against monthly_tokens (cache hits by default)
 
 
 class LedgerError(Exception):
@@ -93,6 +96,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The primary key serves "one key's month"; this serves "everyone's month" in key order.
         "CREATE INDEX monthly_month ON monthly (month, key_id, model)",
     ),
+    # 2: the completion cache. A hit is a row with cache = 'hit', the client's tokens and
+    # upstream_tokens 0 (NULL on rows written before: they were all upstream work). Hit tokens
+    # the tier does not count against the quota are quota_exempt_tokens, so the quota loaded at
+    # start is prompt + completion - quota_exempt_tokens of the month, as it was counted live.
+    (
+        "ALTER TABLE requests ADD COLUMN cache TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE requests ADD COLUMN upstream_tokens INTEGER",
+        "ALTER TABLE requests ADD COLUMN quota_exempt_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE monthly ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE monthly ADD COLUMN quota_exempt_tokens INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 REQUEST_COLUMNS = (
@@ -114,21 +128,30 @@ REQUEST_COLUMNS = (
     "duration_ms",
     "client_ip",
     "token_method",
+    "cache",
+    "upstream_tokens",
+    "quota_exempt_tokens",
 )
 INSERT_REQUEST_SQL = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})"
 )
 UPSERT_MONTHLY_SQL = """
-INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors,
+                     cache_hits, quota_exempt_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key_id, month, model) DO UPDATE SET
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     cached_tokens = cached_tokens + excluded.cached_tokens,
-    errors = errors + excluded.errors
+    errors = errors + excluded.errors,
+    cache_hits = cache_hits + excluded.cache_hits,
+    quota_exempt_tokens = quota_exempt_tokens + excluded.quota_exempt_tokens
 """
-MONTH_TOTALS_SQL = "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM monthly WHERE month = ? GROUP BY key_id"
+MONTH_TOTALS_SQL = (
+    "SELECT key_id, SUM(prompt_tokens + completion_tokens - quota_exempt_tokens) FROM monthly WHERE month = ? "
+    "GROUP BY key_id"
+)
 
 
 def row_params(row: UsageRow) -> tuple[Any, ...]:
@@ -155,6 +178,9 @@ def row_params(row: UsageRow) -> tuple[Any, ...]:
         float(row.duration_ms),
         str(row.client_ip),
         str(row.token_method),
+        str(row.cache),
+        int(row.prompt_tokens + row.completion_tokens if row.upstream_tokens is None else row.upstream_tokens),
+        int(row.quota_exempt_tokens),
     )
 
 
@@ -166,12 +192,14 @@ def rollup(params: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         k = (p[3], p[1], p[5])
         a = acc.get(k)
         if a is None:
-            a = acc[k] = [0, 0, 0, 0, 0]
+            a = acc[k] = [0, 0, 0, 0, 0, 0, 0]
         a[0] += 1
         a[1] += p[11]
         a[2] += p[12]
         a[3] += p[13]
         a[4] += p[10] != Outcome.OK
+        a[5] += p[18] == "hit"
+        a[6] += p[20]
     return [(*k, *a) for k, a in acc.items()]
 
 

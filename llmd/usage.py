@@ -337,7 +337,7 @@ class Ledger:
                 # A malformed row (dropped when written) must not stop the limiter from loading.
                 with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
                     if month_of(row.ts) == month:
-                        used = int(row.prompt_tokens) + int(row.completion_tokens)
+                        used = int(row.prompt_tokens) + int(row.completion_tokens) - int(row.quota_exempt_tokens)
                         totals[row.key_id] = totals.get(row.key_id, 0) + used
         return totals
 

@@ -50,6 +50,10 @@ def exercised_metrics() -> Metrics:
     for result in ("hit", "fallback", "miss"):
         m.observe_affinity("gemma", result)
     m.observe_retry("gemma")
+    m.observe_cache("gemma", hit=True)
+    m.observe_cache("gemma", hit=False)
+    m.observe_cache_eviction("bytes")
+    m.observe_cache_size(1000, 2)
     replica = Replica(
         model="gemma",
         name="gemma/0",
