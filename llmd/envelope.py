@@ -93,11 +93,17 @@ def decode(body: bytes, required: str | None, envelope: type[Envelope] = Envelop
         raise _invalid(str(e)) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}.", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if required is not None and not getattr(env, required):
         raise bad_request(f"Missing required parameter: '{required}'.", param=required)
     if env.messages and not bytes(env.messages).lstrip().startswith(b"["):
         raise bad_request("Invalid type for 'messages': expected an array of message objects.", param="messages")
     return env
+
+
+def _too_deep() -> ApiError:
+    return bad_request("The JSON body of your request is nested too deeply.", code="invalid_json")
 
 
 def _invalid(msg: str) -> ApiError:
@@ -127,6 +133,8 @@ def upstream_body(
         return body[:start] + b'"stream_options":{"include_usage":true}' + sep + body[start:], True
     try:
         doc: dict[str, Any] = _generic(body)
+    except RecursionError:
+        raise _too_deep() from None
     except msgspec.DecodeError as e:
         # The envelope decoder skips the fields it does not read without checking them all
         # (a number like 1e999, invalid UTF-8): only a re-encoded body meets them.

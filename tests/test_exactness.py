@@ -557,3 +557,17 @@ def _sha(s: str) -> str:
     import hashlib
 
     return hashlib.sha256(s.encode()).hexdigest()
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500() -> None:
+    """msgspec raises RecursionError past its depth limit, in fields llmd skips too."""
+    from llmd import envelope
+    from llmd.errors import ApiError
+
+    for body in (
+        b'{"model":"m","messages":[],"x":' + b"[" * 30000 + b"]" * 30000 + b"}",
+        b'{"model":"m","messages":[' + b"[" * 30000 + b"]" * 30000 + b"]}",
+    ):
+        with pytest.raises(ApiError) as e:
+            envelope.decode(body, "messages")
+        assert (e.value.status, e.value.code) == (400, "invalid_json")
