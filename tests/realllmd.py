@@ -57,6 +57,20 @@ class RealLlmd:
         finally:
             con.close()
 
+    def settled_count(self, key: str | None = None, timeout_s: float = 20) -> int:
+        """The number of rows once everything answered so far is written (nothing pending in
+        the write-behind queue): where the next request's row will be."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            usage = json.loads(call(self.url + "/admin/status", None, key)[2])["usage"]
+            if usage["pending_rows"] == 0:
+                time.sleep(0.1)  # a stream's row settles just after its last byte
+                again = json.loads(call(self.url + "/admin/status", None, key)[2])["usage"]
+                if again["pending_rows"] == 0:
+                    return len(self.rows())
+            assert time.monotonic() < deadline, "the ledger did not settle"
+            time.sleep(0.05)
+
     def row_after(self, n: int, timeout_s: float = 20) -> dict[str, Any]:
         """The (n+1)-th row, once the write-behind ledger has it."""
         deadline = time.monotonic() + timeout_s

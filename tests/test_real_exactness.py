@@ -69,7 +69,7 @@ def test_stream_options_null_is_billed_exactly_on_the_real_engine(llmd: RealLlmd
     )
     usage = next(e["usage"] for e in asked if e.get("usage"))
     # 2. Through llmd: usage hidden from the client, exact in the ledger.
-    before = len(llmd.rows())
+    before = llmd.settled_count()
     through = events(post(llmd.url + "/v1/chat/completions", {**base, "stream_options": None}))
     assert not any(e.get("usage") for e in through)
     row = llmd.row_after(before)
@@ -79,7 +79,7 @@ def test_stream_options_null_is_billed_exactly_on_the_real_engine(llmd: RealLlmd
 
 def test_an_abandoned_stream_is_billed_chunks_plus_the_replicas_prompt_count(llmd: RealLlmd) -> None:
     """The client reads three token chunks of a long answer and hangs up."""
-    n0 = len(llmd.rows())
+    n0 = llmd.settled_count()
     one = json.loads(
         post(
             llmd.url + "/v1/chat/completions",

@@ -63,7 +63,7 @@ def anthropic_client(llmd: RealLlmd, key: str = DEV) -> anthropic.Anthropic:
 def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: RealLlmd) -> None:
     body = {"model": "claude-test", "max_tokens": 12, "system": SYSTEM, "messages": MESSAGES}
     sampling = {"temperature": 0, "seed": 7}  # llama-server reads them; this SDK version has no such arguments
-    n = len(llmd.rows())
+    n = llmd.settled_count(DEV)
     msg = anthropic_client(llmd).messages.create(**body, extra_body=sampling)  # type: ignore[arg-type]
     status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/messages", {**body, **sampling, "model": "gemma"})
     direct = json.loads(raw)
@@ -78,7 +78,7 @@ def test_anthropic_messages_create_equals_the_replica_and_the_ledger(llmd: RealL
 
 def test_anthropic_stream_and_count_tokens(llmd: RealLlmd) -> None:
     client = anthropic_client(llmd)
-    n = len(llmd.rows())
+    n = llmd.settled_count(DEV)
     with client.messages.stream(model="claude-test", max_tokens=10, system=SYSTEM, messages=MESSAGES,  # type: ignore[arg-type]
                                 extra_body={"temperature": 0}) as stream:  # fmt: skip
         text = "".join(stream.text_stream)
@@ -110,7 +110,7 @@ def test_anthropic_sdk_raises_its_own_errors_from_llmd(llmd: RealLlmd) -> None:
 
 def test_openai_responses_create_and_stream(llmd: RealLlmd) -> None:
     client = openai.OpenAI(base_url=llmd.url + "/v1", api_key=DEV, max_retries=0, timeout=120)
-    n = len(llmd.rows())
+    n = llmd.settled_count(DEV)
     r = client.responses.create(model="gemma", instructions=SYSTEM, input="Name three colours.",
                                 max_output_tokens=12, temperature=0)  # fmt: skip
     status, _, raw = call(llmd.replica(DEV, "gemma") + "/v1/responses",
@@ -138,7 +138,7 @@ def test_llama_native_routes_without_model(llmd: RealLlmd) -> None:
     """llama.vscode's /infill (no model: the default serves it) gets the engine's own answer
     (this model has no FIM tokens: its exact error); /completion equals the replica's; the
     /tokenize + /detokenize round trip; the ledger names each route."""
-    n = len(llmd.rows())
+    n = llmd.settled_count(DEV)
     via = call(llmd.url + "/infill", LLAMA_VSCODE_INFILL, DEV)
     infill = call(llmd.replica(DEV, "gemma") + "/infill", LLAMA_VSCODE_INFILL)
     assert (via[0], json.loads(via[2])) == (infill[0], json.loads(infill[2]))
@@ -179,7 +179,7 @@ def test_unprefixed_openai_paths_and_models(llmd: RealLlmd) -> None:
 def test_rerank_equals_the_replica_and_bills_its_prompt(llmd: RealLlmd) -> None:
     body = {"model": "gemma-rerank", "query": "What is the capital of France?",
             "documents": ["Paris is the capital of France.", "Bananas are yellow."], "top_n": 2}  # fmt: skip
-    n = len(llmd.rows())
+    n = llmd.settled_count(DEV)
     status, _, raw = call(llmd.url + "/v1/rerank", body, DEV)
     d_status, _, d_raw = call(llmd.replica(DEV, "gemma-rerank") + "/v1/rerank", body)
     got, want = json.loads(raw), json.loads(d_raw)
