@@ -35,6 +35,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)
+    app.router.add_get("/v1/tools", handlers.list_tools)
     for route in ROUTES:
         for path in route.paths:
             app.router.add_post(path, inference)

@@ -12,6 +12,7 @@ import re
 
 from .config import Config, LauncherConfig
 from .launchers import validate as validate_launch
+from .tools import host_allowed, host_of
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -39,6 +40,7 @@ def check(cfg: Config) -> list[str]:
             t.priority = 0
     _check_keys(cfg, names, errors)
     _check_launchers(cfg, errors)
+    _check_tools(cfg, errors)
     errors.extend(validate_launch(cfg))
     return errors
 
@@ -161,3 +163,40 @@ def _check_launchers(cfg: Config, errors: list[str]) -> None:
         launcher: LauncherConfig = getattr(cfg.launchers, lname)
         if isinstance(launcher.command, list) and not launcher.command:
             errors.append(f"launchers.{lname.replace('_', '-')}.command: must not be empty")
+
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_tools(cfg: Config, errors: list[str]) -> None:
+    """A tool is a built-in or an url on an allowed host, usable by tiers and keys that exist."""
+    key_ids = {k.id for k in cfg.keys}
+    for name, t in cfg.tools.items():
+        p = f"tools.{name}"
+        if not _TOOL_NAME.match(name):
+            errors.append(f"{p}: a tool name is letters, digits and ._- (max 64)")
+        if (t.builtin is None) == (t.url is None):
+            errors.append(f"{p}: exactly one of builtin or url is required")
+        if t.url is not None:
+            if not re.match(r"^https?://[^/]+", t.url):
+                errors.append(f"{p}.url: expected an http(s) URL, got {t.url!r}")
+            elif not host_allowed(t.url, cfg.tool_loop.allowed_hosts):
+                errors.append(
+                    f"{p}.url: host {host_of(t.url)[1]} is not in tool_loop.allowed_hosts "
+                    f"({', '.join(cfg.tool_loop.allowed_hosts) or 'empty'})"
+                )
+            if t.parameters is None:
+                errors.append(f"{p}.parameters: required for an HTTP tool (the JSON schema of its arguments)")
+        elif t.parameters is not None or t.headers_env:
+            errors.append(f"{p}: a built-in has its own parameters and no headers")
+        if t.parameters is not None and t.parameters.get("type") != "object":
+            errors.append(f"{p}.parameters: expected a JSON schema of type object")
+        for h, env in t.headers_env.items():
+            if env not in os.environ:
+                errors.append(f"{p}.headers_env.{h}: environment variable {env} is not set")
+        for i, tier in enumerate(t.tiers):
+            if tier not in cfg.tiers:
+                errors.append(f"{p}.tiers[{i}]: unknown tier {tier!r}")
+        for i, k in enumerate(t.keys):
+            if k not in key_ids:
+                errors.append(f"{p}.keys[{i}]: unknown key id {k!r}")

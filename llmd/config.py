@@ -8,7 +8,7 @@ paths resolved); a ``Config`` built in code (tests, benchmarks) skips all of tha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -171,6 +171,36 @@ class CacheConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     scope: Literal["key", "tier", "shared"] = "key"
 
 
+BuiltinTool = Literal["time.now", "time.convert", "math.eval"]
+
+
+class ToolConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """One server-side tool (tools.py): a built-in, or an HTTP endpoint llmd calls with the
+    model's arguments. Exactly one of ``builtin`` and ``url`` (checks.py)."""
+
+    builtin: BuiltinTool | None = None
+    url: str | None = None
+    method: Literal["GET", "POST"] = "POST"  # POST: the arguments as a JSON body; GET: as the query
+    description: str = ""  # shown to the model; a built-in has its own when empty
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments (an HTTP tool's is required)
+    headers_env: dict[str, str] = field(default_factory=dict)  # header -> environment variable holding its value
+    timeout_s: PositiveFloat = 5.0
+    # Who may use it: every key when both are empty; else a key whose tier is in tiers or whose
+    # id is in keys.
+    tiers: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+
+class ToolLoopConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """How llmd runs a chat request that names server tools (toolloop.py)."""
+
+    max_rounds: PositiveInt = 4  # model calls per request; the last one is asked for text (tool_choice none)
+    # The only hosts (host or host:port) an HTTP tool's url may name; the url is checked against
+    # it at load and at every call, and redirects are not followed.
+    allowed_hosts: list[str] = field(default_factory=list)
+    max_result_bytes: PositiveInt = 64 * 1024  # a tool's answer beyond this is cut before the model sees it
+
+
 class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     # Empty is valid (a fresh package install serves nothing until ops add a model).
     models: dict[str, ModelConfig] = field(default_factory=dict)
@@ -181,6 +211,8 @@ class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     launchers: LaunchersConfig = field(default_factory=LaunchersConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tools: dict[str, ToolConfig] = field(default_factory=dict)
+    tool_loop: ToolLoopConfig = field(default_factory=ToolLoopConfig)
     # Where it was read from; not part of the YAML.
     source: str = ""
 

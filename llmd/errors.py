@@ -115,6 +115,22 @@ def model_not_allowed(key_id: str, model: str) -> ApiError:
     )
 
 
+def tool_not_allowed(key_id: str, tool: str) -> ApiError:
+    return ApiError(
+        403,
+        f"Key '{key_id}' may not use tool '{tool}'.",
+        type="permission_error",
+        code="tool_not_allowed",
+        param="tools",
+    )
+
+
+def unknown_tool(tool: str) -> ApiError:
+    return ApiError(
+        404, f"No server tool named '{tool}' (GET /v1/tools lists them).", code="tool_not_found", param="tools"
+    )
+
+
 def route_not_served(model: str, backend: str, path: str) -> ApiError:
     return ApiError(
         404,

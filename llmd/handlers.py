@@ -32,6 +32,15 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
+async def list_tools(request: web.Request) -> web.Response:
+    """The server tools the calling key may name in a chat request, with their schemas."""
+    services = request.app[SERVICES]
+    rt = services.runtime
+    principal = rt.keys.authenticate(request)
+    data = [{"object": "tool", **t.public()} for t in rt.toolbox.for_principal(principal)]
+    return web.json_response({"object": "list", "data": data})
+
+
 async def get_model(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     rt = services.runtime

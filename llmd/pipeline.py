@@ -36,6 +36,7 @@ from .outcome import Outcome
 from .relay import count_prompt_tokens
 from .routes import BY_PATH
 from .runtime import Runtime, Services
+from .toolloop import ToolLoop, plan
 from .usage import UsageRow
 
 
@@ -47,7 +48,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
     try:
         authenticate(call, rt)  # 2
         await decode(call, rt)  # 3
-        hit = services.cache.consult(call, rt.cfg)
+        tool_plan = plan(call, rt.toolbox)  # server tools: llmd runs the model's calls of them
+        hit = services.cache.consult(call, rt.cfg) if tool_plan is None else None
         admit(call, rt, services, hit)  # 4
         if hit is not None:  # the completion cache answers: no slot, no replica
             resp = await services.cache.answer(call, hit)
@@ -58,7 +60,16 @@ async def inference(request: web.Request) -> web.StreamResponse:
         pool = rt.pools.get(call.model)
         if pool is None:  # a reload removed the model while this request read its body
             raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
-        resp = await pool.serve(call, services.relay)  # 5, 6, 7
+        if tool_plan is not None:
+            loop = ToolLoop(
+                call,
+                tool_plan,
+                rt.cfg.tool_loop.max_rounds,
+                lambda tool, args: rt.toolbox.run(tool, args, services.session),
+            )
+            resp = await loop.run(lambda: pool.serve(call, services.relay), lambda sub: serve_round(sub, rt, services))
+        else:
+            resp = await pool.serve(call, services.relay)  # 5, 6, 7
         call.status = resp.status
         services.cache.keep(call, resp)
         return resp
@@ -144,6 +155,30 @@ def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None)
         e.headers.update(limiter.headers(p))
         raise
     call.response_headers = limiter.headers(p)
+
+
+async def serve_round(call: Call, rt: Runtime, services: Services) -> web.StreamResponse:
+    """A tool loop's next model call (toolloop.py), as a request of its own: limits, a slot on
+    a replica, the relay, and its own settle (ledger row, limits, metrics)."""
+    try:
+        admit(call, rt, services)
+        pool = rt.pools.get(call.model)
+        if pool is None:
+            raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
+        resp = await pool.serve(call, services.relay)
+        call.status = resp.status
+        return resp
+    except ApiError as e:
+        call.status = e.status
+        if call.exchange.outcome is Outcome.OK:
+            call.exchange.outcome = e.outcome
+        raise
+    except asyncio.CancelledError:
+        call.exchange.outcome = Outcome.CLIENT_ABORT
+        call.status = 499
+        raise
+    finally:
+        settle(call, services)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

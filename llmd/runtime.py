@@ -34,6 +34,7 @@ from .pool import Pool
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .supervisor import Supervisor
+from .tools import Toolbox
 from .upstream import Upstreams
 from .usage import Ledger, NullLedger, current_month
 
@@ -47,6 +48,7 @@ class Runtime:
         self.cfg = cfg
         self.keys = KeyTable(cfg)
         self.model_names = cfg.model_names()
+        self.toolbox = Toolbox(cfg)
         if previous is not None:
             # Limit state survives a reload for every key id that still exists.
             keep = set(self.keys.ids) | {"anonymous"}

@@ -410,6 +410,9 @@ def plan_output(body: dict[str, Any], ctl: Controls, n_tokens: int, tool_call_id
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, separators=(",", ":"))
         return Output(split_pieces(arguments), "tool_calls", ToolCall(tool_call_id, name, arguments))
+    if ctl.echo_tool:
+        tool_messages = [m for m in body.get("messages") or () if isinstance(m, dict) and m.get("role") == "tool"]
+        return Output(words_as_pieces(str(tool_messages[-1].get("content", "")) if tool_messages else ""), "stop")
     if ctl.text is not None:
         return Output(words_as_pieces(ctl.text), "stop")
     response_format = body.get("response_format")
@@ -417,6 +420,13 @@ def plan_output(body: dict[str, Any], ctl: Controls, n_tokens: int, tool_call_id
         schema = (response_format.get("json_schema") or {}).get("schema") or response_format.get("schema")
         return Output(words_as_pieces(json.dumps(example_json(schema or {}))), "stop")
     return Output([piece(i) for i in range(n_tokens)], "length")
+
+
+def last_role(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return messages[-1].get("role")
+    return None
 
 
 def first_tool_name(body: dict[str, Any]) -> str | None:
@@ -478,6 +488,10 @@ class Controls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ping: bool = False  # stream: an SSE comment ":\n\n" before every token, like llama's keep-alive
     tool_call: bool | dict[str, Any] = False  # {"name": ..., "arguments": {...}} to choose the call
     text: str | None = None  # answer exactly this text (finish_reason "stop")
+    # A tool loop: these controls replace the request's when its last message is a tool result
+    # (e.g. call a tool first, then answer text once the result is in).
+    after_tool: dict[str, Any] | None = None
+    echo_tool: bool = False  # answer the last tool message's content as text (what the model saw)
     exit: bool = False  # the process exits with status 1 at once
     wire: str | dict[str, Any] | None = None  # a WIRE_PROFILES name, or knobs over the process's profile
 
@@ -927,6 +941,8 @@ class FakeServer:
                 if "fake" in body or self.opts["controls"]:
                     # the request's own controls win over the process's --fake-controls
                     ctl = msgspec.convert({**(self.opts["controls"] or {}), **(body.get("fake") or {})}, Controls)
+                    if ctl.after_tool is not None and last_role(body) == "tool":
+                        ctl = msgspec.convert(ctl.after_tool, Controls)
                 else:
                     ctl = NO_CONTROLS
             except msgspec.ValidationError as exc:

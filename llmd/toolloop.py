@@ -1,0 +1,253 @@
+"""ToolLoop: a chat request that names server tools, run by llmd as rounds of model calls.
+
+``{"tools": [{"type": "server", "name": "time.now"}, ...]}`` in a ``/v1/chat/completions``
+body names tools of config ``tools:`` (tools.py). llmd sends them to the model as ordinary
+function tools, runs the model's calls of them, appends the results as ``role: tool``
+messages and calls the model again, until it answers without calling a server tool, or
+``tool_loop.max_rounds`` model calls were made (the last one is sent with ``tool_choice:
+"none"`` so it answers in text). Function tools of the client in the same request travel as
+they are: an answer calling one goes back to the client (without the server tool calls it may
+also carry: the client could not answer them).
+
+Every round is one model call that goes through the key's limits like a request of its own
+(the previous round's grant is settled first, so ``max_concurrent: 1`` still works) and has its
+own ledger row: the client's request id for round 1, ``<id>.r2``, ``<id>.r3``... for the next.
+The client's answer carries every round's usage summed.
+
+Rounds go upstream whole (``stream: false``): whether a round is the last is known only from
+its answer. A streamed request gets its 200 and SSE headers at once, an SSE comment per tool
+run (``: tool time.now ok``) so it stays connected, then the final answer as chat chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from . import envelope
+from .call import Call
+from .errors import ApiError, bad_request, sse_error_event, tool_not_allowed, unknown_tool, upstream_failed
+from .exchange import Exchange
+from .outcome import Outcome
+from .tools import Tool, Toolbox, ToolResult
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+# round 1 is the client's Call; later rounds are Calls of their own, admitted, served, settled
+ServeMain = Callable[[], Awaitable[web.StreamResponse]]
+ServeRound = Callable[[Call], Awaitable[web.StreamResponse]]
+RunTool = Callable[[Tool, str], Awaitable[ToolResult]]
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a request asks: its body (tools expanded), the server tools by name."""
+
+    doc: dict[str, Any]
+    server: dict[str, Tool]
+
+
+def plan(call: Call, toolbox: Toolbox) -> Plan | None:
+    """The loop's plan when the request names server tools, else None (relayed as always).
+    400 for a body the loop cannot run, 404 for an unknown tool, 403 for one the key may not use."""
+    route, principal = call.route, call.principal
+    if route is None or route.name != "chat" or principal is None or b'"server"' not in call.upstream_body:
+        return None
+    try:
+        doc = _decode(call.upstream_body)
+    except (msgspec.DecodeError, RecursionError):  # not the loop's to judge: relayed, the upstream answers
+        return None
+    tools = doc.get("tools")
+    if not isinstance(tools, list) or not any(isinstance(t, dict) and t.get("type") == "server" for t in tools):
+        return None
+    if call.rewrite is not None:
+        raise bad_request("Server tools cannot be combined with legacy 'functions'; use 'tools'.", param="functions")
+    if (doc.get("n") or 1) != 1:
+        raise bad_request("Server tools run one conversation: 'n' must be 1.", param="n")
+    server: dict[str, Tool] = {}
+    out: list[Any] = []
+    client_names = {
+        (t.get("function") or {}).get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"
+    }
+    for t in tools:
+        if not (isinstance(t, dict) and t.get("type") == "server"):
+            out.append(t)
+            continue
+        name = t.get("name")
+        if not isinstance(name, str):
+            raise bad_request("A server tool needs its 'name' (GET /v1/tools lists them).", param="tools")
+        tool = toolbox.get(name)
+        if tool is None:
+            raise unknown_tool(name)
+        if not tool.allowed(principal):
+            raise tool_not_allowed(principal.key_id, name)
+        if name in client_names:
+            raise bad_request(f"Tool '{name}' is named both as a server and a function tool.", param="tools")
+        if name not in server:
+            server[name] = tool
+            out.append(tool.function())
+    doc["tools"] = out
+    return Plan(doc, server)
+
+
+class ToolLoop:
+    def __init__(self, call: Call, p: Plan, max_rounds: int, run_tool: RunTool) -> None:
+        self.call = call
+        self.plan = p
+        self.max_rounds = max_rounds
+        self.run_tool = run_tool
+        self.exchanges: list[Exchange] = []  # every round's, for the summed usage
+        self.stream = bool(p.doc.get("stream"))
+        self.include_usage = bool((p.doc.get("stream_options") or {}).get("include_usage")) and not call.hide_usage
+        self.out: web.StreamResponse | None = None
+        self.written = 0  # bytes the client got on the stream
+
+    async def run(self, serve_main: ServeMain, serve_round: ServeRound) -> web.StreamResponse:
+        call = self.call
+        doc = self.plan.doc
+        messages: list[Any] = list(doc.get("messages") or [])
+        if self.stream:
+            await self._open()
+        answer: dict[str, Any] = {}
+        for n in range(1, self.max_rounds + 1):
+            body = self._round_body(messages, last=n == self.max_rounds)
+            try:
+                if n == 1:
+                    call.upstream_body = body
+                    resp = await serve_main()
+                    self.exchanges.append(call.exchange)
+                    # Settled now, not when the request ends: the next round is admitted on
+                    # its own and must find this one's concurrency slot free.
+                    ex = call.exchange
+                    if call.grant is not None:
+                        call.grant.release(ex.prompt_tokens + ex.completion_tokens)
+                else:
+                    sub = self._round_call(n, body)
+                    self.exchanges.append(sub.exchange)
+                    resp = await serve_round(sub)
+            except ApiError as e:
+                if self.out is None:
+                    raise
+                return await self._fail(e)
+            if resp.status != 200 or not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
+                if self.out is None:
+                    return resp  # the upstream's own error, as any request would get it
+                text = resp.body.decode(errors="replace") if isinstance(resp.body, bytes) else ""
+                return await self._fail(upstream_failed(resp.status, f"round {n}: {text[:500]}"))
+            answer = _decode(resp.body)
+            message = ((answer.get("choices") or [{}])[0]).get("message") or {}
+            calls = message.get("tool_calls") or []
+            mine = [c for c in calls if _name(c) in self.plan.server]
+            theirs = [c for c in calls if _name(c) not in self.plan.server]
+            if not mine or theirs or n == self.max_rounds:
+                if mine:  # the client cannot answer llmd's tools: it gets its own calls only
+                    message["tool_calls"] = theirs or None
+                    if not theirs:
+                        message.pop("tool_calls")
+                        answer["choices"][0]["finish_reason"] = "stop"
+                break
+            messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": mine})
+            for c in mine:
+                fn = c.get("function") or {}
+                result = await self.run_tool(self.plan.server[fn["name"]], fn.get("arguments") or "{}")
+                messages.append({"role": "tool", "tool_call_id": c.get("id") or "", "content": result.text})
+                if self.out is not None:
+                    await self._write(f": tool {fn['name']} {'ok' if result.ok else 'error'}\n\n".encode())
+        answer["usage"] = self._usage()
+        return await self._deliver(answer)
+
+    # --- bodies and calls of the rounds ------------------------------------------------------------------
+
+    def _round_body(self, messages: list[Any], last: bool) -> bytes:
+        doc = {**self.plan.doc, "messages": messages, "stream": False}
+        doc.pop("stream_options", None)
+        if last and len(messages) > len(self.plan.doc.get("messages") or []):
+            doc["tool_choice"] = "none"  # rounds are spent: answer with what the tools told
+        return _encode(doc)
+
+    def _round_call(self, n: int, body: bytes) -> Call:
+        call = self.call
+        sub = Call(request=call.request, request_id=f"{call.request_id}.r{n}", client_ip=call.client_ip)
+        sub.route, sub.principal, sub.model = call.route, call.principal, call.model
+        sub.env = envelope.decode(body, "messages")  # this round's prompt sizes its reservation
+        sub.upstream_body = body
+        sub.upstream_headers = {**call.upstream_headers, "X-Request-ID": sub.request_id}
+        return sub
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(ex.prompt_tokens for ex in self.exchanges)
+        completion = sum(ex.completion_tokens for ex in self.exchanges)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # --- the client's answer -----------------------------------------------------------------------------
+
+    async def _deliver(self, answer: dict[str, Any]) -> web.StreamResponse:
+        call = self.call
+        call.exchange.status = 200
+        if self.out is None:
+            data = _encode(answer)
+            call.exchange.client_bytes = len(data)
+            return web.Response(
+                body=data, headers={**call.response_headers, "Content-Type": "application/json"}, status=200
+            )
+        for chunk in _chunks(answer, self.include_usage):
+            await self._write(b"data: " + _encode(chunk) + b"\n\n")
+        await self._write(b"data: [DONE]\n\n")
+        await self.out.write_eof()
+        return self.out
+
+    async def _open(self) -> None:
+        call = self.call
+        out = web.StreamResponse(status=200)
+        out.headers.update(call.response_headers)
+        out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        out.headers["Cache-Control"] = "no-cache"
+        out.headers["X-Accel-Buffering"] = "no"
+        await out.prepare(call.request)
+        call.exchange.first_byte_sent = True
+        self.out = out
+
+    async def _write(self, data: bytes) -> None:
+        assert self.out is not None
+        if self.call.exchange.ttft_s is None and data.startswith(b"data: "):
+            self.call.exchange.ttft_s = time.monotonic() - self.call.exchange.t_start
+        await self.out.write(data)
+        self.written += len(data)
+        self.call.exchange.client_bytes = self.written  # round 1's relay counted its answer there
+
+    async def _fail(self, e: ApiError) -> web.StreamResponse:
+        """A stream's 200 is out: the error is told in-band, then the stream ends."""
+        assert self.out is not None
+        if self.call.exchange.outcome is Outcome.OK:
+            self.call.exchange.outcome = e.outcome
+        await self._write(sse_error_event(e))
+        await self.out.write_eof()
+        return self.out
+
+
+def _name(c: Any) -> str | None:
+    return (c.get("function") or {}).get("name") if isinstance(c, dict) else None
+
+
+def _chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A whole chat.completion as the chunks a stream of it would have carried."""
+    base = {k: answer.get(k) for k in ("id", "created", "model", "system_fingerprint") if k in answer}
+    base["object"] = "chat.completion.chunk"
+    choice = (answer.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]},
+    ]
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": answer.get("usage")})
+    return chunks
