@@ -1,0 +1,355 @@
+"""Server-side tools end to end against the fake llama-server: the loop's rounds, usage summed
+over them and their linked ledger rows, who may use which tool, schema-failing arguments as a
+tool error, HTTP tools on an allowed host (and a refused one), math.eval against hostile input,
+the streamed final round with its SSE comments, and GET /v1/tools."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llmd import configfile
+from llmd.config import ConfigError
+from llmd.tools import MathError, math_eval, validate
+from tests.conftest import base_config, run_llmd, wait_for, write_config
+from tests.fakeproc import FakeProc
+
+KEYS = {"basic": "sk-tools-basic-0123456789", "prem": "sk-tools-prem-0123456789"}
+TIER = {"basic": "basic", "prem": "premium"}
+TICKETS = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"], "additionalProperties": False}
+
+
+@pytest.fixture
+async def tool_server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A local HTTP tool: POST /search answers the tickets matching q; /slow never in time."""
+    seen: list[dict[str, Any]] = []
+
+    async def search(request: web.Request) -> web.Response:
+        doc = await request.json()
+        seen.append({"body": doc, "auth": request.headers.get("Authorization")})
+        return web.json_response({"tickets": [f"T-1 about {doc['q']}"]})
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/search", search)
+    app.router.add_post("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+def config(tmp_path: Path, fake: FakeProc, tool_url: str = "http://127.0.0.1:9/search", **extra: Any) -> Path:
+    os.environ["LLMD_TEST_TOOL_AUTH"] = "Bearer tool-secret"  # headers_env: the tool's credential
+    keys = [{"id": k, "tier": TIER[k], "sha256": hashlib.sha256(s.encode()).hexdigest()} for k, s in KEYS.items()]
+    host = tool_url.split("/")[2]
+    tools = {
+        "time.now": {"builtin": "time.now"},
+        "math.eval": {"builtin": "math.eval"},
+        "time.convert": {"builtin": "time.convert", "tiers": ["premium"]},
+        "tickets.search": {
+            "url": tool_url,
+            "method": "POST",
+            "parameters": TICKETS,
+            "timeout_s": 5,
+            "tiers": ["premium"],
+            "headers_env": {"Authorization": "LLMD_TEST_TOOL_AUTH"},
+        },
+        "tickets.slow": {"url": tool_url.rsplit("/", 1)[0] + "/slow", "parameters": TICKETS, "timeout_s": 0.3},
+    }
+    doc = base_config(
+        tmp_path,
+        {"m": {"backend": "openai", "urls": [fake.url + "/v1"], "slots": 4}},
+        tiers={"basic": {}, "premium": {}},
+        keys=keys,
+        tools=tools,
+        tool_loop={"max_rounds": 3, "allowed_hosts": [host]},
+        **extra,
+    )
+    return write_config(tmp_path / "config.yaml", doc)
+
+
+def chat(tools: list[str], fake: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "what time is it"}],
+        "max_tokens": 8,
+        "tools": [{"type": "server", "name": n} for n in tools],
+        "fake": fake,
+        **extra,
+    }
+
+
+async def post(url: str, body: dict[str, Any], key: str = "prem", rid: str | None = None) -> tuple[int, Any, str]:
+    h = {"Authorization": f"Bearer {KEYS[key]}"}
+    if rid:
+        h["X-Request-ID"] = rid
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", json=body, headers=h) as r:
+        raw = await r.read()
+        try:
+            return r.status, json.loads(raw), r.headers.get("Content-Type", "")
+        except ValueError:
+            return r.status, raw.decode(), r.headers.get("Content-Type", "")
+
+
+def rows(tmp_path: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(tmp_path / "usage.sqlite3")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
+    finally:
+        con.close()
+
+
+def upstream_messages(fake_stats: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    return [b["messages"] for b in fake_stats["bodies"] if isinstance(b, dict) and "messages" in b]
+
+
+# --- pure: the schema subset and math.eval ----------------------------------------------------------
+
+
+def test_validate_subset() -> None:
+    assert validate(TICKETS, {"q": "x"}) == []
+    assert validate(TICKETS, {}) == ["$: missing required property 'q'"]
+    assert validate(TICKETS, {"q": 1}) == ["$.q: expected string, got integer"]
+    assert validate(TICKETS, {"q": "x", "z": 1}) == ["$: unexpected property 'z'"]
+    assert validate({"type": "integer", "minimum": 1}, 0) == ["$: must be >= 1"]
+    assert validate({"type": "array", "items": {"type": "number"}}, [1, "a"]) == ["$[1]: expected number, got string"]
+    assert validate({"enum": ["a", "b"]}, "c")
+    assert validate({"type": "integer"}, True)  # a boolean is no integer
+
+
+@pytest.mark.parametrize(
+    ("expr", "value"),
+    [("1+2*3", 7), ("2**10", 1024), ("(1+2)/4", 0.75), ("7//2", 3), ("7%3", 1), ("sqrt(16)", 4.0), ("-3+abs(-2)", -1)],
+)
+def test_math_eval(expr: str, value: float) -> None:
+    assert math_eval(expr) == value
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        '__import__("os").system("id")',
+        "9**9**9",
+        "2**100000",
+        "(1).__class__.__bases__",
+        "().__class__",
+        "[x for x in range(10**9)]",
+        "lambda: 1",
+        "open('/etc/passwd')",
+        "10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300*10**300",
+        "1/0",
+        "x",
+        "-" * 200 + "1",
+        "(" * 1000 + "1" + ")" * 1000,
+        "1+" * 400 + "1",
+    ],
+)
+def test_math_eval_refuses_hostile_input(expr: str) -> None:
+    with pytest.raises(MathError):
+        math_eval(expr)
+
+
+def test_config_refuses_disallowed_host_and_unknown_tier(tmp_path: Path) -> None:
+    doc = base_config(
+        tmp_path,
+        {},
+        tools={
+            "evil": {"url": "http://169.254.169.254/latest", "parameters": {"type": "object"}},
+            "both": {"builtin": "time.now", "url": "http://127.0.0.1:1/x"},
+            "t": {"builtin": "time.now", "tiers": ["nope"]},
+        },
+        tool_loop={"allowed_hosts": ["127.0.0.1:1"]},
+    )
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c.yaml", doc))
+    text = str(e.value)
+    assert "tools.evil.url: host 169.254.169.254:80 is not in tool_loop.allowed_hosts" in text
+    assert "tools.both: exactly one of builtin or url" in text
+    assert "tools.t.tiers[0]: unknown tier 'nope'" in text
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+async def test_two_round_loop_answers_with_usage_summed_and_rows_linked(tmp_path: Path, fake: FakeProc) -> None:
+    ctl = {"tool_call": {"name": "math.eval", "arguments": {"expression": "6*7"}}, "after_tool": {"echo_tool": True}}
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, doc, _ = await post(llmd.url, chat(["math.eval", "time.now"], ctl), rid="loop-1")
+        assert status == 200, doc
+        msg = doc["choices"][0]["message"]
+        assert json.loads(msg["content"]) == {"result": 42}  # the fake answered what the tool told it
+        assert doc["choices"][0]["finish_reason"] == "stop"
+        await wait_for(lambda: len(rows(tmp_path)) >= 2)
+        got = {r["request_id"]: r for r in rows(tmp_path)}
+        assert set(got) == {"loop-1", "loop-1.r2"}
+        r1, r2 = got["loop-1"], got["loop-1.r2"]
+        assert doc["usage"]["prompt_tokens"] == r1["prompt_tokens"] + r2["prompt_tokens"]
+        assert doc["usage"]["completion_tokens"] == r1["completion_tokens"] + r2["completion_tokens"]
+        assert doc["usage"]["total_tokens"] == doc["usage"]["prompt_tokens"] + doc["usage"]["completion_tokens"]
+        assert r1["status"] == r2["status"] == 200 and r1["outcome"] == r2["outcome"] == "ok"
+        # what the model saw: the server tools as function tools, then the tool's result
+        stats = await fake.stats()
+        bodies = [b for b in stats["bodies"] if isinstance(b, dict)]
+        assert [t["function"]["name"] for t in bodies[0]["tools"]] == ["math.eval", "time.now"]
+        assert bodies[0]["tools"][0]["function"]["parameters"]["required"] == ["expression"]
+        assert bodies[0]["stream"] is False
+        second = bodies[1]["messages"]
+        assert second[-2]["role"] == "assistant" and second[-2]["tool_calls"][0]["function"]["name"] == "math.eval"
+        assert second[-1]["role"] == "tool" and json.loads(second[-1]["content"]) == {"result": 42}
+
+
+async def test_rounds_stop_at_max_rounds(tmp_path: Path, fake: FakeProc) -> None:
+    ctl = {"tool_call": {"name": "time.now", "arguments": {}}}  # the model never stops calling
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, doc, _ = await post(llmd.url, chat(["time.now"], ctl), rid="loop-max")
+        assert status == 200, doc
+        assert "tool_calls" not in doc["choices"][0]["message"]  # never the server's calls to the client
+        await wait_for(lambda: len(rows(tmp_path)) >= 3)
+        assert sorted(r["request_id"] for r in rows(tmp_path)) == ["loop-max", "loop-max.r2", "loop-max.r3"]
+        bodies = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)]
+        assert bodies[-1]["tool_choice"] == "none"
+
+
+async def test_disallowed_and_unknown_tools_are_refused(tmp_path: Path, fake: FakeProc) -> None:
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        before = (await fake.stats())["requests"]
+        status, doc, _ = await post(llmd.url, chat(["tickets.search"], {}), key="basic")
+        assert status == 403 and doc["error"]["code"] == "tool_not_allowed"
+        assert "tickets.search" in doc["error"]["message"]
+        status, doc, _ = await post(llmd.url, chat(["nope"], {}), key="basic")
+        assert status == 404 and doc["error"]["code"] == "tool_not_found"
+        assert (await fake.stats())["requests"] == before  # nothing reached the model
+        # GET /v1/tools: what each key may use, with schemas, never the url
+        async with aiohttp.ClientSession() as s:
+            async with s.get(llmd.url + "/v1/tools", headers={"Authorization": f"Bearer {KEYS['basic']}"}) as r:
+                basic = await r.json()
+            async with s.get(llmd.url + "/v1/tools", headers={"Authorization": f"Bearer {KEYS['prem']}"}) as r:
+                prem = await r.json()
+            async with s.get(llmd.url + "/v1/tools") as r:
+                assert r.status == 401
+        assert sorted(t["name"] for t in basic["data"]) == ["math.eval", "tickets.slow", "time.now"]
+        names = sorted(t["name"] for t in prem["data"])
+        assert names == ["math.eval", "tickets.search", "tickets.slow", "time.convert", "time.now"]
+        search = next(t for t in prem["data"] if t["name"] == "tickets.search")
+        assert search["parameters"] == TICKETS and search["type"] == "http" and "url" not in search
+
+
+async def test_schema_failing_arguments_reach_the_model_as_a_tool_error(
+    tmp_path: Path, fake: FakeProc, tool_server: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, seen = tool_server
+    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"query": 3}}, "after_tool": {"echo_tool": True}}
+    async with run_llmd(config(tmp_path, fake, url + "/search")) as llmd:
+        status, doc, _ = await post(llmd.url, chat(["tickets.search"], ctl))
+        assert status == 200, doc
+        err = json.loads(doc["choices"][0]["message"]["content"])["error"]
+        assert "missing required property 'q'" in err and "unexpected property 'query'" in err
+        assert seen == []  # not executed
+
+
+async def test_http_tool_on_an_allowed_host(
+    tmp_path: Path, fake: FakeProc, tool_server: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, seen = tool_server
+    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"q": "login"}}, "after_tool": {"echo_tool": True}}
+    async with run_llmd(config(tmp_path, fake, url + "/search")) as llmd:
+        status, doc, _ = await post(llmd.url, chat(["tickets.search"], ctl))
+        assert status == 200, doc
+        assert json.loads(doc["choices"][0]["message"]["content"]) == {"tickets": ["T-1 about login"]}
+        assert seen == [{"body": {"q": "login"}, "auth": "Bearer tool-secret"}]
+        # a tool that does not answer within its timeout_s is a tool error for the model
+        ctl = {"tool_call": {"name": "tickets.slow", "arguments": {"q": "x"}}, "after_tool": {"echo_tool": True}}
+        status, doc, _ = await post(llmd.url, chat(["tickets.slow"], ctl))
+        assert status == 200, doc
+        assert json.loads(doc["choices"][0]["message"]["content"]) == {"error": "timed out after 0.3s"}
+
+
+async def test_http_tool_host_not_allowed_is_refused(
+    tmp_path: Path, fake: FakeProc, tool_server: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """The config with the tool's host outside allowed_hosts does not load; a runtime whose
+    allowed_hosts changed under the tool (the second lock) refuses the call as a tool error."""
+    url, seen = tool_server
+    path = config(tmp_path, fake, url + "/search")
+    doc = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))
+    doc["tool_loop"]["allowed_hosts"] = ["tools.internal:443"]
+    with pytest.raises(ConfigError, match="is not in tool_loop.allowed_hosts"):
+        configfile.load(write_config(tmp_path / "bad.yaml", doc))
+    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"q": "a"}}, "after_tool": {"echo_tool": True}}
+    async with run_llmd(path) as llmd:
+        llmd.services.runtime.cfg.tool_loop.allowed_hosts = ["tools.internal:443"]
+        status, body, _ = await post(llmd.url, chat(["tickets.search"], ctl))
+        assert status == 200, body
+        assert "not in tool_loop.allowed_hosts" in json.loads(body["choices"][0]["message"]["content"])["error"]
+        assert seen == []
+
+
+async def test_client_function_tools_go_back_to_the_client(tmp_path: Path, fake: FakeProc) -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = chat(["time.now"], {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}})
+    body["tools"].append(weather)
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, doc, _ = await post(llmd.url, body, rid="client-tools")
+        assert status == 200, doc
+        call = doc["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather" and doc["choices"][0]["finish_reason"] == "tool_calls"
+        assert (await fake.stats())["requests"] == 1
+
+
+async def test_streamed_final_round_with_tool_comments(tmp_path: Path, fake: FakeProc) -> None:
+    ctl = {"tool_call": {"name": "math.eval", "arguments": {"expression": "2+2"}}, "after_tool": {"echo_tool": True}}
+    body = chat(["math.eval"], ctl, stream=True, stream_options={"include_usage": True})
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, text, ctype = await post(llmd.url, body, rid="stream-1")
+        assert status == 200 and ctype.startswith("text/event-stream")
+        events = [e for e in text.split("\n\n") if e]
+        assert events[0] == ": tool math.eval ok"
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[len("data: ") :]) for e in events[1:-1]]
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert json.loads(content) == {"result": 4}
+        assert chunks[-1]["usage"]["total_tokens"] > 0 and chunks[-1]["choices"] == []
+        await wait_for(lambda: len(rows(tmp_path)) >= 2)
+        got = {r["request_id"]: r for r in rows(tmp_path)}
+        assert chunks[-1]["usage"]["completion_tokens"] == sum(r["completion_tokens"] for r in got.values())
+        assert got["stream-1"]["stream"] == 1 and got["stream-1.r2"]["stream"] == 0
+
+
+async def test_every_round_goes_through_the_keys_limits(tmp_path: Path, fake: FakeProc) -> None:
+    """requests_per_minute 1: round 1 is admitted, round 2 is refused (429), not run around it."""
+    ctl = {"tool_call": {"name": "time.now", "arguments": {}}, "after_tool": {"text": "noon"}}
+    path = config(tmp_path, fake)
+    doc = __import__("yaml").safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"requests_per_minute": 1, "max_concurrent": 1}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, body, _ = await post(llmd.url, chat(["time.now"], ctl), rid="lim")
+        assert status == 429, body
+        assert (await fake.stats())["requests"] == 1
+        await wait_for(lambda: len(rows(tmp_path)) >= 2)
+        got = {r["request_id"]: r for r in rows(tmp_path)}
+        assert got["lim.r2"]["outcome"] == "rejected_rate"
+    # max_concurrent 1 alone: the rounds are sequential, each finds the slot of the last free
+    doc["tiers"]["premium"] = {"max_concurrent": 1}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, body, _ = await post(llmd.url, chat(["time.now"], ctl))
+        assert status == 200 and body["choices"][0]["message"]["content"] == "noon"
