@@ -353,6 +353,23 @@ def build(cfg: Config) -> dict[str, Any]:
                 {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
             ],
         ),
+        "/v1/tools": _get(
+            "listTools",
+            'Server tools this key may name in a chat request (`{"type": "server", "name": ...}`)',
+            {
+                "200": _ok(
+                    "The tools, each with the JSON schema of its arguments.",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "object": {"const": "list"},
+                            "data": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+                        },
+                    },
+                ),
+                **auth_errors,
+            },
+        ),
         "/health": _get(
             "health",
             "Liveness",

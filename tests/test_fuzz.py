@@ -28,8 +28,8 @@ from tests.fakeproc import FakeProc
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SERVED = {
-    "/v1/models", "/models", "/v1/models/{model}", *INFERENCE_PATHS, "/health", "/readyz", "/metrics", "/version",
-    "/openapi.json", "/admin/status", "/admin/usage", *(p for r in ROUTES for p in r.paths),
+    "/v1/models", "/models", "/v1/models/{model}", "/v1/tools", *INFERENCE_PATHS, "/health", "/readyz", "/metrics",
+    "/version", "/openapi.json", "/admin/status", "/admin/usage", *(p for r in ROUTES for p in r.paths),
 }  # fmt: skip
 
 

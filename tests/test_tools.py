@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from llmd import configfile
@@ -291,9 +292,9 @@ async def test_http_tool_host_not_allowed_is_refused(
     allowed_hosts changed under the tool (the second lock) refuses the call as a tool error."""
     url, seen = tool_server
     path = config(tmp_path, fake, url + "/search")
-    doc = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))
+    doc = yaml.safe_load(path.read_text())
     doc["tool_loop"]["allowed_hosts"] = ["tools.internal:443"]
-    with pytest.raises(ConfigError, match="is not in tool_loop.allowed_hosts"):
+    with pytest.raises(ConfigError, match=r"is not in tool_loop\.allowed_hosts"):
         configfile.load(write_config(tmp_path / "bad.yaml", doc))
     ctl = {"tool_call": {"name": "tickets.search", "arguments": {"q": "a"}}, "after_tool": {"echo_tool": True}}
     async with run_llmd(path) as llmd:
@@ -339,7 +340,7 @@ async def test_every_round_goes_through_the_keys_limits(tmp_path: Path, fake: Fa
     """requests_per_minute 1: round 1 is admitted, round 2 is refused (429), not run around it."""
     ctl = {"tool_call": {"name": "time.now", "arguments": {}}, "after_tool": {"text": "noon"}}
     path = config(tmp_path, fake)
-    doc = __import__("yaml").safe_load(path.read_text())
+    doc = yaml.safe_load(path.read_text())
     doc["tiers"]["premium"] = {"requests_per_minute": 1, "max_concurrent": 1}
     async with run_llmd(write_config(path, doc)) as llmd:
         status, body, _ = await post(llmd.url, chat(["time.now"], ctl), rid="lim")
