@@ -140,8 +140,14 @@ class ToolLoop:
                     return resp  # the upstream's own error, as any request would get it
                 text = resp.body.decode(errors="replace") if isinstance(resp.body, bytes) else ""
                 return await self._fail(upstream_failed(resp.status, f"round {n}: {text[:500]}"))
-            answer = _decode(resp.body)
-            message = ((answer.get("choices") or [{}])[0]).get("message") or {}
+            try:
+                answer = _decode(resp.body)
+                message = ((answer.get("choices") or [{}])[0]).get("message") or {}
+            except (msgspec.DecodeError, RecursionError, AttributeError, TypeError):
+                err = upstream_failed(502, f"round {n}: the model's answer is not a chat completion")
+                if self.out is None:
+                    raise err from None
+                return await self._fail(err)
             calls = message.get("tool_calls") or []
             mine = [c for c in calls if _name(c) in self.plan.server]
             theirs = [c for c in calls if _name(c) not in self.plan.server]
