@@ -47,7 +47,8 @@ RunTool = Callable[[Tool, str], Awaitable[ToolResult]]
 
 @dataclass(slots=True)
 class Plan:
-    """What a request asks: its body (tools expanded), the server tools by name."""
+    """What a request asks: its body (tools expanded), the server tools by the name the model
+    calls them (``Tool.wire_name``)."""
 
     doc: dict[str, Any]
     server: dict[str, Tool]
@@ -87,10 +88,11 @@ def plan(call: Call, toolbox: Toolbox) -> Plan | None:
             raise unknown_tool(name)
         if not tool.allowed(principal):
             raise tool_not_allowed(principal.key_id, name)
-        if name in client_names:
-            raise bad_request(f"Tool '{name}' is named both as a server and a function tool.", param="tools")
-        if name not in server:
-            server[name] = tool
+        wire = tool.wire_name
+        if wire in client_names or (wire in server and server[wire] is not tool):
+            raise bad_request(f"Tool '{name}' reaches the model as '{wire}', a name already in 'tools'.", param="tools")
+        if wire not in server:
+            server[wire] = tool
             out.append(tool.function())
     doc["tools"] = out
     return Plan(doc, server)
@@ -164,7 +166,8 @@ class ToolLoop:
                 result = await self.run_tool(self.plan.server[fn["name"]], fn.get("arguments") or "{}")
                 messages.append({"role": "tool", "tool_call_id": c.get("id") or "", "content": result.text})
                 if self.out is not None:
-                    await self._write(f": tool {fn['name']} {'ok' if result.ok else 'error'}\n\n".encode())
+                    tool = self.plan.server[fn["name"]]
+                    await self._write(f": tool {tool.name} {'ok' if result.ok else 'error'}\n\n".encode())
         answer["usage"] = self._usage()
         return await self._deliver(answer)
 

@@ -19,6 +19,7 @@ import asyncio
 import math
 import operator
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .auth import Principal
 
 _encode = msgspec.json.Encoder().encode
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +59,24 @@ class Tool:
             return True
         return p.tier in self.cfg.tiers or p.key_id in self.cfg.keys
 
+    @property
+    def wire_name(self) -> str:
+        """The function name the model sees: OpenAI allows only ``[A-Za-z0-9_-]`` there, so
+        ``time.now`` is ``time_now`` (the loop maps the model's calls back)."""
+        return _UNSAFE.sub("_", self.name)
+
     def function(self) -> dict[str, Any]:
         """As the model sees it: an OpenAI function tool."""
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+            "function": {"name": self.wire_name, "description": self.description, "parameters": self.parameters},
         }
 
     def public(self) -> dict[str, Any]:
         """As ``GET /v1/tools`` lists it (never the url nor its headers)."""
         return {
             "name": self.name,
+            "function_name": self.wire_name,  # what the model calls it
             "type": "builtin" if self.cfg.builtin else "http",
             "description": self.description,
             "parameters": self.parameters,

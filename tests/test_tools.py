@@ -20,8 +20,8 @@ import yaml
 from aiohttp import web
 
 from llmd import configfile
-from llmd.config import ConfigError
-from llmd.tools import MathError, math_eval, validate
+from llmd.config import Config, ConfigError, ToolConfig
+from llmd.tools import MathError, Toolbox, math_eval, validate
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
 
@@ -170,6 +170,26 @@ def test_math_eval_refuses_hostile_input(expr: str) -> None:
         math_eval(expr)
 
 
+async def test_builtins_run_and_fail_as_tool_errors() -> None:
+    cfg = Config(
+        tools={n: ToolConfig(builtin=n) for n in ("time.now", "time.convert", "math.eval")}  # type: ignore[arg-type]
+    )
+    box = Toolbox(cfg)
+    now, convert, calc = (box.tools[n] for n in ("time.now", "time.convert", "math.eval"))
+    session: Any = None  # built-ins never touch the network
+    r = await box.run(now, '{"timezone": "Asia/Tokyo"}', session)
+    assert r.ok and json.loads(r.text)["time"].endswith("+09:00")
+    paris = '{"time": "2025-01-31T09:30", "from_timezone": "UTC", "to_timezone": "Europe/Paris"}'
+    r = await box.run(convert, paris, session)
+    assert r.ok and json.loads(r.text) == {"time": "2025-01-31T10:30:00+01:00", "timezone": "Europe/Paris"}
+    r = await box.run(now, '{"timezone": "Mars/Olympus"}', session)
+    assert not r.ok and "unknown time zone" in json.loads(r.text)["error"]
+    r = await box.run(calc, '{"expression": "__import__(\'os\')"}', session)
+    assert not r.ok and "__import__ is not allowed" in json.loads(r.text)["error"]
+    r = await box.run(calc, "not json", session)
+    assert not r.ok and json.loads(r.text) == {"error": "arguments are not valid JSON"}
+
+
 def test_config_refuses_disallowed_host_and_unknown_tier(tmp_path: Path) -> None:
     doc = base_config(
         tmp_path,
@@ -193,7 +213,7 @@ def test_config_refuses_disallowed_host_and_unknown_tier(tmp_path: Path) -> None
 
 
 async def test_two_round_loop_answers_with_usage_summed_and_rows_linked(tmp_path: Path, fake: FakeProc) -> None:
-    ctl = {"tool_call": {"name": "math.eval", "arguments": {"expression": "6*7"}}, "after_tool": {"echo_tool": True}}
+    ctl = {"tool_call": {"name": "math_eval", "arguments": {"expression": "6*7"}}, "after_tool": {"echo_tool": True}}
     async with run_llmd(config(tmp_path, fake)) as llmd:
         status, doc, _ = await post(llmd.url, chat(["math.eval", "time.now"], ctl), rid="loop-1")
         assert status == 200, doc
@@ -211,16 +231,16 @@ async def test_two_round_loop_answers_with_usage_summed_and_rows_linked(tmp_path
         # what the model saw: the server tools as function tools, then the tool's result
         stats = await fake.stats()
         bodies = [b for b in stats["bodies"] if isinstance(b, dict)]
-        assert [t["function"]["name"] for t in bodies[0]["tools"]] == ["math.eval", "time.now"]
+        assert [t["function"]["name"] for t in bodies[0]["tools"]] == ["math_eval", "time_now"]  # OpenAI-safe
         assert bodies[0]["tools"][0]["function"]["parameters"]["required"] == ["expression"]
         assert bodies[0]["stream"] is False
         second = bodies[1]["messages"]
-        assert second[-2]["role"] == "assistant" and second[-2]["tool_calls"][0]["function"]["name"] == "math.eval"
+        assert second[-2]["role"] == "assistant" and second[-2]["tool_calls"][0]["function"]["name"] == "math_eval"
         assert second[-1]["role"] == "tool" and json.loads(second[-1]["content"]) == {"result": 42}
 
 
 async def test_rounds_stop_at_max_rounds(tmp_path: Path, fake: FakeProc) -> None:
-    ctl = {"tool_call": {"name": "time.now", "arguments": {}}}  # the model never stops calling
+    ctl = {"tool_call": {"name": "time_now", "arguments": {}}}  # the model never stops calling
     async with run_llmd(config(tmp_path, fake)) as llmd:
         status, doc, _ = await post(llmd.url, chat(["time.now"], ctl), rid="loop-max")
         assert status == 200, doc
@@ -259,7 +279,7 @@ async def test_schema_failing_arguments_reach_the_model_as_a_tool_error(
     tmp_path: Path, fake: FakeProc, tool_server: tuple[str, list[dict[str, Any]]]
 ) -> None:
     url, seen = tool_server
-    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"query": 3}}, "after_tool": {"echo_tool": True}}
+    ctl = {"tool_call": {"name": "tickets_search", "arguments": {"query": 3}}, "after_tool": {"echo_tool": True}}
     async with run_llmd(config(tmp_path, fake, url + "/search")) as llmd:
         status, doc, _ = await post(llmd.url, chat(["tickets.search"], ctl))
         assert status == 200, doc
@@ -272,14 +292,14 @@ async def test_http_tool_on_an_allowed_host(
     tmp_path: Path, fake: FakeProc, tool_server: tuple[str, list[dict[str, Any]]]
 ) -> None:
     url, seen = tool_server
-    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"q": "login"}}, "after_tool": {"echo_tool": True}}
+    ctl = {"tool_call": {"name": "tickets_search", "arguments": {"q": "login"}}, "after_tool": {"echo_tool": True}}
     async with run_llmd(config(tmp_path, fake, url + "/search")) as llmd:
         status, doc, _ = await post(llmd.url, chat(["tickets.search"], ctl))
         assert status == 200, doc
         assert json.loads(doc["choices"][0]["message"]["content"]) == {"tickets": ["T-1 about login"]}
         assert seen == [{"body": {"q": "login"}, "auth": "Bearer tool-secret"}]
         # a tool that does not answer within its timeout_s is a tool error for the model
-        ctl = {"tool_call": {"name": "tickets.slow", "arguments": {"q": "x"}}, "after_tool": {"echo_tool": True}}
+        ctl = {"tool_call": {"name": "tickets_slow", "arguments": {"q": "x"}}, "after_tool": {"echo_tool": True}}
         status, doc, _ = await post(llmd.url, chat(["tickets.slow"], ctl))
         assert status == 200, doc
         assert json.loads(doc["choices"][0]["message"]["content"]) == {"error": "timed out after 0.3s"}
@@ -296,7 +316,7 @@ async def test_http_tool_host_not_allowed_is_refused(
     doc["tool_loop"]["allowed_hosts"] = ["tools.internal:443"]
     with pytest.raises(ConfigError, match=r"is not in tool_loop\.allowed_hosts"):
         configfile.load(write_config(tmp_path / "bad.yaml", doc))
-    ctl = {"tool_call": {"name": "tickets.search", "arguments": {"q": "a"}}, "after_tool": {"echo_tool": True}}
+    ctl = {"tool_call": {"name": "tickets_search", "arguments": {"q": "a"}}, "after_tool": {"echo_tool": True}}
     async with run_llmd(path) as llmd:
         llmd.services.runtime.cfg.tool_loop.allowed_hosts = ["tools.internal:443"]
         status, body, _ = await post(llmd.url, chat(["tickets.search"], ctl))
@@ -318,7 +338,7 @@ async def test_client_function_tools_go_back_to_the_client(tmp_path: Path, fake:
 
 
 async def test_streamed_final_round_with_tool_comments(tmp_path: Path, fake: FakeProc) -> None:
-    ctl = {"tool_call": {"name": "math.eval", "arguments": {"expression": "2+2"}}, "after_tool": {"echo_tool": True}}
+    ctl = {"tool_call": {"name": "math_eval", "arguments": {"expression": "2+2"}}, "after_tool": {"echo_tool": True}}
     body = chat(["math.eval"], ctl, stream=True, stream_options={"include_usage": True})
     async with run_llmd(config(tmp_path, fake)) as llmd:
         status, text, ctype = await post(llmd.url, body, rid="stream-1")
@@ -338,7 +358,7 @@ async def test_streamed_final_round_with_tool_comments(tmp_path: Path, fake: Fak
 
 async def test_every_round_goes_through_the_keys_limits(tmp_path: Path, fake: FakeProc) -> None:
     """requests_per_minute 1: round 1 is admitted, round 2 is refused (429), not run around it."""
-    ctl = {"tool_call": {"name": "time.now", "arguments": {}}, "after_tool": {"text": "noon"}}
+    ctl = {"tool_call": {"name": "time_now", "arguments": {}}, "after_tool": {"text": "noon"}}
     path = config(tmp_path, fake)
     doc = yaml.safe_load(path.read_text())
     doc["tiers"]["premium"] = {"requests_per_minute": 1, "max_concurrent": 1}
@@ -354,3 +374,23 @@ async def test_every_round_goes_through_the_keys_limits(tmp_path: Path, fake: Fa
     async with run_llmd(write_config(path, doc)) as llmd:
         status, body, _ = await post(llmd.url, chat(["time.now"], ctl))
         assert status == 200 and body["choices"][0]["message"]["content"] == "noon"
+
+
+async def test_stream_refused_round_is_an_in_band_error_and_names_must_not_collide(
+    tmp_path: Path, fake: FakeProc
+) -> None:
+    ctl = {"tool_call": {"name": "time_now", "arguments": {}}, "after_tool": {"text": "noon"}}
+    path = config(tmp_path, fake)
+    doc = yaml.safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"requests_per_minute": 1}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, text, ctype = await post(llmd.url, chat(["time.now"], ctl, stream=True))
+        assert status == 200 and ctype.startswith("text/event-stream")
+        events = [e for e in text.split("\n\n") if e]
+        assert events[0] == ": tool time.now ok"
+        assert json.loads(events[1][len("data: ") :])["error"]["code"] == "rate_limit_exceeded"
+        # a client function tool under the name the model would see a server tool by
+        clash = chat(["time.now"], {})
+        clash["tools"].append({"type": "function", "function": {"name": "time_now", "parameters": {"type": "object"}}})
+        status, body, _ = await post(llmd.url, clash, key="basic")
+        assert status == 400 and body["error"]["param"] == "tools"
