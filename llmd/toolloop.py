@@ -155,8 +155,9 @@ class ToolLoop:
             theirs = [c for c in calls if _name(c) not in self.plan.server]
             if not mine or theirs or n == self.max_rounds:
                 if mine:  # the client cannot answer llmd's tools: it gets its own calls only
-                    message["tool_calls"] = theirs or None
-                    if not theirs:
+                    if theirs:
+                        message["tool_calls"] = theirs
+                    else:
                         message.pop("tool_calls")
                         answer["choices"][0]["finish_reason"] = "stop"
                 break
