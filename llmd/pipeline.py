@@ -11,7 +11,9 @@ log line. The route table (routes.py) says what differs between routes; nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -33,6 +35,7 @@ from .errors import (
 from .launchers import served_routes
 from .legacy import LEGACY_FUNCTIONS
 from .outcome import Outcome
+from .pool import Pool
 from .relay import count_prompt_tokens
 from .routes import BY_PATH
 from .runtime import Runtime, Services
@@ -45,7 +48,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     rt = services.runtime  # the config this request started under, for all its steps
     call.route = BY_PATH[request.path]
-    try:
+    with settled(call, services):  # 8, however it ends
         authenticate(call, rt)  # 2
         await decode(call, rt)  # 3
         tool_plan = plan(call, rt.toolbox)  # server tools: llmd runs the model's calls of them
@@ -57,9 +60,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
             return resp
         if call.cache:
             call.response_headers["x-llmd-cache"] = call.cache
-        pool = rt.pools.get(call.model)
-        if pool is None:  # a reload removed the model while this request read its body
-            raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
+        pool = pool_of(call, rt)
         if tool_plan is not None:
             loop = ToolLoop(
                 call,
@@ -73,6 +74,13 @@ async def inference(request: web.Request) -> web.StreamResponse:
         call.status = resp.status
         services.cache.keep(call, resp)
         return resp
+
+
+@contextlib.contextmanager
+def settled(call: Call, services: Services) -> Iterator[None]:
+    """Whatever ends the block, the call learns its status and outcome and is settled once."""
+    try:
+        yield
     except ApiError as e:
         call.status = e.status
         if call.exchange.outcome is Outcome.OK:
@@ -87,7 +95,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
         call.exchange.outcome = Outcome.UPSTREAM_ERROR
         raise
     finally:
-        settle(call, services)  # 8
+        settle(call, services)
+
+
+def pool_of(call: Call, rt: Runtime) -> Pool:
+    pool = rt.pools.get(call.model)
+    if pool is None:  # a reload removed the model while this request read its body
+        raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
+    return pool
 
 
 def authenticate(call: Call, rt: Runtime) -> None:
@@ -160,25 +175,11 @@ def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None)
 async def serve_round(call: Call, rt: Runtime, services: Services) -> web.StreamResponse:
     """A tool loop's next model call (toolloop.py), as a request of its own: limits, a slot on
     a replica, the relay, and its own settle (ledger row, limits, metrics)."""
-    try:
+    with settled(call, services):
         admit(call, rt, services)
-        pool = rt.pools.get(call.model)
-        if pool is None:
-            raise overloaded(f"Model '{call.model}' was removed by a reload.", 5)
-        resp = await pool.serve(call, services.relay)
+        resp = await pool_of(call, rt).serve(call, services.relay)
         call.status = resp.status
         return resp
-    except ApiError as e:
-        call.status = e.status
-        if call.exchange.outcome is Outcome.OK:
-            call.exchange.outcome = e.outcome
-        raise
-    except asyncio.CancelledError:
-        call.exchange.outcome = Outcome.CLIENT_ABORT
-        call.status = 499
-        raise
-    finally:
-        settle(call, services)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
