@@ -44,19 +44,16 @@ from typing import Any
 from harness import (
     MODEL,
     MODEL_PATH,
-    PYTHON,
-    ROOT,
     WRK_LUA,
     Procs,
     Run,
-    http_status,
     install_sigterm,
     llama_launcher,
     md_table,
     pct,
+    serve_llmd,
     start_llmd,
     stop_llmd,
-    wait_until,
     warm_replicas,
     wrk,
 )
@@ -93,25 +90,7 @@ def start_llmd_on_mock(
     config = d / "llmd.yaml"
     config.write_text(json.dumps(doc, indent=2))
     log = d / "llmd.log"
-    p = procs.start(
-        [PYTHON, "-m", "llmd", "serve", "-c", str(config)],
-        cpus,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    port = 0
-
-    def listening() -> bool:
-        nonlocal port
-        m = re.search(r'"msg":"listening".*?"port":(\d+)', log.read_text(errors="replace"))
-        if m:
-            port = int(m.group(1))
-        return port != 0 and http_status(port, "/readyz") == 200
-
-    wait_until(listening, "llmd", p, log)
-    return p, port
+    return serve_llmd(procs, config, cpus, log)
 
 
 def mock_part(args: argparse.Namespace, tmp: Path) -> list[str]:

@@ -182,6 +182,40 @@ class Llmd:
         return http_get(self.url + "/metrics")[1]
 
 
+def serve_llmd(
+    procs: Procs,
+    config: Path,
+    cpus: set[int] | None,
+    log: Path,
+    name: str = "llmd",
+    src: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`llmd serve -c config` from ``src`` (default this checkout: ``-m llmd`` imports the
+    package from the working directory), its output in ``log``; (process, port) once /readyz
+    answers 200 (the port is read from its "listening" log line: configs bind port 0)."""
+    src = src or ROOT
+    p = procs.start(
+        [PYTHON, "-m", "llmd", "serve", "-c", str(config)],
+        cpus,
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    port = 0
+
+    def listening() -> bool:
+        nonlocal port
+        m = re.search(r'"msg":"listening".*?"port":(\d+)', log.read_text(errors="replace"))
+        if m:
+            port = int(m.group(1))
+        return port != 0 and http_status(port, "/readyz") == 200
+
+    wait_until(listening, name, p, log)
+    return p, port
+
+
 def llama_launcher() -> dict[str, Any]:
     # Quick health polling so that "ready" is noticed within half a second of llama-server loading.
     return {"llama-server": {"command": str(LLAMA), "start_timeout_s": 120, "health_interval_s": 0.5}}

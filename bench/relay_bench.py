@@ -49,6 +49,7 @@ from harness import (
     http_status,
     md_table,
     rss_mb,
+    serve_llmd,
     verdict,
     wait_until,
     wrk,
@@ -222,25 +223,7 @@ def start_llmd(
     doc = llmd_config(d, upstream_port, metrics, opts, ledger=not name.endswith("-noledger"))
     config.write_text(json.dumps(doc, indent=2))
     log = d / "llmd.log"  # the access log goes to stderr with everything else: a file, like journald
-    p = procs.start(
-        [PYTHON, "-m", "llmd", "serve", "-c", str(config)],
-        cpus,
-        cwd=src,
-        env={**os.environ, "PYTHONPATH": str(src)},
-        stdin=subprocess.DEVNULL,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    port = 0
-
-    def listening() -> bool:
-        nonlocal port
-        m = re.search(r'"msg":"listening".*?"port":(\d+)', log.read_text(errors="replace"))
-        if m:
-            port = int(m.group(1))
-        return port != 0 and http_status(port, "/readyz") == 200
-
-    wait_until(listening, name, p, log)
+    p, port = serve_llmd(procs, config, cpus, log, name, src)
     return Target(name, port, p, log)
 
 
