@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -20,6 +20,16 @@ from .legacy import LegacyFunctions
 from .limits import Grant
 from .outcome import Outcome
 from .routes import Route
+
+
+class Sink(Protocol):
+    """Where a streamed answer's events go instead of a response of the call's own: a tool
+    loop's rounds share the client's one stream (toolstream.py)."""
+
+    out: web.StreamResponse
+
+    def event(self, payload: bytes) -> bytes | None:
+        """One upstream event's data -> the bytes the client gets (None: nothing)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -46,6 +56,7 @@ class Call:
     cache: str = ""
     cache_key: bytes = b""
     capture: list[bytes] | None = None
+    sink: Sink | None = None  # a stream already open to the client (a tool loop's)
     exchange: Exchange = field(init=False)
     status: int = 0  # what the client got (499 when it left first)
 

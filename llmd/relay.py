@@ -130,18 +130,22 @@ class Relay:
     async def _stream(self, call: Call, resp: Response, deadline: float) -> web.StreamResponse:
         request, ex = call.request, call.exchange
         meter = call.route.meter  # type: ignore[union-attr]
-        out = web.StreamResponse(status=200)
-        out.headers.update(call.response_headers)
-        out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
-        out.headers["Cache-Control"] = "no-cache"
-        out.headers["X-Accel-Buffering"] = "no"  # nginx must not buffer SSE
-        try:
-            await out.prepare(request)
-        except ConnectionResetError:
-            # The client left while the upstream answered: its FIN closed the transport in the
-            # same loop iteration, before aiohttp's cancellation reached this task. Take the
-            # path aiohttp's cancellation would have taken (client_abort, 499).
-            raise asyncio.CancelledError from None
+        sink = call.sink
+        if sink is not None:  # the client's stream is open already; the sink picks what it gets
+            out = sink.out
+        else:
+            out = web.StreamResponse(status=200)
+            out.headers.update(call.response_headers)
+            out.headers["Content-Type"] = "text/event-stream; charset=utf-8"
+            out.headers["Cache-Control"] = "no-cache"
+            out.headers["X-Accel-Buffering"] = "no"  # nginx must not buffer SSE
+            try:
+                await out.prepare(request)
+            except ConnectionResetError:
+                # The client left while the upstream answered: its FIN closed the transport in the
+                # same loop iteration, before aiohttp's cancellation reached this task. Take the
+                # path aiohttp's cancellation would have taken (client_abort, 499).
+                raise asyncio.CancelledError from None
         ex.first_byte_sent = True
         ex.streamed = True
         splitter = EventSplitter()
@@ -159,6 +163,11 @@ class Relay:
                         for ev in events:
                             payload = data_of(ev)
                             if payload is None or meter.event(payload, ex, hide_usage):
+                                if sink is not None and payload is not None:
+                                    picked = sink.event(payload)
+                                    if picked is not None:
+                                        parts.append(picked)
+                                    continue
                                 if rewrite is not None and payload is not None:
                                     ev = b"data: " + rewrite.event(payload)
                                 parts.append(ev)
@@ -194,7 +203,8 @@ class Relay:
                 if tail is not None:
                     await out.write(tail)
                     ex.client_bytes += len(tail)
-                await out.write_eof()
+                if sink is None:  # a sink's stream goes on: its owner ends it
+                    await out.write_eof()
         except TimeoutError:
             _abort(request)
         except asyncio.CancelledError:

@@ -14,9 +14,11 @@ Every round is one model call that goes through the key's limits like a request 
 own ledger row: the client's request id for round 1, ``<id>.r2``, ``<id>.r3``... for the next.
 The client's answer carries every round's usage summed.
 
-Rounds go upstream whole (``stream: false``): whether a round is the last is known only from
-its answer. A streamed request gets its 200 and SSE headers at once, an SSE comment per tool
-run (``: tool time.now ok``) so it stays connected, then the final answer as chat chunks.
+A streamed request gets its 200 and SSE headers at once and every round is streamed upstream
+too: the model's text reaches the client live in every round, its tool calls are held until
+the round ends (toolstream.py), each tool run is an SSE comment (``: tool time.now ok``), and
+the stream ends with the client's own tool calls if any, one finish chunk and the usage of
+every round summed. A non-streamed request's rounds go upstream whole.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .errors import ApiError, bad_request, sse_error_event, tool_not_allowed, un
 from .exchange import Exchange
 from .outcome import Outcome
 from .tools import Tool, Toolbox, ToolResult
+from .toolstream import ToolStream
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -111,45 +114,44 @@ class ToolLoop:
         self.written = 0  # bytes the client got on the stream
 
     async def run(self, serve_main: ServeMain, serve_round: ServeRound) -> web.StreamResponse:
-        call = self.call
-        doc = self.plan.doc
-        messages: list[Any] = list(doc.get("messages") or [])
+        messages: list[Any] = list(self.plan.doc.get("messages") or [])
+        live: ToolStream | None = None
         if self.stream:
-            await self._open()
+            live = ToolStream(await self._open())
         answer: dict[str, Any] = {}
         for n in range(1, self.max_rounds + 1):
+            if live is not None:
+                live.new_round()
             body = self._round_body(messages, last=n == self.max_rounds)
             try:
-                if n == 1:
-                    call.upstream_body = body
-                    resp = await serve_main()
-                    self.exchanges.append(call.exchange)
-                    # Settled now, not when the request ends: the next round is admitted on
-                    # its own and must find this one's concurrency slot free.
-                    ex = call.exchange
-                    if call.grant is not None:
-                        call.grant.release(ex.prompt_tokens + ex.completion_tokens)
-                else:
-                    sub = self._round_call(n, body)
-                    self.exchanges.append(sub.exchange)
-                    resp = await serve_round(sub)
+                resp = await self._serve(n, body, live, serve_main, serve_round)
             except ApiError as e:
                 if self.out is None:
                     raise
                 return await self._fail(e)
-            if resp.status != 200 or not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
-                if self.out is None:
-                    return resp  # the upstream's own error, as any request would get it
-                text = resp.body.decode(errors="replace") if isinstance(resp.body, bytes) else ""
-                return await self._fail(upstream_failed(resp.status, f"round {n}: {text[:500]}"))
-            try:
-                answer = _decode(resp.body)
-                message = ((answer.get("choices") or [{}])[0]).get("message") or {}
-            except (msgspec.DecodeError, RecursionError, AttributeError, TypeError):
-                err = upstream_failed(502, f"round {n}: the model's answer is not a chat completion")
-                if self.out is None:
-                    raise err from None
-                return await self._fail(err)
+            ex = self.exchanges[-1]
+            if live is not None and resp is self.out:  # the round streamed into the client's stream
+                if ex.outcome is not Outcome.OK:  # the relay told the client in-band (or it left)
+                    return await self._broken(ex)
+                answer = {}
+                message = live.message()
+                finish = live.finish or "stop"
+            else:
+                if resp.status != 200 or not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
+                    if self.out is None:
+                        return resp  # the upstream's own error, as any request would get it
+                    text = resp.body.decode(errors="replace") if isinstance(resp.body, bytes) else ""
+                    return await self._fail(upstream_failed(resp.status, f"round {n}: {text[:500]}"))
+                try:
+                    answer = _decode(resp.body)
+                    choice = (answer.get("choices") or [{}])[0]
+                    message = choice.get("message") or {}
+                    finish = choice.get("finish_reason") or "stop"
+                except (msgspec.DecodeError, RecursionError, AttributeError, TypeError):
+                    err = upstream_failed(502, f"round {n}: the model's answer is not a chat completion")
+                    if self.out is None:
+                        raise err from None
+                    return await self._fail(err)
             calls = message.get("tool_calls") or []
             mine = [c for c in calls if _name(c) in self.plan.server]
             theirs = [c for c in calls if _name(c) not in self.plan.server]
@@ -159,7 +161,9 @@ class ToolLoop:
                         message["tool_calls"] = theirs
                     else:
                         message.pop("tool_calls")
-                        answer["choices"][0]["finish_reason"] = "stop"
+                        finish = "stop"
+                    if answer:
+                        answer["choices"][0]["finish_reason"] = finish
                 break
             messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": mine})
             for c in mine:
@@ -169,14 +173,42 @@ class ToolLoop:
                 if self.out is not None:
                     tool = self.plan.server[fn["name"]]
                     await self._write(f": tool {tool.name} {'ok' if result.ok else 'error'}\n\n".encode())
-        answer["usage"] = self._usage()
+        usage = self._usage()
+        if live is not None and not answer:  # the last round streamed: end the client's stream
+            told = usage if self.include_usage else None
+            await self._write(live.ending(message.get("tool_calls") or [], finish, told))
+            return await self._end()
+        answer["usage"] = usage
         return await self._deliver(answer)
+
+    async def _serve(
+        self, n: int, body: bytes, live: ToolStream | None, serve_main: ServeMain, serve_round: ServeRound
+    ) -> web.StreamResponse:
+        """Round n, one model call: round 1 on the client's Call, the next on Calls of their own."""
+        call = self.call
+        if n == 1:
+            call.upstream_body = body
+            call.sink = live
+            self.exchanges.append(call.exchange)
+            resp = await serve_main()
+            # Settled now, not when the request ends: the next round is admitted on its own and
+            # must find this one's concurrency slot free.
+            ex = call.exchange
+            if call.grant is not None:
+                call.grant.release(ex.prompt_tokens + ex.completion_tokens)
+            return resp
+        sub = self._round_call(n, body)
+        sub.sink = live
+        self.exchanges.append(sub.exchange)
+        return await serve_round(sub)
 
     # --- bodies and calls of the rounds ------------------------------------------------------------------
 
     def _round_body(self, messages: list[Any], last: bool) -> bytes:
-        doc = {**self.plan.doc, "messages": messages, "stream": False}
+        doc = {**self.plan.doc, "messages": messages, "stream": self.stream}
         doc.pop("stream_options", None)
+        if self.stream:  # every round's usage, for its row and the client's sum
+            doc["stream_options"] = {"include_usage": True}
         if last and len(messages) > len(self.plan.doc.get("messages") or []):
             doc["tool_choice"] = "none"  # rounds are spent: answer with what the tools told
         return _encode(doc)
@@ -209,10 +241,9 @@ class ToolLoop:
         for chunk in _chunks(answer, self.include_usage):
             await self._write(b"data: " + _encode(chunk) + b"\n\n")
         await self._write(b"data: [DONE]\n\n")
-        await self.out.write_eof()
-        return self.out
+        return await self._end()
 
-    async def _open(self) -> None:
+    async def _open(self) -> web.StreamResponse:
         call = self.call
         out = web.StreamResponse(status=200)
         out.headers.update(call.response_headers)
@@ -220,8 +251,8 @@ class ToolLoop:
         out.headers["Cache-Control"] = "no-cache"
         out.headers["X-Accel-Buffering"] = "no"
         await out.prepare(call.request)
-        call.exchange.first_byte_sent = True
         self.out = out
+        return out
 
     async def _write(self, data: bytes) -> None:
         assert self.out is not None
@@ -229,7 +260,22 @@ class ToolLoop:
             self.call.exchange.ttft_s = time.monotonic() - self.call.exchange.t_start
         await self.out.write(data)
         self.written += len(data)
-        self.call.exchange.client_bytes = self.written  # round 1's relay counted its answer there
+
+    async def _end(self) -> web.StreamResponse:
+        """The client's stream ends; its bytes: what the loop wrote and what rounds streamed."""
+        assert self.out is not None
+        streamed = sum(ex.client_bytes for ex in self.exchanges if ex.streamed)
+        self.call.exchange.client_bytes = self.written + streamed
+        await self.out.write_eof()
+        return self.out
+
+    async def _broken(self, ex: Exchange) -> web.StreamResponse:
+        """A round's stream broke off: the relay told the client in-band (or the client left)."""
+        if self.call.exchange.outcome is Outcome.OK:
+            self.call.exchange.outcome = ex.outcome
+        if ex.outcome is Outcome.CLIENT_ABORT:
+            return self.out  # type: ignore[return-value]
+        return await self._end()
 
     async def _fail(self, e: ApiError) -> web.StreamResponse:
         """A stream's 200 is out: the error is told in-band, then the stream ends."""
@@ -237,8 +283,7 @@ class ToolLoop:
         if self.call.exchange.outcome is Outcome.OK:
             self.call.exchange.outcome = e.outcome
         await self._write(sse_error_event(e))
-        await self.out.write_eof()
-        return self.out
+        return await self._end()
 
 
 def _name(c: Any) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from tests.conftest import base_config, run_llmd, wait_for, write_config
@@ -74,3 +75,29 @@ async def test_real_model_runs_a_server_tool(tmp_path: Path) -> None:
         assert "tool_calls" not in msg or not msg["tool_calls"]
         assert isinstance(msg.get("content"), str)
         print("real model's answer:", json.dumps(msg["content"]))
+
+        # The same loop streamed, read by the official SDK: every round streams upstream, the
+        # text arrives as the model's own chunks, the usage chunk sums the rounds' rows.
+        client = openai.AsyncOpenAI(base_url=llmd.url + "/v1", api_key="none")
+        stream = await client.chat.completions.create(
+            model="gemma",
+            messages=body["messages"],
+            tools=body["tools"],  # type: ignore[arg-type]
+            tool_choice="required",
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Request-ID": "real-tool-stream"},
+        )
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.strip() and len({c.id for c in chunks}) == 1
+        usage = chunks[-1].usage
+        assert usage is not None
+        await wait_for(lambda: any(r["request_id"] == "real-tool-stream" for r in rows(tmp_path / "usage.sqlite3")), 30)
+        streamed = [row for row in rows(tmp_path / "usage.sqlite3") if row["request_id"].startswith("real-tool-stream")]
+        assert usage.prompt_tokens == sum(row["prompt_tokens"] for row in streamed)
+        assert usage.completion_tokens == sum(row["completion_tokens"] for row in streamed)
+        assert all(row["stream"] == 1 and row["token_method"] == "upstream" for row in streamed)
+        print("streamed rounds:", len(streamed), "chunks:", len(chunks))

@@ -337,23 +337,72 @@ async def test_client_function_tools_go_back_to_the_client(tmp_path: Path, fake:
         assert (await fake.stats())["requests"] == 1
 
 
-async def test_streamed_final_round_with_tool_comments(tmp_path: Path, fake: FakeProc) -> None:
-    ctl = {"tool_call": {"name": "math_eval", "arguments": {"expression": "2+2"}}, "after_tool": {"echo_tool": True}}
+async def test_streamed_rounds_reach_the_client_live_as_one_completion(tmp_path: Path, fake: FakeProc) -> None:
+    """Every round streams upstream; the client reads one completion: one role chunk, the tool
+    run as a comment, the final round's text as the model's own chunks (not re-chunked), one
+    finish, the usage of both rounds summed, [DONE]; one id on every chunk."""
+    ctl = {"tool_call": {"name": "math_eval", "arguments": {"expression": "2+2"}}, "after_tool": {"text": "it is four"}}
     body = chat(["math.eval"], ctl, stream=True, stream_options={"include_usage": True})
     async with run_llmd(config(tmp_path, fake)) as llmd:
         status, text, ctype = await post(llmd.url, body, rid="stream-1")
         assert status == 200 and ctype.startswith("text/event-stream")
         events = [e for e in text.split("\n\n") if e]
-        assert events[0] == ": tool math.eval ok"
+        assert ": tool math.eval ok" in events
         assert events[-1] == "data: [DONE]"
-        chunks = [json.loads(e[len("data: ") :]) for e in events[1:-1]]
-        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-        assert json.loads(content) == {"result": 4}
+        chunks = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+        assert len({c["id"] for c in chunks}) == 1
+        assert [c["choices"][0]["delta"].get("role") for c in chunks if c["choices"]].count("assistant") == 1
+        deltas = [c["choices"][0] for c in chunks if c["choices"]]
+        pieces = [d["delta"]["content"] for d in deltas if d["delta"].get("content")]
+        assert pieces == ["it", " is", " four"]  # the model's own tokens, as it wrote them
+        assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"])
+        finishes = [d["finish_reason"] for d in deltas if d["finish_reason"]]
+        assert finishes == ["stop"]
         assert chunks[-1]["usage"]["total_tokens"] > 0 and chunks[-1]["choices"] == []
         await wait_for(lambda: len(rows(tmp_path)) >= 2)
         got = {r["request_id"]: r for r in rows(tmp_path)}
         assert chunks[-1]["usage"]["completion_tokens"] == sum(r["completion_tokens"] for r in got.values())
-        assert got["stream-1"]["stream"] == 1 and got["stream-1.r2"]["stream"] == 0
+        assert chunks[-1]["usage"]["prompt_tokens"] == sum(r["prompt_tokens"] for r in got.values())
+        assert got["stream-1"]["stream"] == 1 and got["stream-1.r2"]["stream"] == 1
+        assert all(r["token_method"] == "upstream" for r in got.values())
+        bodies = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)]
+        assert [b["stream"] for b in bodies] == [True, True]
+        assert json.loads(bodies[1]["messages"][-1]["content"]) == {"result": 4}  # what the tool told
+        assert all(b["stream_options"] == {"include_usage": True} for b in bodies)
+
+
+async def test_streamed_loop_hands_client_tool_calls_over_at_the_end(tmp_path: Path, fake: FakeProc) -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = chat(["time.now"], {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}, stream=True)
+    body["tools"].append(weather)
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, text, _ = await post(llmd.url, body)
+        assert status == 200
+        chunks = [json.loads(e[len("data: ") :]) for e in text.split("\n\n") if e.startswith("data: {")]
+        calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+        assert len(calls) == 1 and calls[0][0]["index"] == 0  # the held pieces, joined, in one delta
+        fn = calls[0][0]["function"]
+        assert fn["name"] == "get_weather" and json.loads(fn["arguments"]) == {"city": "Paris"}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert "usage" not in chunks[-1]  # the client did not ask for it
+        assert text.endswith("data: [DONE]\n\n")
+
+
+async def test_a_round_broken_mid_stream_ends_the_clients_stream_in_band(tmp_path: Path, fake: FakeProc) -> None:
+    """Round 2 dies after some tokens: the client got round 2's first text live, then the
+    error event; both rows are written, round 2's an upstream error."""
+    ctl = {"tool_call": {"name": "time_now", "arguments": {}},
+           "after_tool": {"text": "it is noon now and so on", "drop_after_tokens": 2}}
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, text, _ = await post(llmd.url, chat(["time.now"], ctl, stream=True), rid="broken")
+        assert status == 200
+        events = [e for e in text.split("\n\n") if e]
+        assert json.loads(events[-1][len("data: ") :])["error"]["type"]
+        assert "data: [DONE]" not in events
+        await wait_for(lambda: len(rows(tmp_path)) >= 2)
+        got = {r["request_id"]: r for r in rows(tmp_path)}
+        assert got["broken.r2"]["outcome"] == "upstream_error" and got["broken"]["outcome"] == "upstream_error"
+        assert got["broken.r2"]["completion_tokens"] >= 1
 
 
 async def test_every_round_goes_through_the_keys_limits(tmp_path: Path, fake: FakeProc) -> None:
@@ -387,8 +436,8 @@ async def test_stream_refused_round_is_an_in_band_error_and_names_must_not_colli
         status, text, ctype = await post(llmd.url, chat(["time.now"], ctl, stream=True))
         assert status == 200 and ctype.startswith("text/event-stream")
         events = [e for e in text.split("\n\n") if e]
-        assert events[0] == ": tool time.now ok"
-        assert json.loads(events[1][len("data: ") :])["error"]["code"] == "rate_limit_exceeded"
+        assert ": tool time.now ok" in events
+        assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "rate_limit_exceeded"
         # a client function tool under the name the model would see a server tool by
         clash = chat(["time.now"], {})
         clash["tools"].append({"type": "function", "function": {"name": "time_now", "parameters": {"type": "object"}}})
