@@ -200,3 +200,15 @@ def _check_tools(cfg: Config, errors: list[str]) -> None:
         for i, k in enumerate(t.keys):
             if k not in key_ids:
                 errors.append(f"{p}.keys[{i}]: unknown key id {k!r}")
+    holders = [(f"tiers.{n}", n, None, t.default_tools) for n, t in cfg.tiers.items()]
+    holders += [(f"keys[{i}]", k.tier, k.id, k.default_tools) for i, k in enumerate(cfg.keys)]
+    for p, tier, key_id, names in holders:
+        for i, name in enumerate(names or ()):
+            tool = cfg.tools.get(name)
+            if tool is None:
+                errors.append(f"{p}.default_tools[{i}]: unknown tool {name!r} (not in tools:)")
+            elif (tool.tiers or tool.keys) and not (
+                (tier is not None and tier in tool.tiers) or (key_id is not None and key_id in tool.keys)
+            ):
+                who = f"key {key_id!r}" if key_id is not None else f"tier {tier!r}"
+                errors.append(f"{p}.default_tools[{i}]: tool {name!r} is not allowed for {who}")

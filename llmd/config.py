@@ -63,6 +63,9 @@ class LimitFields(_Section, kw_only=True, forbid_unknown_fields=True):
     # tokens_per_minute nor monthly_tokens. Absent = those defaults (see limits_for).
     cache_hit_requests: bool | None = None
     cache_hit_tokens: bool | None = None
+    # Server tools (config ``tools:``) added to every chat request of the tier or key that names
+    # none itself and does not say ``tool_choice: "none"``: llmd runs the loop (toolloop.py).
+    default_tools: list[str] | None = None
 
 
 LIMIT_FIELDS = tuple(f.name for f in msgspec.structs.fields(LimitFields))

@@ -37,7 +37,10 @@ async def list_tools(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     rt = services.runtime
     principal = rt.keys.authenticate(request)
-    data = [{"object": "tool", **t.public()} for t in rt.toolbox.for_principal(principal)]
+    defaults = set(principal.limits.default_tools or ())
+    data = [
+        {"object": "tool", **t.public(), "default": t.name in defaults} for t in rt.toolbox.for_principal(principal)
+    ]
     return web.json_response({"object": "list", "data": data})
 
 

@@ -61,15 +61,31 @@ def plan(call: Call, toolbox: Toolbox) -> Plan | None:
     """The loop's plan when the request names server tools, else None (relayed as always).
     400 for a body the loop cannot run, 404 for an unknown tool, 403 for one the key may not use."""
     route, principal = call.route, call.principal
-    if route is None or route.name != "chat" or principal is None or b'"server"' not in call.upstream_body:
+    if route is None or route.name != "chat" or principal is None:
+        return None
+    defaults = principal.limits.default_tools
+    if not defaults and b'"server"' not in call.upstream_body:
         return None
     try:
         doc = _decode(call.upstream_body)
     except (msgspec.DecodeError, RecursionError):  # not the loop's to judge: relayed, the upstream answers
         return None
-    tools = doc.get("tools")
-    if not isinstance(tools, list) or not any(isinstance(t, dict) and t.get("type") == "server" for t in tools):
+    if not isinstance(doc, dict):
         return None
+    tools = doc.get("tools")
+    named = isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "server" for t in tools)
+    if not named:
+        # The tier's (or key's) default set, unless the client wants no tools at all.
+        if (
+            not defaults
+            or doc.get("tool_choice") == "none"
+            or (tools is not None and not isinstance(tools, list))
+            or call.rewrite is not None  # legacy "functions": the client's own, as it sent them
+            or (doc.get("n") or 1) != 1
+        ):
+            return None
+        tools = [*(tools or []), *({"type": "server", "name": n} for n in defaults)]
+        doc["tools"] = tools
     if call.rewrite is not None:
         raise bad_request("Server tools cannot be combined with legacy 'functions'; use 'tools'.", param="functions")
     if (doc.get("n") or 1) != 1:

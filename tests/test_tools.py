@@ -443,3 +443,38 @@ async def test_stream_refused_round_is_an_in_band_error_and_names_must_not_colli
         clash["tools"].append({"type": "function", "function": {"name": "time_now", "parameters": {"type": "object"}}})
         status, body, _ = await post(llmd.url, clash, key="basic")
         assert status == 400 and body["error"]["param"] == "tools"
+
+
+async def test_a_tiers_default_tools_run_for_requests_naming_none(tmp_path: Path, fake: FakeProc) -> None:
+    """tiers.premium.default_tools: a plain chat request of the tier runs the loop; one with
+    tool_choice "none", or of another tier, is relayed as sent; /v1/tools marks the defaults."""
+    path = config(tmp_path, fake)
+    doc = yaml.safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"default_tools": ["math.eval"]}
+    ctl = {"tool_call": {"name": "math_eval", "arguments": {"expression": "3*3"}}, "after_tool": {"echo_tool": True}}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "3*3?"}], "max_tokens": 8, "fake": ctl}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, body, _ = await post(llmd.url, plain, rid="dflt")
+        assert status == 200, body
+        assert json.loads(body["choices"][0]["message"]["content"]) == {"result": 9}
+        bodies = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)]
+        assert [t["function"]["name"] for t in bodies[0]["tools"]] == ["math_eval"]
+        n = len(bodies)
+        # tool_choice none: no tools added, the fake's tool call goes to the client as it is
+        status, body, _ = await post(llmd.url, {**plain, "tool_choice": "none"})
+        bodies = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)]
+        assert status == 200 and len(bodies) == n + 1 and "tools" not in bodies[-1]
+        status, body, _ = await post(llmd.url, plain, key="basic")  # another tier: relayed as sent
+        bodies = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)]
+        assert status == 200 and "tools" not in bodies[-1]
+        async with aiohttp.ClientSession() as s:
+            h = {"Authorization": f"Bearer {KEYS['prem']}"}
+            async with s.get(llmd.url + "/v1/tools", headers=h) as r:
+                listed = {t["name"]: t["default"] for t in (await r.json())["data"]}
+        assert listed["math.eval"] is True and listed["time.now"] is False
+    # a default the tier may not use, or that does not exist, is a config error
+    doc["tiers"]["basic"] = {"default_tools": ["time.convert", "nope"]}
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "bad.yaml", doc))
+    assert "tiers.basic.default_tools[0]: tool 'time.convert' is not allowed for tier 'basic'" in str(e.value)
+    assert "tiers.basic.default_tools[1]: unknown tool 'nope'" in str(e.value)
