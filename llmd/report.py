@@ -29,6 +29,7 @@ class ReportRow(msgspec.Struct, kw_only=True):
     total_tokens: int
     cached_tokens: int
     errors: int  # rows whose outcome is not "ok"
+    cache_hits: int = 0  # requests the completion cache answered (their tokens cost no model time)
 
 
 def report_query(month: str | None = None, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
@@ -46,7 +47,7 @@ def report_query(month: str | None = None, key: str | None = None, model: str | 
         where.append("model = ?")
         params.append(model)
     sql = (
-        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors "
+        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors, cache_hits "
         f"FROM monthly {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY month, key_id, model"
     )
     return sql, params
@@ -64,8 +65,9 @@ def report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
             total_tokens=prompt + completion,
             cached_tokens=cached,
             errors=errors,
+            cache_hits=hits,
         )
-        for month, key_id, model, requests, prompt, completion, cached, errors in rows
+        for month, key_id, model, requests, prompt, completion, cached, errors, hits in rows
     ]
 
 
@@ -105,7 +107,7 @@ def format_report(rows: Sequence[ReportRow], fmt: Literal["table", "csv", "json"
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"format must be table, csv or json, got {fmt!r}")
-    header = ("MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS")
+    header = ("MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS", "CACHE_HITS")
     lines: list[tuple[str, ...]] = [header]
     lines += [tuple(str(v) for v in msgspec.structs.astuple(r)) for r in rows]
     if len(rows) > 1:

@@ -19,6 +19,7 @@ from llmd import schema
 from llmd.cache import Entry, Store, deterministic
 from llmd.config import UsageConfig
 from llmd.months import month_of
+from llmd.report import format_report, report_file
 from llmd.usage import Ledger
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
@@ -208,6 +209,10 @@ async def test_stream_is_replayed_byte_for_byte(tmp_path: Path, fake: FakeProc, 
     await asyncio.sleep(0.1)
     hit = rows(tmp_path)[1]
     assert hit["cache"] == "hit" and hit["stream"] == 1 and hit["completion_tokens"] == 6
+    # `llmd usage` tells hits apart: 3 requests, 1 answered by the cache
+    (report,) = report_file(str(tmp_path / "usage.sqlite3"))
+    assert (report.requests, report.cache_hits) == (3, 1)
+    assert format_report([report]).splitlines()[0].split()[-1] == "CACHE_HITS"
 
 
 async def test_sqlite_store_survives_a_restart(tmp_path: Path, fake: FakeProc) -> None:

@@ -562,7 +562,7 @@ def _rows() -> list[ReportRow]:
         ),
         ReportRow(
             month="2025-01", key_id="dev-team", model="llama-70b", requests=12, prompt_tokens=5,
-            completion_tokens=7, total_tokens=12, cached_tokens=2, errors=0,
+            completion_tokens=7, total_tokens=12, cached_tokens=2, errors=0, cache_hits=4,
         ),
     ]  # fmt: skip
 
@@ -570,10 +570,10 @@ def _rows() -> list[ReportRow]:
 def test_format_report_table() -> None:
     lines = format_report(_rows(), "table").splitlines()
     assert lines[0].split() == [
-        "MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS",
+        "MONTH", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "CACHED", "ERRORS", "CACHE_HITS",
     ]  # fmt: skip
-    assert lines[1].split() == ["2025-01", "ci-bot", "gemma-3-270m", "3", "1200", "300", "1500", "0", "1"]
-    assert lines[3].split() == ["total", "15", "1205", "307", "1512", "2", "1"]
+    assert lines[1].split() == ["2025-01", "ci-bot", "gemma-3-270m", "3", "1200", "300", "1500", "0", "1", "0"]
+    assert lines[3].split() == ["total", "15", "1205", "307", "1512", "2", "1", "4"]
     # numbers are right-aligned: every line's REQUESTS column ends at the same place
     end = lines[0].index("REQUESTS") + len("REQUESTS")
     assert {line[end - 2 : end] for line in lines[1:]} == {" 3", "12", "15"}
@@ -586,7 +586,7 @@ def test_format_report_csv_and_json() -> None:
     assert parsed[1] == {
         "month": "2025-01", "key_id": "dev-team", "model": "llama-70b", "requests": "12",
         "prompt_tokens": "5", "completion_tokens": "7", "total_tokens": "12", "cached_tokens": "2",
-        "errors": "0",
+        "errors": "0", "cache_hits": "4",
     }  # fmt: skip
     assert msgspec.json.decode(format_report(rows, "json"), type=list[ReportRow]) == rows
     assert msgspec.json.decode(format_report([], "json")) == []
