@@ -139,6 +139,8 @@ class Cache:
         self._pending: dict[bytes, Entry | None] = {}  # sqlite: key -> entry to write, or None to delete
         self._db: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        # Misses being answered now, by their entry's key: identical requests wait for them.
+        self._flights: dict[bytes, asyncio.Future[None]] = {}
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -261,7 +263,8 @@ class Cache:
                 call.cache = "hit"
                 return entry
             call.cache = "miss"
-            self.metrics.observe_cache(call.model, hit=False)
+            if key not in self._flights:  # a follower's lookup is counted when it knows (follow)
+                self.metrics.observe_cache(call.model, hit=False)
         else:
             call.cache = "bypass"
         if "no-store" not in directives:
@@ -269,6 +272,41 @@ class Cache:
             if call.env.stream:
                 call.capture = []
         return None
+
+    async def follow(self, call: Call, wait_s: float) -> Entry | None:
+        """A miss while the same request is being answered: wait for that answer (at most
+        ``wait_s``) instead of asking the model twice, then serve it as a hit. The first of them
+        leads (``call.cache_leads``) and ``land`` wakes the others when it ends, stored or not."""
+        key = call.cache_key
+        if call.cache != "miss" or not key:
+            return None
+        flight = self._flights.get(key)
+        if flight is None:
+            self._flights[key] = asyncio.get_running_loop().create_future()
+            call.cache_leads = True
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(flight)
+        entry = self.store.get(key, time.time())
+        if entry is not None:
+            call.cache = "hit"
+            return entry
+        # The leader's answer could not be stored (an error, no usage, the client left): this
+        # one asks the model itself, and leads the next ones if nobody does.
+        self.metrics.observe_cache(call.model, hit=False)
+        if key not in self._flights:
+            self._flights[key] = asyncio.get_running_loop().create_future()
+            call.cache_leads = True
+        return None
+
+    def land(self, call: Call) -> None:
+        """The leader's request ended (its answer kept or not): its followers look again."""
+        if call.cache_leads:
+            call.cache_leads = False
+            flight = self._flights.pop(call.cache_key, None)
+            if flight is not None and not flight.done():
+                flight.set_result(None)
 
     @staticmethod
     def key(call: Call, doc: dict[str, Any], scope: str) -> bytes:

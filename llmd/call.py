@@ -56,6 +56,7 @@ class Call:
     cache: str = ""
     cache_key: bytes = b""
     capture: list[bytes] | None = None
+    cache_leads: bool = False  # identical misses wait for this one's answer (Cache.follow)
     sink: Sink | None = None  # a stream already open to the client (a tool loop's)
     exchange: Exchange = field(init=False)
     status: int = 0  # what the client got (499 when it left first)

@@ -39,7 +39,7 @@ from .pool import Pool
 from .relay import count_prompt_tokens
 from .routes import BY_PATH
 from .runtime import Runtime, Services
-from .toolloop import ToolLoop, plan
+from .toolloop import Plan, ToolLoop, plan
 from .usage import UsageRow
 
 
@@ -53,27 +53,40 @@ async def inference(request: web.Request) -> web.StreamResponse:
         await decode(call, rt)  # 3
         tool_plan = plan(call, rt.toolbox)  # server tools: llmd runs the model's calls of them
         hit = services.cache.consult(call, rt.cfg) if tool_plan is None else None
-        admit(call, rt, services, hit)  # 4
-        if hit is not None:  # the completion cache answers: no slot, no replica
-            resp = await services.cache.answer(call, hit)
-            call.status = resp.status
-            return resp
-        if call.cache:
-            call.response_headers["x-llmd-cache"] = call.cache
-        pool = pool_of(call, rt)
-        if tool_plan is not None:
-            loop = ToolLoop(
-                call,
-                tool_plan,
-                rt.cfg.tool_loop.max_rounds,
-                lambda tool, args: rt.toolbox.run(tool, args, services.session),
-            )
-            resp = await loop.run(lambda: pool.serve(call, services.relay), lambda sub: serve_round(sub, rt, services))
-        else:
-            resp = await pool.serve(call, services.relay)  # 5, 6, 7
+        if hit is None and call.cache_key:  # the same request in flight: its answer will do
+            routing = rt.cfg.routing
+            hit = await services.cache.follow(call, routing.queue_timeout_s + routing.timeouts.total_s)
+        try:
+            return await serve(call, rt, services, hit, tool_plan)
+        finally:
+            services.cache.land(call)
+
+
+async def serve(
+    call: Call, rt: Runtime, services: Services, hit: Entry | None, tool_plan: Plan | None
+) -> web.StreamResponse:
+    """Steps 4-7: limits, then the cache's answer, the tool loop's rounds or the pool's replica."""
+    admit(call, rt, services, hit)  # 4
+    if hit is not None:  # the completion cache answers: no slot, no replica
+        resp = await services.cache.answer(call, hit)
         call.status = resp.status
-        services.cache.keep(call, resp)
         return resp
+    if call.cache:
+        call.response_headers["x-llmd-cache"] = call.cache
+    pool = pool_of(call, rt)
+    if tool_plan is not None:
+        loop = ToolLoop(
+            call,
+            tool_plan,
+            rt.cfg.tool_loop.max_rounds,
+            lambda tool, args: rt.toolbox.run(tool, args, services.session),
+        )
+        resp = await loop.run(lambda: pool.serve(call, services.relay), lambda sub: serve_round(sub, rt, services))
+    else:
+        resp = await pool.serve(call, services.relay)  # 5, 6, 7
+    call.status = resp.status
+    services.cache.keep(call, resp)
+    return resp
 
 
 @contextlib.contextmanager

@@ -394,3 +394,29 @@ async def test_an_unusable_cache_file_leaves_the_cache_in_memory(tmp_path: Path,
         assert not llmd.services.cache.persistent
         assert (await post(llmd.url, chat(seed=1)))[2] == "miss"
         assert (await post(llmd.url, chat(seed=1)))[2] == "hit"
+
+
+async def test_concurrent_identical_misses_ask_the_model_once(tmp_path: Path, fake: FakeProc) -> None:
+    """Eight identical deterministic requests at once: one goes upstream, seven wait for its
+    answer and get it as hits (same bytes, x-llmd-cache: hit, rows of cache hits); when the
+    leader's answer cannot be stored (the upstream fails it), the waiters ask the model."""
+    body = chat(temperature=0, fake={"delay_ms": 300})
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        n0 = await upstream_requests(fake)
+        got = await asyncio.gather(*(post(llmd.url, body) for _ in range(8)))
+        assert await upstream_requests(fake) == n0 + 1
+        assert sorted(state for _, _, state in got) == ["hit"] * 7 + ["miss"]
+        assert {status for status, _, _ in got} == {200} and len({data for _, data, _ in got}) == 1
+        async with aiohttp.ClientSession() as s, s.get(llmd.url + "/metrics") as r:
+            text = await r.text()
+        assert metric(text, 'llmd_cache_lookups_total{model="m",result="miss"}') == 1
+        assert metric(text, 'llmd_cache_lookups_total{model="m",result="hit"}') == 7
+        await wait_for(lambda: len(rows(tmp_path)) >= 8)
+        assert sorted(r["cache"] for r in rows(tmp_path)) == ["hit"] * 7 + ["miss"]
+        assert sum(r["upstream_tokens"] == 0 for r in rows(tmp_path)) == 7
+        # a failing leader: nothing stored, so every waiter goes upstream on its own
+        failing = chat(temperature=0, fake={"delay_ms": 200, "status": 500})
+        n1 = await upstream_requests(fake)
+        got = await asyncio.gather(*(post(llmd.url, failing) for _ in range(3)))
+        assert [status for status, _, _ in got] == [500] * 3
+        assert await upstream_requests(fake) == n1 + 3
