@@ -45,6 +45,7 @@ SECURITY_HEADERS = {
 EVENTS_TICK_S = 0.5  # how often a stream looks for a change; a snapshot goes out only when one happened
 _STATIC = {"": ("index.html", "text/html"), "app.js": ("app.js", "text/javascript"), "app.css": ("app.css", "text/css")}
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_KEYS_NEW_MAX_BYTES = 4096
 
 
 def require_admin(rt: Runtime, request: web.Request) -> Principal:
@@ -235,8 +236,11 @@ async def keys_new(request: web.Request) -> web.Response:
     nothing (the key works once the operator adds the YAML and reloads)."""
     rt = request.app[SERVICES].runtime
     require_admin(rt, request)
+    raw = await request.content.read(_KEYS_NEW_MAX_BYTES + 1)  # {"id", "tier"}: tiny, whatever is sent
     try:
-        body = msgspec.json.decode(await request.read(), type=dict[str, str | None])
+        if len(raw) > _KEYS_NEW_MAX_BYTES:
+            raise msgspec.DecodeError("too large")
+        body = msgspec.json.decode(raw, type=dict[str, str | None])
     except msgspec.DecodeError:
         raise bad_request('Send a JSON object: {"id": "...", "tier": "..."}.') from None
     key_id = body.get("id") or ""
