@@ -24,7 +24,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.conftest import LlmdProc, base_config, llmd_process, write_config
-from tests.fakeproc import FAKE_LLAMA
+from tests.fakeproc import FAKE_LLAMA, free_port
 from tests.test_admin import ADMIN, ALICE, BOB, SEEDED, TIERS, keys_section, seed
 
 CHROMIUM = os.environ.get("LLMD_CHROMIUM", "/usr/bin/chromium")
@@ -32,7 +32,7 @@ ARTIFACTS = Path(os.environ.get("LLMD_TEST_ARTIFACTS", Path(__file__).resolve().
 RESTART_DELAY_S = 2.0  # long enough for the page to show BACKOFF before the restart
 
 
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, port: int = 0) -> Path:
     launchers = {"llama-server": {
         "command": [sys.executable, str(FAKE_LLAMA)], "start_timeout_s": 15, "stop_timeout_s": 2,
         "health_interval_s": 0.2, "health_failures": 2, "restart_delay_s": RESTART_DELAY_S,
@@ -43,6 +43,7 @@ def config(tmp_path: Path) -> Path:
              "args": ["-np", "1", "--load-delay-s", "0.1", "--token-delay-ms", "100"]}  # fmt: skip
     doc = base_config(tmp_path, {"m": model}, keys=keys_section(), tiers=TIERS, launchers=launchers,
                       routing={"queue_timeout_s": 60})
+    doc["server"]["port"] = port
     return write_config(tmp_path / "config.yaml", doc)
 
 
@@ -206,3 +207,26 @@ async def test_replica_goes_backoff_and_back_live(browser: Browser, llmd: LlmdPr
         await expect(row.locator("td").nth(9)).to_have_text("1")  # restarts
         await expect(page.locator("#live")).to_have_text("live")
     assert w.errors == []
+
+
+async def test_events_reconnect_after_llmd_restarts(browser: Browser, tmp_path: Path) -> None:
+    """SIGTERM ends the event stream at once (the drain does not wait for it); the page says
+    so and reconnects by itself to the next llmd on the same port, without a reload."""
+    port = free_port()
+    path = config(tmp_path, port)
+    async with llmd_process(path) as first:
+        ctx = await browser.new_context(viewport={"width": 1280, "height": 860})
+        page = await ctx.new_page()
+        await page.goto(first.url + "/admin/")
+        await sign_in(page, ADMIN)
+        await page.click("#tabs button[data-tab=replicas]")
+        state = page.locator("#replica-table tbody tr[data-replica='m/0'] td").nth(2)
+        await expect(state).to_have_text("ready")
+        first.proc.send_signal(signal.SIGTERM)
+        await expect(page.locator("#live")).to_have_text("reconnecting")
+        assert await asyncio.wait_for(first.proc.wait(), 10) == 0
+    async with llmd_process(path) as second:
+        await expect(page.locator("#live")).to_have_text("live", timeout=15000)
+        await expect(state).to_have_text("ready", timeout=15000)
+        assert second.port == port
+    await ctx.close()
