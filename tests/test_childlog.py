@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from llmd.childlog import ChildLog
+from llmd.config import LauncherConfig, ModelConfig
+from llmd.launchers import launch_spec
 from tests.fakeproc import free_port
 from tests.realllmd import MODEL, call, real_llmd
 
@@ -73,6 +75,16 @@ def test_vllm_lines_and_tracebacks() -> None:
     ]
     assert levels("vllm", lines) == [I, D, D, W, E, E, E, E, I, I, D]
     assert levels("vllm", lines, "verbose")[:3] == [I, I, I]
+
+
+def test_child_log_is_a_reload_setting_not_a_new_server() -> None:
+    """A reload that only changes child_log keeps the process (same identity) and hands the new
+    mode to it (ManagedProcess.update takes the spec; _log_line reads it per line)."""
+    launcher = LauncherConfig(command="llama-server")
+    quiet = launch_spec("m", ModelConfig(backend="llama-server", model="/x.gguf"), launcher, 0)
+    loud = launch_spec("m", ModelConfig(backend="llama-server", model="/x.gguf", child_log="verbose"), launcher, 0)
+    assert (quiet.child_log, loud.child_log) == ("quiet", "verbose")
+    assert quiet.identity() == loud.identity()
 
 
 @pytest.mark.real
