@@ -247,3 +247,17 @@ async def test_events_stream_snapshots(served) -> None:
     # The seeded month (222 tokens, alice's 208 of them) was loaded at start, plus this request.
     assert alice["monthly_tokens"] == {"limit": 100000, "used": 208 + used, "remaining": 100000 - 208 - used}
     assert limits["ops"]["requests_per_minute"] is None and limits["bob"]["requests_per_minute"]["limit"] == 5
+
+
+async def test_open_mode_answers_this_host_only(tmp_path: Path, fake: FakeProc) -> None:
+    """No keys: the page's routes answer a local client whatever key it sends, and refuse a
+    remote one that nginx (a trusted proxy on loopback) forwards."""
+    doc = base_config(tmp_path, {"m": {"backend": "openai", "urls": [fake.url + "/v1"]}})
+    async with run_llmd(write_config(tmp_path / "config.yaml", doc)) as llmd, aiohttp.ClientSession() as http:
+        for route in ("/admin/usage/daily", "/admin/keys"):
+            async with http.get(llmd.url + route, headers=bearer("anything")) as r:
+                assert r.status == 200
+            async with http.get(llmd.url + route, headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
+        async with http.get(llmd.url + "/admin/events", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+            assert r.status == 403
