@@ -52,9 +52,15 @@ progress_run() {
   progress_tty || echo "$step: started" >&2
   "$@" >>"$log" 2>&1 &
   local pid=$!
+  # Look every 0.1 s whether it ended (a quick step takes no longer than it needs); measure and
+  # draw every LLMD_PROGRESS_TICK_S (default 0.5 s; the measure greps the log).
+  local tick measured=$t0
+  tick=$(awk -v t="${LLMD_PROGRESS_TICK_S:-0.5}" 'BEGIN { printf "%d", t * 10 }')  # in tenths
   while kill -0 "$pid" 2>/dev/null; do
-    sleep "${LLMD_PROGRESS_TICK_S:-0.5}"
+    sleep 0.1
     now=$(_progress_now)
+    [ $((now - measured)) -ge "$tick" ] || continue
+    measured=$now
     what=$(_progress_measure "$log" "$measure")
     if progress_tty; then
       printf '\r\033[2K%s  %s  %s' "$step" "${what:--}" "$(_progress_fmt $((now - t0)))" >&2
