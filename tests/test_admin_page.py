@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from tests.test_admin import ADMIN, ALICE, BOB, SEEDED, TIERS, keys_section, see
 
 CHROMIUM = os.environ.get("LLMD_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("LLMD_TEST_ARTIFACTS", Path(__file__).resolve().parent / "artifacts"))
-RESTART_DELAY_S = 2.0  # long enough for the page to show BACKOFF before the restart
+RESTART_DELAY_S = 4.0  # long enough for the page to show BACKOFF before the restart, even on a busy CI
 
 
 def config(tmp_path: Path, port: int = 0) -> Path:
@@ -170,7 +171,7 @@ async def test_usage_chart_totals_filters_and_csv(browser: Browser, llmd: LlmdPr
 
 
 async def _chat(url: str, secret: str) -> int:
-    body = {"model": "m", "max_tokens": 12, "messages": [{"role": "user", "content": "hello"}]}
+    body = {"model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}
     async with aiohttp.ClientSession() as http, http.post(
         url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
     ) as r:
@@ -182,11 +183,11 @@ async def test_replica_goes_backoff_and_back_live(browser: Browser, llmd: LlmdPr
     async with opened(browser, llmd) as w:
         page = w.page
         await sign_in(page, ADMIN)
-        # Queues: four requests on one slot; three wait, and the page shows them live.
+        # Queues: four requests on one slot (2 s each); the others wait, and the page shows them live.
         chats = [asyncio.create_task(_chat(llmd.url, s)) for s in (ALICE, ALICE, BOB, ADMIN)]
         await page.click("#tabs button[data-tab=queues]")
         queue_row = page.locator("#queue-table tbody tr").first
-        await expect(queue_row.locator("td").nth(1)).to_have_text("3 / 256")
+        await expect(queue_row.locator("td").nth(1)).to_have_text(re.compile(r"^[1-3] / 256$"))
         await expect(queue_row.locator("td").nth(4)).to_have_text("1 / 1")
         await page.screenshot(**shot("admin-queues.png"))
         assert await asyncio.gather(*chats) == [200, 200, 200, 200]
@@ -200,7 +201,7 @@ async def test_replica_goes_backoff_and_back_live(browser: Browser, llmd: LlmdPr
         pid = int(await row.locator("td").nth(3).inner_text())
         await page.screenshot(**shot("admin-replicas.png"))
         os.kill(pid, signal.SIGKILL)
-        await expect(state).to_have_text("backoff", timeout=RESTART_DELAY_S * 1000)
+        await expect(state).to_have_text("backoff", timeout=10000)
         await page.screenshot(**shot("admin-replicas-backoff.png"))
         await expect(state).to_have_text("ready", timeout=15000)
         assert int(await row.locator("td").nth(3).inner_text()) != pid
