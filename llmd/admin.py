@@ -10,6 +10,7 @@ EventSource cannot send headers, and a key in a URL would end up in logs and his
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import time
@@ -167,9 +168,9 @@ def _key_limits(rt: Runtime, p: Principal) -> dict[str, Any]:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent ``snapshot`` events: one at once, then one whenever the state changed (looked
-    at every EVENTS_TICK_S). Ends at shutdown so the drain does not wait for it; the page
-    reconnects by itself."""
+    """Server-sent ``snapshot`` events: one at once, then one whenever the state changed (at
+    once for a replica's state, else looked at every EVENTS_TICK_S). Ends at shutdown so the
+    drain does not wait for it; the page reconnects by itself."""
     services = request.app[SERVICES]
     require_admin(services.runtime, request)
     last = b""
@@ -179,7 +180,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             if data != last:
                 await resp.send(data.decode(), event="snapshot")
                 last = data
-            await asyncio.sleep(EVENTS_TICK_S)
+            # A replica's state change wakes it at once; queues and windows are looked at per tick.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EVENTS_TICK_S):
+                    await services.replica_changed.wait()
     return resp
 
 
