@@ -74,10 +74,16 @@ class Admission:
         self.on_wait: Callable[[float], None] | None = None  # metrics hook: seconds waited
         self._timer: asyncio.TimerHandle | None = None  # dispatch when an ejection runs out
         self._timer_at = 0.0
+        self.last_wait_s = 0.0  # how long the last request that queued waited (the admin page)
 
     @property
     def depth(self) -> int:
         return len(self._waiters)
+
+    def oldest_wait_s(self) -> float:
+        """How long the request at the head of the queue (the longest waiting) has waited."""
+        now = time.monotonic()
+        return max((now - w.enqueued for w in self._waiters), default=0.0)
 
     def configure(self, max_queue: int, queue_timeout_s: float, order: str = "fair") -> None:
         self.max_queue, self.queue_timeout_s, self.order = max_queue, queue_timeout_s, order
@@ -124,8 +130,9 @@ class Admission:
             self._drop(w)
             raise
         finally:
+            self.last_wait_s = time.monotonic() - w.enqueued
             if self.on_wait is not None:
-                self.on_wait(time.monotonic() - w.enqueued)
+                self.on_wait(self.last_wait_s)
         return choice
 
     def _drop(self, w: _Waiter) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import handlers, openapi
+from . import admin, handlers, openapi
 from .appkeys import SERVICES
 from .middleware import middleware, on_prepare
 from .pipeline import inference
@@ -27,6 +27,7 @@ def create_app(services: Services) -> web.Application:
     app[SERVICES] = services
     app.cleanup_ctx.append(services.lifetime)  # session, supervisor, ledger: opened and closed with the app
     app.on_response_prepare.append(on_prepare)
+    app.on_response_prepare.append(admin.on_prepare)  # CSP and friends on /admin/*
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_route)
@@ -41,4 +42,5 @@ def create_app(services: Services) -> web.Application:
             app.router.add_post(path, inference)
     app.router.add_get("/admin/status", handlers.admin_status)
     app.router.add_get("/admin/usage", handlers.admin_usage)
+    admin.add_routes(app)
     return app

@@ -140,6 +140,9 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     start_timeout_s: PositiveFloat | None = None  # overrides the launcher's
     routes: list[RouteName] | None = None  # backend openai: what the remote serves (default the OpenAI three)
     cache: bool = False  # deterministic answers of this model may come from the completion cache
+    # quiet: the child's routine per-request lines (slot progress, timings, access lines) are
+    # logged at DEBUG, its warnings and errors at their level; verbose: routine lines at INFO.
+    child_log: Literal["quiet", "verbose"] = "quiet"
 
 
 class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):

@@ -3,17 +3,15 @@ the inference routes are the pipeline's (pipeline.py)."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 import msgspec
 from aiohttp import web
 
 from . import __version__
-from .appkeys import CALL, SERVICES
-from .auth import Principal
-from .errors import admin_required, bad_request, ledger_unavailable, model_not_found
-from .runtime import Runtime
+from .admin import require_admin
+from .appkeys import SERVICES
+from .errors import bad_request, ledger_unavailable, model_not_found
 from .usage import LedgerError
 
 
@@ -67,13 +65,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def admin_status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    _admin(services.runtime, request)
+    require_admin(services.runtime, request)
     return web.json_response(services.status())
 
 
 async def admin_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    _admin(services.runtime, request)
+    require_admin(services.runtime, request)
     month = request.query.get("month")
     if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
         raise bad_request("month must be YYYY-MM", param="month")
@@ -84,29 +82,6 @@ async def admin_usage(request: web.Request) -> web.Response:
     except LedgerError as e:
         raise ledger_unavailable(str(e)) from None
     return web.Response(body=msgspec.json.encode({"month": month, "rows": rows}), content_type="application/json")
-
-
-def _admin(rt: Runtime, request: web.Request) -> Principal:
-    p = rt.keys.authenticate(request)
-    if rt.keys.open:
-        # Open mode (no keys) is loopback-only by config, but a proxy on the same host (nginx)
-        # forwards remote clients from loopback: /admin/* answers only a client that is
-        # itself local, so `llmd status` works on the host and nobody behind nginx sees it.
-        if not _is_loopback(request[CALL].client_ip):
-            raise admin_required(
-                "Admin routes need an admin key; this llmd has no keys, so they answer local clients only."
-            )
-        return p
-    if not p.admin:
-        raise admin_required()
-    return p
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
 
 
 async def metrics_route(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
+from llmd.childlog import ChildLogMode
 from llmd.config import Config, LauncherConfig, LaunchersConfig, ModelConfig
 
 LOOPBACK = "127.0.0.1"
@@ -113,6 +114,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True):
     health_failures: int = 3
     restart_delay_s: float = 1.0
     restart_max_delay_s: float = 60.0
+    child_log: ChildLogMode = "quiet"  # quiet: the child's routine per-request lines at DEBUG (childlog.py)
 
     @property
     def argv(self) -> list[str]:
@@ -298,6 +300,7 @@ def launch_spec(
         health_failures=launcher.health_failures,
         restart_delay_s=launcher.restart_delay_s,
         restart_max_delay_s=launcher.restart_max_delay_s,
+        child_log=model.child_log,
     )
 
 

@@ -305,6 +305,42 @@ def _inference(summary: str, op_id: str, body: Schema, ok: Schema, stream: bool,
     }
 
 
+def _admin_page_paths(admin_errors: Schema, ok_json: Schema) -> dict[str, Schema]:
+    """The JSON routes the admin page reads (admin.py); its files and event stream are not API."""
+    rows = {"type": "object", "required": ["month", "rows"],
+            "properties": {"month": {"type": "string"}, "rows": {"type": "array"}}}
+    daily = _get(
+        "adminUsageDaily",
+        "Tokens per day, key, tier and model of a month (admin key)",
+        {
+            "200": {**_ok("The month's rows.", rows),
+                    "content": {"application/json": {"schema": rows}, "text/csv": {"schema": {"type": "string"}}}},
+            "400": _error_response(400, "`month` is not YYYY-MM, or `format` is not json or csv."),
+            "503": _error_response(503, "The usage ledger cannot be read."),
+            **admin_errors,
+        },
+        parameters=[
+            {"name": n, "in": "query", "schema": {"type": "string"}} for n in ("month", "key", "model", "tier")
+        ] + [{"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}}],
+    )
+    new_key = {"type": "object", "required": ["id"],
+               "properties": {"id": {"type": "string"}, "tier": {"type": ["string", "null"]}}}
+    return {
+        "/admin/usage/daily": daily,
+        "/admin/keys": _get("adminKeys", "Configured keys, never a secret or hash (admin key)",
+                            {"200": _ok("The keys and tier names.", ok_json), **admin_errors}),
+        "/admin/keys/new": {"post": {
+            "summary": "A new secret and the YAML to add it; llmd stores nothing (admin key)",
+            "operationId": "adminKeysNew",
+            "parameters": [_REQUEST_ID_PARAM],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": new_key}}},
+            "responses": {"200": _ok("id, secret, sha256 and yaml.", ok_json),
+                          "400": _error_response(400, "Not a JSON object, a bad or taken id, an unknown tier."),
+                          **admin_errors},
+        }},
+    }
+
+
 def _get(op_id: str, summary: str, responses: Schema, *, public: bool = False, **extra: Any) -> Schema:
     op: Schema = {
         "summary": summary,
@@ -442,6 +478,7 @@ def build(cfg: Config) -> dict[str, Any]:
                 {"name": "model", "in": "query", "schema": {"type": "string"}},
             ],
         ),
+        **_admin_page_paths(admin_errors, ok_json),
     }
     for route in ROUTES:  # the route table: every inference path llmd serves
         summary, op_id, ok = _ROUTE_DOCS.get(

@@ -10,7 +10,8 @@ place commented ``FROM -> TO``::
 The child runs in its own process group (stopping signals the whole group, so helpers a
 backend forks go too), on a free loopback port, pinned to its CPU set, and with
 PR_SET_PDEATHSIG (SIGKILL; SIGTERM for vLLM) so that it dies with llmd even when llmd is SIGKILLed.
-Its stdout/stderr lines go to the ``llmd.replica`` logger tagged with the replica name.
+Its stdout/stderr lines go to the ``llmd.replica`` logger tagged with the replica name, each
+at the level the child wrote it (childlog.py): routine per-request lines at DEBUG when quiet.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
+from llmd.childlog import ChildLog
 from llmd.launchers import LOOPBACK, LaunchSpec, parse_metrics
 from llmd.replica import Replica, ReplicaState
 
@@ -422,6 +424,7 @@ class ManagedProcess:
     async def _relay(self, stream: asyncio.StreamReader, name: str) -> None:
         """Relay a child's output into the log line by line (long lines are split)."""
         extra = {"replica": self.replica.name, "stream": name}
+        levels = ChildLog(self.spec.backend)
         buf = b""
         while chunk := await stream.read(65536):
             buf += chunk
@@ -430,16 +433,19 @@ class ManagedProcess:
                 lines.append(buf[:MAX_LOG_LINE])
                 buf = buf[MAX_LOG_LINE:]
             for raw in lines:
-                self._log_line(raw, extra)
+                self._log_line(raw, extra, levels)
         if buf:
-            self._log_line(buf, extra)
+            self._log_line(buf, extra, levels)
 
-    def _log_line(self, raw: bytes, extra: dict[str, str]) -> None:
+    def _log_line(self, raw: bytes, extra: dict[str, str], levels: ChildLog) -> None:
         for i in range(0, len(raw), MAX_LOG_LINE):
             line = raw[i : i + MAX_LOG_LINE].decode("utf-8", "replace").rstrip()
             if line.strip():
                 self._tail.append(line)
-                child_log.info(line, extra=extra)
+                # The spec is read per line: a reload changes child_log without a restart.
+                level = levels.level(line, self.spec.child_log)
+                if child_log.isEnabledFor(level):
+                    child_log.log(level, line, extra=extra)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._proc is not None

