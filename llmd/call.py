@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from .auth import Principal
 from .envelope import Envelope
 from .exchange import Exchange
-from .legacy import LegacyFunctions
 from .limits import Grant
 from .outcome import Outcome
 from .routes import Route
+
+
+class Rewrite(Protocol):
+    """Changes an answer on its way to the client: whole, or one stream event's data at a
+    time (legacy.LegacyFunctions; grounding.Sources adds retrieval's sources)."""
+
+    def whole(self, data: bytes) -> bytes: ...
+    def event(self, payload: bytes) -> bytes: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -40,7 +47,7 @@ class Call:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
     hide_usage: bool = False  # llmd asked for the stream's usage chunk; the client did not
-    rewrite: LegacyFunctions | None = None  # translates the answer back for an old client
+    rewrite: Rewrite | None = None  # e.g. translates the answer back for an old client
     # The completion cache (cache.py): hit | miss | bypass ("" when the model has none); the
     # entry's key when the answer may be stored; the stream's bytes as the client got them.
     cache: str = ""

@@ -37,6 +37,7 @@ from .supervisor import Supervisor
 from .tools import Toolbox
 from .upstream import Upstreams
 from .usage import Ledger, NullLedger, current_month
+from .vectors import Stores
 
 log = logging.getLogger("llmd")
 
@@ -92,6 +93,7 @@ class Services:
         self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
         self.access = AccessLog()
         self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
+        self.vectors = Stores()  # retrieval's stores (rag.py), opened at first use
         self.started_unix = int(time.time())
         self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
         self._cfg = cfg
@@ -209,6 +211,7 @@ class Services:
                 await self.cache.close()
         except TimeoutError:
             log.error("completion cache: its last writes did not finish before the shutdown deadline")
+        await self.vectors.close()
         self.access.flush()
         self.upstreams.close()
         await self.session.close()
