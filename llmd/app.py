@@ -45,6 +45,8 @@ def create_app(services: Services) -> web.Application:
     app.router.add_delete("/v1/rag/{collection}/documents/{id}", rag.delete_document)
     app.router.add_post("/v1/rag/{collection}/search", rag.search)
     app.router.add_post("/v1/rag/{collection}/chat", rag.chat)
+    # an OpenAI SDK whose base_url is .../v1/rag/COLLECTION posts here
+    app.router.add_post("/v1/rag/{collection}/chat/completions", rag.chat)
     app.router.add_get("/admin/status", handlers.admin_status)
     app.router.add_get("/admin/usage", handlers.admin_usage)
     return app

@@ -78,7 +78,8 @@ class QdrantStore:
         dim = dimension_of(collection, docs)
         stored = self._dimension(collection)
         if stored is None:
-            self.client.create_collection(collection, vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE))
+            params = qm.VectorParams(size=dim, distance=qm.Distance.COSINE)
+            self.client.create_collection(collection, vectors_config=params)
         elif stored != dim:
             raise DimensionMismatch(collection, stored, dim)
         now = time.time()
@@ -86,9 +87,11 @@ class QdrantStore:
             qm.PointStruct(
                 id=point_id(d.id, i),
                 vector=vec,
-                payload={"doc_id": d.id, "idx": i, "text": text, "metadata": d.metadata, "chunks": len(d.chunks),
-                         "created": now},
-            )  # fmt: skip
+                payload={
+                    "doc_id": d.id, "idx": i, "text": text, "metadata": d.metadata, "chunks": len(d.chunks),
+                    "created": now,
+                },
+            )
             for d in docs
             for i, (text, vec) in enumerate(zip(d.chunks, d.vectors, strict=True))
         ]

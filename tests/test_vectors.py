@@ -4,6 +4,7 @@ own Python implementation of the same API). Vectors are made up here: the stores
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import AsyncIterator
@@ -45,7 +46,7 @@ async def test_search_ranks_by_cosine_and_filters_metadata(store: Store) -> None
     await store.upsert("c", [doc("a", [1, 2], team="db"), doc("b", [3], team="web", n=2), doc("z", [4], team="db")])
     assert await store.dimension("c") == DIM
     hits = await store.search("c", unit(3), 2, {})
-    assert [(h.doc_id, h.chunk, h.text) for h in hits][0] == ("b", 0, "b chunk 0")
+    assert (hits[0].doc_id, hits[0].chunk, hits[0].text) == ("b", 0, "b chunk 0")
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert hits[0].metadata == {"team": "web", "n": 2}
     assert hits[0].score >= hits[1].score
@@ -115,7 +116,7 @@ def test_chunks_overlap_and_cut_at_word_boundaries() -> None:
     assert all(not c.startswith(" ") and c.split()[0].startswith("w") for c in got)
     words = [c.split() for c in got]
     assert words[0][0] == "w0" and words[-1][-1] == "w399"
-    for a, b in zip(words, words[1:], strict=False):
+    for a, b in itertools.pairwise(words):
         assert b[0] in a  # the next chunk starts inside the previous one
     assert chunks("  \n ", 32, 8) == []
     assert chunks("short", 32, 8) == ["short"]
