@@ -33,11 +33,11 @@ from .metrics import Metrics
 from .pool import Pool
 from .relay import Relay
 from .replica import Replica, ReplicaState
+from .stores import Stores
 from .supervisor import Supervisor
 from .tools import Toolbox
 from .upstream import Upstreams
 from .usage import Ledger, NullLedger, current_month
-from .vectors import Stores
 
 log = logging.getLogger("llmd")
 

@@ -2,7 +2,7 @@
 
 ``Store`` is the interface rag.py uses; ``SqliteStore`` is the embedded default: sqlite-vec
 (a SQLite extension from PyPI) in its own file beside the usage ledger, WAL, nothing to run.
-qdrant.py is the other store, behind the same interface.
+qdrant.py is the other store, behind the same interface; stores.py opens them per config.
 
 A collection's vector dimension is stored at its first write; a later write or search with
 another dimension (the collection's embeddings model was changed) is a ``DimensionMismatch``,
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-from .config import CollectionConfig, Config
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar]  # metadata key -> the value it must equal
@@ -286,45 +283,3 @@ def _where(where: Filter) -> tuple[str, list[Any]]:
         args += ['$."' + k.replace('"', "") + '"', int(v) if isinstance(v, bool) else v]
     return sql, args
 
-
-class Stores:
-    """The stores of every collection, opened at their first use and kept for the process: a
-    reload that moves a collection opens its new store then; ``close`` closes them all."""
-
-    def __init__(self) -> None:
-        self._stores: dict[str, Store] = {}
-        self._lock = asyncio.Lock()
-
-    async def get(self, cfg: Config, coll: CollectionConfig) -> Store:
-        where = location(cfg, coll)
-        store = self._stores.get(where)
-        if store is not None:
-            return store
-        async with self._lock:
-            store = self._stores.get(where)
-            if store is None:
-                if coll.store == "qdrant":
-                    from .qdrant import QdrantStore
-
-                    store = QdrantStore(where)
-                else:
-                    store = SqliteStore(where)
-                await store.open()
-                self._stores[where] = store
-        return store
-
-    async def close(self) -> None:
-        stores, self._stores = list(self._stores.values()), {}
-        for s in stores:
-            await s.close()
-
-
-def location(cfg: Config, coll: CollectionConfig) -> str:
-    """Where a collection lives: sqlite, its file (rag.path, default rag.sqlite3 beside the
-    ledger); qdrant, its URL (url_env) or local folder (qdrant_path, default qdrant/ beside it)."""
-    beside = Path(cfg.usage.path).parent
-    if coll.store == "qdrant":
-        if coll.url_env:
-            return os.environ.get(coll.url_env, "")
-        return coll.qdrant_path or str(beside / "qdrant")
-    return cfg.rag.path or str(beside / "rag.sqlite3")
