@@ -172,17 +172,24 @@ class SqliteStore:
             now = time.time()
             for d in docs:
                 self._delete(cid, d.id)
-                c.execute(
-                    "INSERT INTO documents (collection, id, metadata, chunks, created) VALUES (?, ?, ?, ?, ?)",
-                    (cid, d.id, json.dumps(d.metadata), len(d.chunks), now),
-                )
+            # rowids given here, so the three tables are written by executemany (one statement
+            # each, not two per chunk); one writer thread in one transaction owns max(rowid)
+            first = c.execute("SELECT coalesce(max(rowid), 0) + 1 FROM chunks").fetchone()[0]
+            chunk_rows: list[tuple[Any, ...]] = []
+            vec_rows: list[tuple[int, bytes]] = []
+            for d in docs:
                 for i, (text, vec) in enumerate(zip(d.chunks, d.vectors, strict=True)):
-                    rowid = c.execute(
-                        "INSERT INTO chunks (collection, doc_id, idx, text) VALUES (?, ?, ?, ?)", (cid, d.id, i, text)
-                    ).lastrowid
-                    c.execute(
-                        f"INSERT INTO vec_{cid} (rowid, embedding) VALUES (?, ?)", (rowid, serialize_float32(vec))
-                    )
+                    rowid = first + len(chunk_rows)
+                    chunk_rows.append((rowid, cid, d.id, i, text))
+                    vec_rows.append((rowid, serialize_float32(vec)))
+            c.executemany(
+                "INSERT INTO documents (collection, id, metadata, chunks, created) VALUES (?, ?, ?, ?, ?)",
+                [(cid, d.id, json.dumps(d.metadata), len(d.chunks), now) for d in docs],
+            )
+            c.executemany(
+                "INSERT INTO chunks (rowid, collection, doc_id, idx, text) VALUES (?, ?, ?, ?, ?)", chunk_rows
+            )
+            c.executemany(f"INSERT INTO vec_{cid} (rowid, embedding) VALUES (?, ?)", vec_rows)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -192,10 +199,11 @@ class SqliteStore:
 
     def _delete(self, cid: int, doc_id: str) -> bool:
         c = self._conn
-        c.execute(
-            f"DELETE FROM vec_{cid} WHERE rowid IN (SELECT rowid FROM chunks WHERE collection = ? AND doc_id = ?)",
-            (cid, doc_id),
-        )
+        rowids = c.execute("SELECT rowid FROM chunks WHERE collection = ? AND doc_id = ?", (cid, doc_id)).fetchall()
+        if not rowids:
+            return False
+        # by rowid, one at a time: vec0 answers `rowid = ?` directly, `rowid IN (SELECT ...)` by a scan
+        c.executemany(f"DELETE FROM vec_{cid} WHERE rowid = ?", rowids)
         c.execute("DELETE FROM chunks WHERE collection = ? AND doc_id = ?", (cid, doc_id))
         return c.execute("DELETE FROM documents WHERE collection = ? AND id = ?", (cid, doc_id)).rowcount > 0
 
@@ -263,13 +271,16 @@ class SqliteStore:
                 (q, top_k),
             ).fetchall()
         else:
-            # a filter first narrows the documents; their chunks are then measured one by one
+            # the same scan, over the chunks of the documents the filter keeps
             sql, args = _where(where)
             rows = self._conn.execute(
-                "SELECT c.doc_id, c.idx, c.text, d.metadata, vec_distance_cosine(v.embedding, ?) AS dist "
-                f"FROM documents d JOIN chunks c ON c.collection = d.collection AND c.doc_id = d.id "
-                f"JOIN vec_{cid} v ON v.rowid = c.rowid WHERE d.collection = ?{sql} ORDER BY dist LIMIT ?",
-                (q, cid, *args, top_k),
+                f"WITH knn AS (SELECT rowid, distance FROM vec_{cid} WHERE embedding MATCH ? AND k = ? AND rowid IN "
+                "(SELECT c.rowid FROM documents d JOIN chunks c ON c.collection = d.collection AND c.doc_id = d.id "
+                f"WHERE d.collection = ?{sql})) "
+                "SELECT c.doc_id, c.idx, c.text, d.metadata, knn.distance FROM knn "
+                "JOIN chunks c ON c.rowid = knn.rowid "
+                "JOIN documents d ON d.collection = c.collection AND d.id = c.doc_id ORDER BY knn.distance",
+                (q, top_k, cid, *args),
             ).fetchall()
         return [Hit(r[0], r[1], r[2], 1.0 - float(r[4]), json.loads(r[3])) for r in rows]
 
