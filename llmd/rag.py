@@ -41,16 +41,14 @@ from .vectors import DimensionMismatch, Document, Filter, Hit
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
+# Each model call's route in the ledger and the metrics: the retrieval route that made it, with
+# the upstream protocol (path, meter) of the call itself.
 ROUTES = {
-    name: replace(BY_NAME[base], name=name)
-    for name, base in (
-        ("rag_documents", "embeddings"),
-        ("rag_search", "embeddings"),
-        ("rag_chat_embed", "embeddings"),
-        ("rag_chat", "chat"),
-    )
+    "rag_documents": replace(BY_NAME["embeddings"], name="rag_documents"),
+    "rag_search": replace(BY_NAME["embeddings"], name="rag_search"),
+    "rag_chat_embed": replace(BY_NAME["embeddings"], name="rag_chat"),  # a grounded chat's query
+    "rag_chat": replace(BY_NAME["chat"], name="rag_chat"),
 }
-ROUTES["rag_chat_embed"] = replace(ROUTES["rag_chat_embed"], name="rag_chat")
 
 MAX_ID_CHARS = 256
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
