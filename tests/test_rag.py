@@ -82,9 +82,16 @@ async def test_documents_search_and_chat_on_both_stores(fake: FakeProc, llmd_for
             assert r.status == 200
         status, hits = await post(s, base + "/search", {"query": TEXTS[2], "top_k": 10})
         assert "c" not in [h["id"] for h in hits["data"]]
-        async with s.get(base + "/documents?limit=1", headers={"Authorization": f"Bearer {KEY}"}) as r:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        async with s.get(base + "/documents?limit=1", headers=auth) as r:
             page = await r.json()
         assert [d["id"] for d in page["data"]] == ["a"] and page["has_more"] is True
+        async with s.get(base + "/documents", params={"after": "a", "filter": '{"n": 2}'}, headers=auth) as r:
+            page = await r.json()
+        assert [d["id"] for d in page["data"]] == ["b"] and page["has_more"] is False
+        for bad, param in (({"limit": "0"}, "limit"), ({"filter": "{"}, "filter"), ({"filter": '{"n": []}'}, "filter")):
+            async with s.get(base + "/documents", params=bad, headers=auth) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == param, bad
     got = {r["request_id"]: r for r in rows(tmp_path)}
     # 3 chunks in batches of 2: two embedding calls; each chat: its query's embedding + the chat
     assert {"add1.e1", "add1.e2", "c1.e1", "c1", "c2.e1", "c2"} <= set(got)
