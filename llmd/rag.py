@@ -55,13 +55,13 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 TopK = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class AddBody(msgspec.Struct, forbid_unknown_fields=True):
+class RagDocumentsBody(msgspec.Struct, forbid_unknown_fields=True):
     texts: list[str]
     metadata: list[dict[str, Any]] | dict[str, Any] | None = None  # one per text, or one for all
     ids: list[Id] | None = None  # default: the sha256 of the text (re-adding a text replaces it)
 
 
-class SearchBody(msgspec.Struct, forbid_unknown_fields=True):
+class RagSearchBody(msgspec.Struct, forbid_unknown_fields=True):
     query: str
     top_k: TopK | None = None
     filter: Filter | None = None
@@ -98,7 +98,7 @@ async def list_collections(request: web.Request) -> web.Response:
 async def add_documents(request: web.Request) -> web.Response:
     services, rt, principal = _begin(request)
     name, coll = _collection(request, rt, principal)
-    body = _body(await read_body(request, rt.cfg.server.max_body_bytes), AddBody)
+    body = _body(await read_body(request, rt.cfg.server.max_body_bytes), RagDocumentsBody)
     docs = _documents(body, coll)
     store = await services.vectors.get(rt.cfg, coll)
     texts = [c for d in docs for c in d.chunks]
@@ -166,7 +166,7 @@ async def delete_document(request: web.Request) -> web.Response:
 async def search(request: web.Request) -> web.Response:
     services, rt, principal = _begin(request)
     name, coll = _collection(request, rt, principal)
-    body = _body(await read_body(request, rt.cfg.server.max_body_bytes), SearchBody)
+    body = _body(await read_body(request, rt.cfg.server.max_body_bytes), RagSearchBody)
     if not body.query.strip():
         raise bad_request("'query' must not be empty.", param="query")
     hits, tokens, _ = await _retrieve(
@@ -275,7 +275,7 @@ def _body(raw: bytes, kind: Any, param: str | None = None) -> Any:
         raise bad_request(f"'{param or 'body'}' is not valid JSON.", param=param, code="invalid_json") from None
 
 
-def _documents(body: AddBody, coll: CollectionConfig) -> list[Document]:
+def _documents(body: RagDocumentsBody, coll: CollectionConfig) -> list[Document]:
     """The request's documents, chunked; every problem a 400 before anything is embedded."""
     n = len(body.texts)
     if n == 0:

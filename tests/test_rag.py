@@ -193,3 +193,25 @@ rag:
         "rag.collections.bad name.top_k: must be at most max_top_k (3)",
     ):
         assert want in errs, errs
+
+
+def test_openapi_documents_the_routes_of_configured_collections() -> None:
+    from openapi_spec_validator import validate
+
+    from llmd import openapi
+
+    base = 'models: {m: {backend: openai, urls: ["http://127.0.0.1:9/v1"]}}\n'
+    assert not [p for p in openapi.build(parse(base))["paths"] if p.startswith("/v1/rag")]
+    doc = openapi.build(parse(base + "rag: {collections: {docs: {embedding_model: m, chat_model: m}}}"))
+    validate(doc)
+    rag = {p: v for p, v in doc["paths"].items() if p.startswith("/v1/rag")}
+    assert set(rag) == {"/v1/rag", "/v1/rag/{collection}/documents", "/v1/rag/{collection}/documents/{id}",
+                        "/v1/rag/{collection}/search", "/v1/rag/{collection}/chat",
+                        "/v1/rag/{collection}/chat/completions"}  # fmt: skip
+    add = rag["/v1/rag/{collection}/documents"]["post"]
+    assert add["parameters"][1]["schema"]["enum"] == ["docs"]
+    assert {"400", "403", "404", "409", "429"} <= set(add["responses"])
+    body = doc["components"]["schemas"]["RagDocumentsBody"]  # the Struct rag.py decodes with
+    assert body["required"] == ["texts"] and body["additionalProperties"] is False
+    chat = rag["/v1/rag/{collection}/chat"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["properties"]["rag"] == {"$ref": "#/components/schemas/RagOptions"} and chat["required"] == ["messages"]
