@@ -36,7 +36,8 @@ from .grounding import Sources, grounded, query_of, rag_field
 from .pipeline import read_body, serve_round
 from .routes import BY_NAME
 from .runtime import Runtime, Services
-from .vectors import DimensionMismatch, Document, Filter, Hit
+from .stores import store_errors
+from .vectors import Document, Filter, Hit
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -79,19 +80,22 @@ async def list_collections(request: web.Request) -> web.Response:
     services, rt, principal = _begin(request)
     data = []
     for name, c in rt.cfg.rag.collections.items():
-        if _allowed(c, principal):
+        if not _allowed(c, principal):
+            continue
+        with store_errors(name, c):
             store = await services.vectors.get(rt.cfg, c)
-            data.append(
-                {
-                    "id": name,
-                    "object": "rag.collection",
-                    "embedding_model": c.embedding_model,
-                    "chat_model": c.chat_model,
-                    "store": c.store,
-                    "documents": await store.count(name),
-                    "dimension": await store.dimension(name),
-                }
-            )
+            count, dimension = await store.count(name), await store.dimension(name)
+        data.append(
+            {
+                "id": name,
+                "object": "rag.collection",
+                "embedding_model": c.embedding_model,
+                "chat_model": c.chat_model,
+                "store": c.store,
+                "documents": count,
+                "dimension": dimension,
+            }
+        )
     return web.json_response({"object": "list", "data": data})
 
 
@@ -100,7 +104,8 @@ async def add_documents(request: web.Request) -> web.Response:
     name, coll = _collection(request, rt, principal)
     body = _body(await read_body(request, rt.cfg.server.max_body_bytes), RagDocumentsBody)
     docs = _documents(body, coll)
-    store = await services.vectors.get(rt.cfg, coll)
+    with store_errors(name, coll):  # a store that cannot open fails before any model call
+        store = await services.vectors.get(rt.cfg, coll)
     texts = [c for d in docs for c in d.chunks]
     vectors: list[list[float]] = []
     tokens = 0
@@ -113,10 +118,8 @@ async def add_documents(request: web.Request) -> web.Response:
     for d in docs:
         d.vectors = vectors[at : at + len(d.chunks)]
         at += len(d.chunks)
-    try:
+    with store_errors(name, coll):
         await store.upsert(name, docs)
-    except DimensionMismatch as e:
-        raise _mismatch(e, coll) from None
     data = [{"id": d.id, "object": "rag.document", "chunks": len(d.chunks)} for d in docs]
     return web.json_response(
         {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -136,8 +139,9 @@ async def list_documents(request: web.Request) -> web.Response:
     where: Filter = {}
     if "filter" in q:
         where = _body(q["filter"].encode(), Filter, "filter")  # type: ignore[arg-type]
-    store = await services.vectors.get(rt.cfg, coll)
-    docs = await store.documents(name, limit + 1, q.get("after"), where)
+    with store_errors(name, coll):
+        store = await services.vectors.get(rt.cfg, coll)
+        docs = await store.documents(name, limit + 1, q.get("after"), where)
     data = [
         {"id": d.id, "object": "rag.document", "chunks": d.chunks, "metadata": d.metadata, "created": int(d.created)}
         for d in docs[:limit]
@@ -157,8 +161,10 @@ async def delete_document(request: web.Request) -> web.Response:
     services, rt, principal = _begin(request)
     name, coll = _collection(request, rt, principal)
     doc_id = request.match_info["id"]
-    store = await services.vectors.get(rt.cfg, coll)
-    if not await store.delete(name, doc_id):
+    with store_errors(name, coll):
+        store = await services.vectors.get(rt.cfg, coll)
+        found = await store.delete(name, doc_id)
+    if not found:
         raise ApiError(404, f"No document '{doc_id}' in collection '{name}'.", code="document_not_found", param="id")
     return web.json_response({"id": doc_id, "object": "rag.document", "deleted": True})
 
@@ -319,14 +325,13 @@ async def _retrieve(
     k = top_k or coll.top_k
     if k > coll.max_top_k:
         raise bad_request(f"'top_k' is at most {coll.max_top_k} on this collection.", param="top_k")
-    store = await services.vectors.get(rt.cfg, coll)
+    with store_errors(name, coll):
+        store = await services.vectors.get(rt.cfg, coll)
     t0 = time.monotonic()
     vectors, tokens = await _embed(call, rt, services, p, coll, [query], route, 1)
     t1 = time.monotonic()
-    try:
+    with store_errors(name, coll):
         hits = await store.search(name, vectors[0], k, where)
-    except DimensionMismatch as e:
-        raise _mismatch(e, coll) from None
     t2 = time.monotonic()
     return hits, tokens, {"embed": round((t1 - t0) * 1000, 2), "search": round((t2 - t1) * 1000, 2)}
 
@@ -371,14 +376,3 @@ async def _embed(
     if len(vectors) != len(texts) or any(v and isinstance(v[0], list) for v in vectors):
         raise upstream_failed(502, f"embedding model '{model}' answered {len(vectors)} vectors for {len(texts)} texts")
     return vectors, sub.exchange.prompt_tokens
-
-
-def _mismatch(e: DimensionMismatch, coll: CollectionConfig) -> ApiError:
-    return ApiError(
-        409,
-        f"Collection '{e.collection}' holds {e.stored}-dimensional vectors but its embedding model "
-        f"'{coll.embedding_model}' answers {e.got}: re-create the collection for this model, or configure the "
-        "model it was built with.",
-        code="dimension_mismatch",
-        param="collection",
-    )

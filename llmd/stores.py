@@ -1,15 +1,22 @@
 """Stores: the vector stores of the configured collections (vectors.py, qdrant.py), opened
 at their first use and kept for the process, so a reload that adds or moves a collection
-needs nothing more than its next request."""
+needs nothing more than its next request; and a store's failures in their HTTP form."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import CollectionConfig, Config
-from .vectors import SqliteStore, Store
+from .errors import ApiError
+from .outcome import Outcome
+from .vectors import DimensionMismatch, SqliteStore, Store
+
+log = logging.getLogger("llmd")
 
 
 class Stores:
@@ -53,3 +60,35 @@ def location(cfg: Config, coll: CollectionConfig) -> str:
             return os.environ.get(coll.url_env, "")
         return coll.qdrant_path or str(beside / "qdrant")
     return cfg.rag.path or str(beside / "rag.sqlite3")
+
+
+@contextlib.contextmanager
+def store_errors(name: str, coll: CollectionConfig) -> Iterator[None]:
+    """A store's failure as its HTTP form: a dimension mismatch is the 409 that says what to do;
+    anything else (a file that cannot be opened, a Qdrant that does not answer) a 503."""
+    try:
+        yield
+    except DimensionMismatch as e:
+        raise _mismatch(e, coll) from None
+    except ApiError:
+        raise
+    except Exception as e:
+        log.exception("rag: the store of collection %s failed", name)
+        raise ApiError(
+            503,
+            f"The {coll.store} store of collection '{name}' failed ({type(e).__name__}); see llmd's log.",
+            type="server_error",
+            code="store_unavailable",
+            outcome=Outcome.UPSTREAM_ERROR,
+        ) from None
+
+
+def _mismatch(e: DimensionMismatch, coll: CollectionConfig) -> ApiError:
+    return ApiError(
+        409,
+        f"Collection '{e.collection}' holds {e.stored}-dimensional vectors but its embedding model "
+        f"'{coll.embedding_model}' answers {e.got}: re-create the collection for this model, or configure the "
+        "model it was built with.",
+        code="dimension_mismatch",
+        param="collection",
+    )

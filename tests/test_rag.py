@@ -119,6 +119,19 @@ async def test_a_refused_embedding_call_stores_nothing(fake: FakeProc, llmd_for,
     assert got == {"lim.e1": 200, "lim.e2": 200, "lim.e3": 429}
 
 
+async def test_a_store_that_cannot_open_is_a_503_before_any_model_call(
+    fake: FakeProc, llmd_for, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("")
+    rag = {**rag_section("sqlite"), "path": str(tmp_path / "file" / "rag.sqlite3")}  # under a file: no folder
+    async with llmd_for(fake, rag=rag) as llmd, aiohttp.ClientSession() as s:
+        status, err = await post(s, llmd.url + "/v1/rag/docs/documents", {"texts": ["x"]})
+        assert status == 503 and err["error"]["code"] == "store_unavailable", err
+        assert "sqlite store of collection 'docs'" in err["error"]["message"]
+        await llmd.services.ledger.flush()
+    assert rows(tmp_path) == []
+
+
 async def test_a_reload_adds_a_collection(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
     async with llmd_for(fake) as llmd, aiohttp.ClientSession() as s:
         status, err = await post(s, llmd.url + "/v1/rag/docs/search", {"query": "x"})
