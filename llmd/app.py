@@ -42,7 +42,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/rag", rag.list_collections)
     app.router.add_post("/v1/rag/{collection}/documents", rag.add_documents)
     app.router.add_get("/v1/rag/{collection}/documents", rag.list_documents)
-    app.router.add_delete("/v1/rag/{collection}/documents/{id}", rag.delete_document)
+    app.router.add_delete("/v1/rag/{collection}/documents/{id:.+}", rag.delete_document)  # ids may hold /
     app.router.add_post("/v1/rag/{collection}/search", rag.search)
     app.router.add_post("/v1/rag/{collection}/chat", rag.chat)
     # an OpenAI SDK whose base_url is .../v1/rag/COLLECTION posts here

@@ -151,6 +151,8 @@ async def test_cli_adds_lists_searches_and_removes(fake: FakeProc, llmd_for, tmp
     (tmp_path / "a.md").write_text("# Runbook\n\nRestart the queue with `make restart`.\n")
     (tmp_path / "b.txt").write_text("Backups run at night.\n")
     (tmp_path / "bin.dat").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.md").write_text("In a folder.\n")
 
     async def cli(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -174,6 +176,11 @@ async def test_cli_adds_lists_searches_and_removes(fake: FakeProc, llmd_for, tmp
         assert rc == 0 and out.split()[1] == "b.txt#0" and out.startswith("1.0000")
         rc, out, _ = await cli("rm", "docs", "b.txt")
         assert rc == 0 and out.strip() == "deleted b.txt"
+        assert (await cli("add", "docs", "sub/c.md"))[0] == 0
+        rc, out, _ = await cli("rm", "docs", "sub/c.md")  # an id with a slash: quoted in the path
+        assert rc == 0 and out.strip() == "deleted sub/c.md"
+        rc, out, _ = await cli("ls", "docs")
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ["a.md"]
         rc, _, err = await cli("rm", "docs", "b.txt")
         assert rc == 1 and "404" in err
         rc, _, err = await cli("add", "docs", "bin.dat")
