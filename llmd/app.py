@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import admin, handlers, openapi
+from . import admin, handlers, openapi, rag
 from .appkeys import SERVICES
 from .middleware import middleware, on_prepare
 from .pipeline import inference
@@ -40,6 +40,14 @@ def create_app(services: Services) -> web.Application:
     for route in ROUTES:
         for path in route.paths:
             app.router.add_post(path, inference)
+    app.router.add_get("/v1/rag", rag.list_collections)
+    app.router.add_post("/v1/rag/{collection}/documents", rag.add_documents)
+    app.router.add_get("/v1/rag/{collection}/documents", rag.list_documents)
+    app.router.add_delete("/v1/rag/{collection}/documents/{id:.+}", rag.delete_document)  # ids may hold /
+    app.router.add_post("/v1/rag/{collection}/search", rag.search)
+    app.router.add_post("/v1/rag/{collection}/chat", rag.chat)
+    # an OpenAI SDK whose base_url is .../v1/rag/COLLECTION posts here
+    app.router.add_post("/v1/rag/{collection}/chat/completions", rag.chat)
     app.router.add_get("/admin/status", handlers.admin_status)
     app.router.add_get("/admin/usage", handlers.admin_usage)
     admin.add_routes(app)

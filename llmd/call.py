@@ -16,7 +16,6 @@ from aiohttp import web
 from .auth import Principal
 from .envelope import Envelope
 from .exchange import Exchange
-from .legacy import LegacyFunctions
 from .limits import Grant
 from .outcome import Outcome
 from .routes import Route
@@ -30,6 +29,14 @@ class Sink(Protocol):
 
     def event(self, payload: bytes) -> bytes | None:
         """One upstream event's data -> the bytes the client gets (None: nothing)."""
+
+
+class Rewrite(Protocol):
+    """Changes an answer on its way to the client: whole, or one stream event's data at a
+    time (legacy.LegacyFunctions; grounding.Sources adds retrieval's sources)."""
+
+    def whole(self, data: bytes) -> bytes: ...
+    def event(self, payload: bytes) -> bytes: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -50,7 +57,7 @@ class Call:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
     hide_usage: bool = False  # llmd asked for the stream's usage chunk; the client did not
-    rewrite: LegacyFunctions | None = None  # translates the answer back for an old client
+    rewrite: Rewrite | None = None  # e.g. translates the answer back for an old client
     # The completion cache (cache.py): hit | miss | bypass ("" when the model has none); the
     # entry's key when the answer may be stored; the stream's bytes as the client got them.
     cache: str = ""

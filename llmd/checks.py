@@ -11,6 +11,7 @@ import os
 import re
 
 from .config import Config, LauncherConfig
+from .launchers import served_routes
 from .launchers import validate as validate_launch
 from .tools import host_allowed, host_of
 
@@ -41,6 +42,7 @@ def check(cfg: Config) -> list[str]:
     _check_keys(cfg, names, errors)
     _check_launchers(cfg, errors)
     _check_tools(cfg, errors)
+    _check_rag(cfg, errors)
     errors.extend(validate_launch(cfg))
     return errors
 
@@ -212,3 +214,39 @@ def _check_tools(cfg: Config, errors: list[str]) -> None:
             ):
                 who = f"key {key_id!r}" if key_id is not None else f"tier {tier!r}"
                 errors.append(f"{p}.default_tools[{i}]: tool {name!r} is not allowed for {who}")
+
+
+_COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def _check_rag(cfg: Config, errors: list[str]) -> None:
+    """A collection names models that serve its routes, tiers and keys that exist, a chunk
+    its overlap fits in, and a Qdrant it can reach."""
+    names = cfg.model_names()
+    key_ids = {k.id for k in cfg.keys}
+    for name, c in cfg.rag.collections.items():
+        p = f"rag.collections.{name}"
+        if not _COLLECTION.match(name):
+            errors.append(f"{p}: a collection name is letters, digits, _ and - (max 64)")
+        for fld, route in (("embedding_model", "embeddings"), ("chat_model", "chat")):
+            model = getattr(c, fld)
+            if model is None:
+                continue
+            if model not in names:
+                errors.append(f"{p}.{fld}: {model!r} is not a model or alias of models:")
+            elif route not in served_routes(cfg.models[names[model]]):
+                errors.append(f"{p}.{fld}: model {model!r} does not serve {route}")
+        if c.chunk.overlap >= c.chunk.tokens:
+            errors.append(f"{p}.chunk.overlap: must be less than chunk.tokens ({c.chunk.tokens})")
+        if c.top_k > c.max_top_k:
+            errors.append(f"{p}.top_k: must be at most max_top_k ({c.max_top_k})")
+        if c.store == "sqlite" and (c.url_env or c.qdrant_path):
+            errors.append(f"{p}: url_env and qdrant_path are for store: qdrant")
+        if c.url_env and c.url_env not in os.environ:
+            errors.append(f"{p}.url_env: environment variable {c.url_env} is not set")
+        for i, tier in enumerate(c.tiers):
+            if tier not in cfg.tiers:
+                errors.append(f"{p}.tiers[{i}]: unknown tier {tier!r}")
+        for i, k in enumerate(c.keys):
+            if k not in key_ids:
+                errors.append(f"{p}.keys[{i}]: unknown key id {k!r}")

@@ -1,4 +1,4 @@
-"""The ``llmd`` command: serve, check, keys, usage, status, version."""
+"""The ``llmd`` command: serve, check, keys, usage, status, rag (ragcli.py), version."""
 
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     replicas = sum(m.replicas if m.backend != "openai" else len(m.urls) for m in cfg.models.values())
     auth = f"{len(cfg.keys)} key(s)" if cfg.keys else f"no keys: OPEN to every client of {cfg.server.host}"
+    rag = f", {len(cfg.rag.collections)} collection(s)" if cfg.rag.collections else ""
     print(
         f"{cfg.source}: ok: {len(cfg.models)} model(s), {replicas} replica(s), {len(cfg.tiers)} tier(s), "
-        f"{auth}, listening on {cfg.server.host}:{cfg.server.port}"
+        f"{auth}{rag}, listening on {cfg.server.host}:{cfg.server.port}"
     )
     return 0
 
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", help="admin key (default: $LLMD_ADMIN_KEY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    from .ragcli import add_parser
+
+    add_parser(sub, _config_arg)
 
     args = ap.parse_args(argv)
     if getattr(args, "file", None):

@@ -207,6 +207,38 @@ class ToolLoopConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     max_result_bytes: PositiveInt = 64 * 1024  # a tool's answer beyond this is cut before the model sees it
 
 
+class ChunkConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    # Tokens are estimated at 4 characters each (chunker.py); 256 stays well inside
+    # llama-server's default embedding batch (512 tokens) even for denser text.
+    tokens: PositiveInt = 256
+    overlap: NonNegInt = 32
+
+
+class CollectionConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """One retrieval collection (rag.py): documents embedded by one embeddings model of
+    ``models:``, answered by one chat model, kept in one store."""
+
+    embedding_model: str
+    chat_model: str | None = None  # POST .../chat needs it; search works without
+    store: Literal["sqlite", "qdrant"] = "sqlite"  # sqlite: sqlite-vec in rag.path
+    url_env: str | None = None  # qdrant: the server's URL from this environment variable
+    qdrant_path: str | None = None  # qdrant without url_env: local mode in this folder (":memory:" in tests)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    top_k: PositiveInt = 4
+    max_top_k: PositiveInt = 50
+    max_document_bytes: PositiveInt = 1024 * 1024  # one text of POST .../documents (UTF-8)
+    embed_batch: PositiveInt = 16  # chunks per embedding call
+    # Who may use it: every key when both are empty; else a key whose tier is in tiers or
+    # whose id is in keys.
+    tiers: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+
+class RagConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    path: str | None = None  # the sqlite-vec file; default rag.sqlite3 beside usage.path
+    collections: dict[str, CollectionConfig] = field(default_factory=dict)
+
+
 class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     # Empty is valid (a fresh package install serves nothing until ops add a model).
     models: dict[str, ModelConfig] = field(default_factory=dict)
@@ -219,6 +251,7 @@ class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     cache: CacheConfig = field(default_factory=CacheConfig)
     tools: dict[str, ToolConfig] = field(default_factory=dict)
     tool_loop: ToolLoopConfig = field(default_factory=ToolLoopConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
     # Where it was read from; not part of the YAML.
     source: str = ""
 

@@ -25,6 +25,11 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.usage.path = resolve(cfg.usage.path)
     if cfg.cache.path:
         cfg.cache.path = resolve(cfg.cache.path)
+    if cfg.rag.path:
+        cfg.rag.path = resolve(cfg.rag.path)
+    for c in cfg.rag.collections.values():
+        if c.qdrant_path and c.qdrant_path != ":memory:":
+            c.qdrant_path = resolve(c.qdrant_path)
     for m in cfg.models.values():
         if m.model and m.backend == "llama-server":
             m.model = resolve(m.model)

@@ -93,7 +93,7 @@ async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Vary"] = "Origin"
         resp.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, x-ratelimit-remaining-requests"
         if request.method == "OPTIONS":
-            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             resp.headers["Access-Control-Allow-Headers"] = (
                 request.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type"
             )

@@ -18,7 +18,7 @@ import msgspec
 import msgspec.inspect as mi
 from aiohttp import web
 
-from . import __version__
+from . import __version__, ragdoc
 from .config import Config
 from .envelope import Envelope
 from .routes import ROUTES
@@ -46,6 +46,7 @@ _ERRORS: dict[int, tuple[str, bool]] = {
     401: ("No API key, or an unknown or revoked one (`code: invalid_api_key`).", False),
     403: ("The key may not use this model (`model_not_allowed`) or this admin route (`admin_required`).", False),
     404: ("`model_not_found` (unknown model, or not visible to this key) or an unknown route.", False),
+    409: ("The collection's vectors have another dimension than its model's (`dimension_mismatch`).", False),
     413: ("The body is larger than `server.max_body_bytes` (`request_too_large`).", False),
     429: (
         "A per-key limit: `rate_limit_exceeded` (requests or tokens per minute/hour, concurrency) or "
@@ -488,6 +489,9 @@ def build(cfg: Config) -> dict[str, Any]:
         for i, path in enumerate(route.paths):
             doc = _inference(summary, op_id + (f"_{i}" if i else ""), body, ok, route.name in _STREAMING, route.errors)
             paths[path] = doc
+    rag_paths, rag_schemas = ragdoc.build(cfg, _error_response, _ok, _REQUEST_ID_PARAM,
+                                          _envelope(models, "messages", False))  # fmt: skip
+    paths.update(rag_paths)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -530,7 +534,7 @@ def build(cfg: Config) -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": r"^[0-9]+$"},
                 },
             },
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **rag_schemas},
         },
     }
 

@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .pool import Pool
 from .relay import Relay
 from .replica import Replica, ReplicaState
+from .stores import Stores
 from .supervisor import Supervisor
 from .tools import Toolbox
 from .upstream import Upstreams
@@ -92,6 +93,7 @@ class Services:
         self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
         self.access = AccessLog()
         self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
+        self.vectors = Stores()  # retrieval's stores (rag.py), opened at first use
         self.started_unix = int(time.time())
         self.draining = False  # set at shutdown: /readyz answers 503 so balancers move away
         self._cfg = cfg
@@ -213,6 +215,7 @@ class Services:
                 await self.cache.close()
         except TimeoutError:
             log.error("completion cache: its last writes did not finish before the shutdown deadline")
+        await self.vectors.close()
         self.access.flush()
         self.upstreams.close()
         await self.session.close()
