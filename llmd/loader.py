@@ -190,13 +190,15 @@ class Loader:
         held = self._held()
         return {r: b - (self.cap[r] - held.get(r, 0)) for r, b in needs.items() if held.get(r, 0) + b > self.cap[r]}
 
-    def _held(self) -> Resources:
+    def _held(self, pending: bool = True) -> Resources:
+        """Estimates of the members that hold a process (starting, serving, stopping), plus
+        the reservations of starts waiting for their evictions unless ``pending`` is false."""
         held: Resources = {}
         keys = [(name, i) for name in self.cfg.models for i, _, running in self._sup.members(name) if running]
         for key in keys:
             for r, b in self.needs.get(key, {}).items():
                 held[r] = held.get(r, 0) + b
-        for start in self._pending.values():
+        for start in self._pending.values() if pending else ():
             for r, b in start.needs.items():
                 held[r] = held.get(r, 0) + b
         return held
@@ -348,8 +350,12 @@ class Loader:
         return out
 
     def budget(self) -> dict[str, dict[str, int]]:
-        held = self._held()
-        return {r: {"budget": b, "held": held.get(r, 0)} for r, b in self.cap.items()}
+        """Per resource: the budget, what processes hold, what starts have reserved on top."""
+        held, total = self._held(pending=False), self._held()
+        return {
+            r: {"budget": b, "held": held.get(r, 0), "reserved": total.get(r, 0) - held.get(r, 0)}
+            for r, b in self.cap.items()
+        }
 
     # --- the rules that run on a timer ---------------------------------------------------------
 
@@ -369,7 +375,7 @@ class Loader:
                 self._idle(name, model, now)
                 self._scale(name, model)
         self._ensure_kept()
-        for r, b in self._held().items():
+        for r, b in self._held(pending=False).items():
             self._metrics.observe_held(r, b)
 
     def _demand(self, name: str) -> None:
@@ -425,7 +431,12 @@ class Loader:
     def _ensure_kept(self) -> None:
         """min_replicas, pin and preload: start what they ask for that is not running."""
         for name, model in self.cfg.models.items():
-            if not model.on_demand or model.backend == "openai":
+            if model.backend == "openai":
+                continue
+            if not model.on_demand:
+                # Under a budget a reload leaves new or cold always-replicas to the loader.
+                if self.cap and any(not run for _, _, run in self._sup.members(name)):
+                    self._start_all(name)
                 continue
             want = max(model.min_replicas, 1 if model.pin else 0)
             running = sum(1 for _, r, run in self._sup.members(name) if run and not r.draining)
@@ -443,3 +454,15 @@ class Loader:
                         log.error("model %s (%s): %s", name, reason, e)
                     self._refused.add(name)
                     break
+
+    def _start_all(self, name: str) -> None:
+        while True:
+            try:
+                if self.start_one(name, "always") is None:
+                    return
+                self._refused.discard(name)
+            except NoRoom as e:
+                if name not in self._refused:
+                    log.error("model %s (always): %s", name, e)
+                self._refused.add(name)
+                return

@@ -17,7 +17,9 @@ Draining and replacing run as background tasks that ``stop()`` finishes.
 A ``load: on_demand`` model has ``max_replicas`` members that start COLD: the loader
 (loader.py) decides when each one runs (``wake``) and when it goes cold again (``sleep``);
 the supervisor only carries out. A reload keeps a running on-demand replica running (the
-loader's idle rule stops it later) and starts every cold replica of a model now ``always``.
+loader's idle rule stops it later) and starts every cold replica of a model now ``always``;
+under a ``server.memory_budget`` the loader starts new and cold ``always`` replicas instead,
+once it has made room for them.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
-            serving = [m for by_index in self._members.values() for m in by_index.values() if m.running]
+            # On-demand members count only while they run: a cold one is not waited for.
+            serving = [m for by_i in self._members.values() for m in by_i.values() if not m.on_demand or m.running]
             if not self._pending and all(m.replica.state is ReplicaState.READY for m in serving):
                 return True
             if loop.time() >= end:
@@ -173,6 +176,8 @@ class Supervisor:
             return
         wanted = self._wanted(new_cfg)  # may raise: before any change
         self._cfg = new_cfg
+        # Under a memory budget the loader starts what is new or was cold, after making room.
+        budgeted = new_cfg.server.memory_budget is not None
         for key, (model, spec) in wanted.items():
             name, index = key
             current = self._members.get(name, {}).get(index)
@@ -188,7 +193,7 @@ class Supervisor:
             if current is not None and current.identity == identity:
                 self._update(current, model, spec)
                 current.on_demand = model.on_demand
-                if not current.running and not model.on_demand and self._started:
+                if not current.running and not model.on_demand and self._started and not budgeted:
                     log.info("replica %s: now load always; starting it", current.replica.name)
                     self.wake(name, index)
                 continue
@@ -198,7 +203,7 @@ class Supervisor:
                 self._members.setdefault(name, {})[index] = new
                 if current is not None:
                     self._retire(current)
-                if not new.on_demand:
+                if not new.on_demand and not budgeted:
                     self._start(new)
             elif new.proc is None or not self._started:
                 # Nothing to wait for: a remote url is READY at once.
