@@ -34,6 +34,7 @@ from .admission import Admission
 from .budget import EstimateError, Resources, capacity, fmt, replica_needs
 from .config import Config, ModelConfig
 from .errors import no_room
+from .eviction import Holdings, Key
 from .launchers import launcher_for
 from .metrics import Metrics
 from .replica import ReplicaState
@@ -42,7 +43,6 @@ from .supervisor import Supervisor
 log = logging.getLogger("llmd.loader")
 
 TICK_S = 0.25
-Key = tuple[str, int]
 
 
 class NoRoom(Exception):
@@ -164,11 +164,12 @@ class Loader:
         if not short:
             self._wake(name, index, reason)
             return index
-        fixed = self._fixed(name)
+        view = self._view()
+        fixed = view.fixed(name)
         never = {r: b for r, b in needs.items() if fixed.get(r, 0) + b > self.cap[r]}
         if never:
-            raise NoRoom(self._no_room(name, needs, never))
-        victims = self._victims(name, short) if evict else None
+            raise NoRoom(view.no_room(name, needs, never))
+        victims = view.victims(name, short) if evict else None
         if victims is None:
             return None
         tasks = []
@@ -191,89 +192,13 @@ class Loader:
         return {r: b - (self.cap[r] - held.get(r, 0)) for r, b in needs.items() if held.get(r, 0) + b > self.cap[r]}
 
     def _held(self, pending: bool = True) -> Resources:
-        """Estimates of the members that hold a process (starting, serving, stopping), plus
-        the reservations of starts waiting for their evictions unless ``pending`` is false."""
-        held: Resources = {}
-        keys = [(name, i) for name in self.cfg.models for i, _, running in self._sup.members(name) if running]
-        for key in keys:
-            for r, b in self.needs.get(key, {}).items():
-                held[r] = held.get(r, 0) + b
-        for start in self._pending.values() if pending else ():
-            for r, b in start.needs.items():
-                held[r] = held.get(r, 0) + b
-        return held
+        return self._view().held([st.needs for st in self._pending.values()] if pending else [])
+
+    def _view(self) -> Holdings:
+        return Holdings(self.cfg, self.cap, self.needs, self._sup, self._claimed, self._queues)
 
     def _releasing(self, key: Key) -> bool:
         return any(i == key[1] and running and r.draining for i, r, running in self._sup.members(key[0]))
-
-    def _protected(self, other: str, model: ModelConfig) -> set[int]:
-        """The running members that min_replicas / pin keep (the lowest indexes)."""
-        keep = max(model.min_replicas, 1 if model.pin else 0)
-        running = [i for i, _, run in self._sup.members(other) if run]
-        return set(running[:keep])
-
-    def _fixed(self, name: str) -> Resources:
-        """What no eviction for ``name`` can free: load: always and kept members of other
-        models, and ``name``'s own running members."""
-        fixed: Resources = {}
-        for other, model in self.cfg.models.items():
-            protected = self._protected(other, model) if model.on_demand and other != name else set()
-            for i, _, run in self._sup.members(other):
-                if run and (other == name or not model.on_demand or i in protected):
-                    for r, b in self.needs.get((other, i), {}).items():
-                        fixed[r] = fixed.get(r, 0) + b
-        return fixed
-
-    def _victims(self, name: str, short: Resources) -> list[Key] | None:
-        """Members to stop that free ``short``, or None when too many are busy right now.
-
-        In order: members already stopping (idle), idle ones (least recently used first), then
-        busy ones whose queue is empty (they drain: no new requests, those in flight finish
-        before the stop). A member with requests queued is never taken: they would wait for a
-        start of their own at once."""
-        candidates: list[tuple[int, float, Key]] = []
-        for other, model in self.cfg.models.items():
-            if other == name or not model.on_demand or model.backend == "openai":
-                continue
-            adm = self._queues(other)
-            if adm is not None and adm.depth > 0:
-                continue
-            protected = self._protected(other, model)
-            for i, r, run in self._sup.members(other):
-                if not run or (other, i) in self._claimed or i in protected:
-                    continue
-                if r.draining:
-                    candidates.append((0, 0.0, (other, i)))
-                elif r.in_flight == 0:
-                    candidates.append((1, r.last_used, (other, i)))
-                elif r.state is ReplicaState.READY:
-                    candidates.append((2, r.last_used, (other, i)))
-        chosen: list[Key] = []
-        left = dict(short)
-        for _, _, key in sorted(candidates):
-            gives = self.needs.get(key, {})
-            if not any(gives.get(r, 0) > 0 for r in left):
-                continue
-            chosen.append(key)
-            left = {r: b - gives.get(r, 0) for r, b in left.items() if b - gives.get(r, 0) > 0}
-            if not left:
-                return chosen
-        return None
-
-    def _no_room(self, name: str, needs: Resources, never: Resources) -> str:
-        holders = []
-        for other, model in self.cfg.models.items():
-            protected = self._protected(other, model) if model.on_demand else set()
-            for i, r, running in self._sup.members(other):
-                if running and other != name and self.needs.get((other, i)) and (not model.on_demand or i in protected):
-                    why = "load: always" if not model.on_demand else "pinned"
-                    holders.append(f"{r.name} ({fmt(sum(self.needs[(other, i)].values()))}, {why})")
-        parts = ", ".join(f"{fmt(needs[r])} of {r} (budget {fmt(self.cap[r])})" for r in never)
-        held = f"; held by {', '.join(holders)}" if holders else ""
-        return (
-            f"Model '{name}' cannot start: it needs {parts} within server.memory_budget, and the "
-            f"models that cannot be stopped for it leave too little{held}."
-        )
 
     async def _start_after(self, key: Key, victims: list[Key], tasks: list[asyncio.Task[None]], reason: str) -> None:
         try:
