@@ -63,6 +63,7 @@ class Loader:
         self._pending: dict[Key, _Start] = {}  # starts waiting for their evictions
         self._claimed: set[Key] = set()  # members stopping for a pending start
         self._task: asyncio.Task[None] | None = None
+        self._starts: set[asyncio.Task[None]] = set()  # starts waiting for their evictions
         self._preloaded: set[str] = set()  # preload is done once per model name
         self._refused: set[str] = set()  # models whose kept replicas do not fit (logged once)
         self.configure(cfg)
@@ -111,11 +112,13 @@ class Loader:
             self._task = asyncio.create_task(self._loop(), name="loader")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """No more decisions (shutdown: the supervisor stops every child next)."""
+        for task in [self._task, *self._starts]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -183,7 +186,9 @@ class Loader:
             if task is not None:
                 tasks.append(task)
         self._pending[(name, index)] = _Start(needs, tasks)
-        asyncio.get_running_loop().create_task(self._start_after((name, index), victims, tasks, reason))
+        task = asyncio.get_running_loop().create_task(self._start_after((name, index), victims, tasks, reason))
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
         return index
 
     def _shortfall(self, needs: Resources) -> Resources:
@@ -201,14 +206,18 @@ class Loader:
         return any(i == key[1] and running and r.draining for i, r, running in self._sup.members(key[0]))
 
     async def _start_after(self, key: Key, victims: list[Key], tasks: list[asyncio.Task[None]], reason: str) -> None:
+        started = False
         try:
             if tasks:
                 await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+            started = True
         finally:
-            # One synchronous step: the victims' memory is gone, the reservation becomes the member's.
+            # One synchronous step: the victims' memory is gone, the reservation becomes the
+            # member's (not when cancelled: llmd is stopping).
             self._claimed.difference_update(victims)
             self._pending.pop(key, None)
-            self._wake(*key, reason=reason)
+            if started:
+                self._wake(*key, reason=reason)
 
     def _wake(self, name: str, index: int, reason: str) -> None:
         if self._sup.wake(name, index):
@@ -327,7 +336,8 @@ class Loader:
         ttl = model.idle_ttl_s if len(members) == 1 else min(model.scale_down_idle_s, model.idle_ttl_s)
         # Highest index first: the extra replicas go before the first one.
         for i, r in sorted(members, key=lambda m: -m[0]):
-            if r.in_flight == 0 and r.state is ReplicaState.READY and now - r.last_used >= ttl:
+            # Not while STARTING: a slow first load must not count as idleness.
+            if r.in_flight == 0 and r.state is not ReplicaState.STARTING and now - r.last_used >= ttl:
                 reason = "idle" if len(members) == 1 else "scale_down"
                 log.info("model %s: stopping replica %d (%s %.0fs)", name, i, reason, now - r.last_used,
                          extra={"model": name, "reason": reason})  # fmt: skip
