@@ -173,6 +173,18 @@ async def test_swap_within_budget_never_overcommits(tmp_path: Path, start: Start
     assert len(rows(tmp_path)) == 4 * 3 + 8
 
 
+async def test_concurrent_cold_starts_of_three_models(tmp_path: Path, start: Start,
+                                                      session: aiohttp.ClientSession) -> None:  # fmt: skip
+    doc = doc_for(tmp_path, {m: model(tmp_path, m) for m in "abc"})
+    async with start(doc) as srv:
+        watch = Watch(srv)
+        answers = await asyncio.gather(*(chat(session, srv.url, m) for m in "abc" * 3))
+        assert [a[0] for a in answers] == [200] * 9, answers
+        assert watch.max_alive == 1
+        await settled(srv)
+    assert sorted(rows(tmp_path)) == sorted((m, 200) for m in "abc" * 3)
+
+
 async def test_busy_model_drains_then_swaps(tmp_path: Path, start: Start,
                                             session: aiohttp.ClientSession) -> None:  # fmt: skip
     doc = doc_for(tmp_path, {"a": model(tmp_path, "a", "--token-delay-ms", "200"), "b": model(tmp_path, "b")})
@@ -218,6 +230,7 @@ async def test_always_models_must_fit_and_budget_checks(tmp_path: Path) -> None:
     doc = doc_for(tmp_path, {"a": model(tmp_path, "a", memory="lots", pin=True)}, budget="6 parsecs")
     doc["models"]["r"] = {"backend": "openai", "urls": ["http://127.0.0.1:1/v1"], "load": "on_demand"}
     doc["models"]["s"] = {"backend": "llama-server", "model": str(tmp_path / "s.gguf"), "pin": True}
+    doc["models"]["t"] = model(tmp_path, "t", max_replicas=2, min_replicas=3, cpus=[[0]])
     with pytest.raises(ConfigError) as e:
         configfile.load(write_config(tmp_path / "c2.yaml", doc))
     text = str(e.value)
@@ -225,6 +238,8 @@ async def test_always_models_must_fit_and_budget_checks(tmp_path: Path) -> None:
     assert "models.a.memory: expected a size" in text
     assert "models.r.load: on_demand is for models llmd starts" in text
     assert "models.s.pin: only for load: on_demand" in text
+    assert "models.t.cpus: expected one set per replica (max_replicas 3), got 1" in text
+    assert "models.t.min_replicas: 3 is more than max_replicas (2)" in text
     # No memory and an unreadable GGUF under a budget: say what to set.
     doc = doc_for(tmp_path, {"a": {**model(tmp_path, "a"), "memory": None}})
     with pytest.raises(ConfigError) as e:
