@@ -235,7 +235,8 @@ class Loader:
 
     def load(self, name: str) -> None:
         """``llmd load``: start one replica of a cold on-demand model (NoRoom when it cannot)."""
-        if not any(running for _, _, running in self._sup.members(name)):
+        busy = any(run and not r.draining for _, r, run in self._sup.members(name))
+        if not busy and not any(k[0] == name for k in self._pending):
             self.start_one(name, "admin")
 
     def unload(self, name: str) -> list[asyncio.Task[None]]:
@@ -255,9 +256,10 @@ class Loader:
     def state(self, name: str) -> str:
         """cold (on demand, nothing running), starting, ready, or unready."""
         members = self._sup.members(name)
-        if any(r.accepting for _, r, _ in members):
-            return "ready"
         model = self.cfg.models.get(name)
+        if any(r.accepting if model is not None and model.on_demand else r.state is ReplicaState.READY
+               for _, r, _ in members):  # fmt: skip
+            return "ready"
         running = [r for _, r, run in members if run and not r.draining]
         if model is not None and model.on_demand:
             if not running and not any(k[0] == name for k in self._pending):
