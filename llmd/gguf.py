@@ -95,9 +95,7 @@ def kv_shape(path: str) -> tuple[int, int, int]:
 
     K/V lengths default to embedding_length / head_count and head_count_kv to head_count,
     as llama.cpp does when the file omits them."""
-    # metadata() needs the architecture before it can name the wanted keys: read two passes' worth
-    # by asking for every key whose name it cannot know yet (the arch's keys come right after it).
-    meta = metadata(path, _KV_KEYS)
+    meta = metadata(path, _KV_KEYS)  # "{arch}" is filled in once general.architecture is read
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError(f"{path}: no general.architecture")

@@ -344,3 +344,27 @@ async def test_reload_always_to_on_demand_and_back(tmp_path: Path, start: Start,
         await asyncio.sleep(1.0)  # longer than the old idle_ttl_s: always stays up
         assert sv.loader.state("a") == "ready"
         assert (await chat(session, srv.url, "a"))[0] == 200
+
+
+async def test_reload_adds_always_model_by_evicting(tmp_path: Path, start: Start,
+                                                    session: aiohttp.ClientSession) -> None:  # fmt: skip
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a", preload=True, idle_ttl_s=60)})
+    async with start(doc) as srv:
+        sv = srv.services
+        watch = Watch(srv)
+        await wait_for(lambda: sv.loader.state("a") == "ready", timeout_s=10)  # preload: no request needed
+        doc["models"]["b"] = model(tmp_path, "b", load="always")
+        write_config(srv.config_path, doc)
+        assert await srv.daemon.reload()
+        # b must run; a is idle and on demand: it makes room.
+        await wait_for(lambda: sv.loader.state("b") == "ready", timeout_s=15)
+        assert sv.loader.state("a") == "cold"
+        assert watch.max_alive == 1
+        assert (await chat(session, srv.url, "b"))[0] == 200
+        _, text = await get(session, srv.url, "/metrics")
+        assert metric(text, "llmd_model_events_total", model="a", event="start", reason="preload") == 1
+        assert metric(text, "llmd_model_events_total", model="a", event="stop", reason="evicted") == 1
+        assert metric(text, "llmd_model_events_total", model="b", event="start", reason="always") == 1
+        # a cannot start now: b is load: always and holds the memory.
+        st, body = await chat(session, srv.url, "a")
+        assert st == 503 and "b/0 (1.00 GiB, load: always)" in body["error"]["message"]
