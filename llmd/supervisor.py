@@ -9,7 +9,8 @@ A replica is identified by (model name, index). On reload (``reconcile``):
   done or ``server.drain_seconds`` passed;
 - changed: the new one starts beside the old and takes its place in ``replicas(model)``
   when READY; then the old drains and stops. When the two share CPUs or GPUs (the new one
-  could not load, or would halve the old one's speed) the old drains and stops first.
+  could not load, or would halve the old one's speed), or a ``server.memory_budget`` is set
+  (both at once could exceed it), the old drains and stops first.
 
 ``backend: openai`` urls are replicas too, READY from the start and never started.
 Draining and replacing run as background tasks that ``stop()`` finishes.
@@ -212,10 +213,10 @@ class Supervisor:
                 self._retire(current)
                 self._notify(new.replica)
                 self._start(new)
-            elif self._overlaps(current, new):
+            elif self._overlaps(current, new) or budgeted:
                 log.info(
-                    "replica %s: changed, and the new one shares CPUs/GPUs with the old one; "
-                    "draining and stopping the old one before starting the new one",
+                    "replica %s: changed, and the new one shares CPUs/GPUs or the memory budget with the old "
+                    "one; draining and stopping the old one before starting the new one",
                     new.replica.name,
                 )
                 self._members[name][index] = new

@@ -368,3 +368,19 @@ async def test_reload_adds_always_model_by_evicting(tmp_path: Path, start: Start
         # a cannot start now: b is load: always and holds the memory.
         st, body = await chat(session, srv.url, "a")
         assert st == 503 and "b/0 (1.00 GiB, load: always)" in body["error"]["message"]
+
+
+async def test_reload_changing_a_model_under_a_budget(tmp_path: Path, start: Start,
+                                                      session: aiohttp.ClientSession) -> None:  # fmt: skip
+    """A changed replica stops before its replacement starts: both at once could exceed the budget."""
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a")})
+    async with start(doc) as srv:
+        sv = srv.services
+        assert (await chat(session, srv.url, "a"))[0] == 200
+        watch = Watch(srv)
+        doc["models"]["a"]["args"] = ["-np", "3", "--load-delay-s", "0.3"]
+        write_config(srv.config_path, doc)
+        assert await srv.daemon.reload()
+        await wait_for(lambda: [r["slots"] for r in sv.supervisor.status() if r["pid"]] == [3], timeout_s=15)
+        assert watch.max_alive == 1
+        assert (await chat(session, srv.url, "a"))[0] == 200
