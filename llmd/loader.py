@@ -63,7 +63,7 @@ class Loader:
         self._pending: dict[Key, _Start] = {}  # starts waiting for their evictions
         self._claimed: set[Key] = set()  # members stopping for a pending start
         self._task: asyncio.Task[None] | None = None
-        self._starts: set[asyncio.Task[None]] = set()  # starts waiting for their evictions
+        self._starts: set[asyncio.Task[None]] = set()  # the tasks running those starts
         self._preloaded: set[str] = set()  # preload is done once per model name
         self._refused: set[str] = set()  # models whose kept replicas do not fit (logged once)
         self.configure(cfg)
