@@ -222,11 +222,16 @@ def llama_launcher() -> dict[str, Any]:
 
 
 def start_llmd(
-    doc: dict[str, Any], workdir: Path, admin_headers: dict[str, str] | None = None, src: Path = ROOT
+    doc: dict[str, Any],
+    workdir: Path,
+    admin_headers: dict[str, str] | None = None,
+    src: Path = ROOT,
+    every_replica: bool = True,
 ) -> Llmd:
     """Write ``doc`` (server.port and usage.path are filled in), start ``python -m llmd serve`` from
     the source tree ``src`` in its own session (so Ctrl-C reaches only the benchmark, which then
-    stops llmd in order), and wait for /readyz. Returns with every replica READY."""
+    stops llmd in order), and wait for /readyz. Returns with every replica READY (or, without
+    ``every_replica``, once /readyz answers 200: on-demand models are cold then)."""
     if not (LLAMA.exists() and MODEL_PATH.exists()):
         sys.exit("bin/llama-server or the model is missing: run `make setup` first")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,7 @@ def start_llmd(
                 # /readyz wants one READY replica per model; the benchmarks want all of them.
                 reps = srv.status()["replicas"]
                 srv.replica_pids = [r["pid"] for r in reps if r.get("pid")]
-                if all(r["state"] == "ready" for r in reps):
+                if not every_replica or all(r["state"] == "ready" for r in reps):
                     return srv
         except OSError:
             pass

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,8 @@ class Admission:
         self._timer: asyncio.TimerHandle | None = None  # dispatch when an ejection runs out
         self._timer_at = 0.0
         self.last_wait_s = 0.0  # how long the last request that queued waited (the admin page)
+        # (when, seconds waited) of recent acquisitions, for scale-up (loader.py)
+        self.recent_waits: deque[tuple[float, float]] = deque(maxlen=1024)
 
     @property
     def depth(self) -> int:
@@ -89,6 +92,7 @@ class Admission:
         self.max_queue, self.queue_timeout_s, self.order = max_queue, queue_timeout_s, order
 
     def _grant(self, choice: Choice, key_id: str, hashes: Sequence[int]) -> Choice:
+        choice.replica.last_used = time.monotonic()
         choice.replica.in_flight += 1
         choice.replica.served += 1
         self._in_service[key_id] = self._in_service.get(key_id, 0) + 1
@@ -96,15 +100,24 @@ class Admission:
         return choice
 
     async def acquire(
-        self, key_id: str, priority: int, hashes: Sequence[int], exclude: frozenset[str] = frozenset()
+        self,
+        key_id: str,
+        priority: int,
+        hashes: Sequence[int],
+        exclude: frozenset[str] = frozenset(),
+        start_budget_s: float = 0.0,
     ) -> Choice:
         """A replica with a slot taken for this request; raise 503 when the queue is full or the
-        wait expires. A cancelled caller (client gone) leaves the queue."""
+        wait expires. A cancelled caller (client gone) leaves the queue.
+
+        ``start_budget_s`` > 0: a replica of this (on-demand) model is starting for it; the wait
+        may last that much longer than queue_timeout_s, and no replica being ready is no error."""
         if not self._waiters:
             choice = self.balancer.choose(self._replicas(), hashes, exclude)
             if choice is not None:
+                self._note_wait(0.0)
                 return self._grant(choice, key_id, hashes)
-        if all(r.draining for r in self._replicas()):
+        if not start_budget_s and all(r.draining for r in self._replicas()):
             raise overloaded(f"Model '{self.model}' has no replica to serve it.", 5)
         if len(self._waiters) >= self.max_queue:
             raise overloaded(
@@ -118,10 +131,16 @@ class Admission:
         # this one may still fit now.
         self.dispatch()
         try:
-            async with asyncio.timeout(self.queue_timeout_s):
+            async with asyncio.timeout(self.queue_timeout_s + start_budget_s):
                 choice = await asyncio.shield(w.future)
         except TimeoutError:
             self._drop(w)
+            if start_budget_s:
+                raise overloaded(
+                    f"Model '{self.model}' was starting and did not serve within queue_timeout_s="
+                    f"{self.queue_timeout_s:g} plus its start_timeout_s={start_budget_s:g}.",
+                    self._retry_after(),
+                ) from None
             raise overloaded(
                 f"Model '{self.model}' is saturated: no slot freed within queue_timeout_s={self.queue_timeout_s:g}.",
                 self._retry_after(),
@@ -130,10 +149,26 @@ class Admission:
             self._drop(w)
             raise
         finally:
-            self.last_wait_s = time.monotonic() - w.enqueued
+            waited = time.monotonic() - w.enqueued
+            self.last_wait_s = waited
+            self._note_wait(waited)
             if self.on_wait is not None:
-                self.on_wait(self.last_wait_s)
+                self.on_wait(waited)
         return choice
+
+    def _note_wait(self, waited_s: float) -> None:
+        self.recent_waits.append((time.monotonic(), waited_s))
+
+    def wait_p50(self, window_s: float) -> float:
+        """The median queue wait over the last ``window_s``: waits that ended in it, and the
+        age of every request still waiting (a queue stuck behind one slow replica shows)."""
+        now = time.monotonic()
+        waits = [w for t, w in self.recent_waits if now - t <= window_s]
+        waits += [now - w.enqueued for w in self._waiters]
+        if not waits:
+            return 0.0
+        waits.sort()
+        return waits[len(waits) // 2]
 
     def _drop(self, w: _Waiter) -> None:
         if w in self._waiters:
@@ -146,6 +181,7 @@ class Admission:
     def release(self, replica: Replica, key_id: str, slot_seconds: float) -> None:
         """The request finished with its replica (any way): free the slot, wake waiters."""
         replica.in_flight -= 1
+        replica.last_used = time.monotonic()
         n = self._in_service.get(key_id, 1) - 1
         if n:
             self._in_service[key_id] = n

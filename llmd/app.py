@@ -51,4 +51,6 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/admin/status", handlers.admin_status)
     app.router.add_get("/admin/usage", handlers.admin_usage)
     admin.add_routes(app)
+    app.router.add_post("/admin/models/{model}/load", handlers.admin_load)
+    app.router.add_post("/admin/models/{model}/unload", handlers.admin_unload)
     return app

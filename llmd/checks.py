@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 
+from .budget import EstimateError, capacity, fmt, parse_size, replica_needs
 from .config import Config, LauncherConfig
 from .launchers import served_routes
 from .launchers import validate as validate_launch
@@ -36,6 +37,7 @@ def check(cfg: Config) -> list[str]:
     _check_server(cfg, errors)
     _check_default_models(cfg, errors)
     names = _check_models(cfg, errors)
+    _check_demand(cfg, errors)
     for t in cfg.tiers.values():
         if t.priority is None:
             t.priority = 0
@@ -109,8 +111,9 @@ def _check_models(cfg: Config, errors: list[str]) -> dict[str, str]:
             for fld, sets in (("cpus", m.cpus), ("gpus", m.gpus)):
                 if sets is None:
                     continue
-                if len(sets) != m.replicas:
-                    errors.append(f"{p}.{fld}: expected one set per replica ({m.replicas}), got {len(sets)}")
+                if len(sets) != m.replica_slots:
+                    n = f"max_replicas {m.replica_slots}" if m.on_demand else str(m.replicas)
+                    errors.append(f"{p}.{fld}: expected one set per replica ({n}), got {len(sets)}")
                 for i, s in enumerate(sets):
                     if not s:
                         errors.append(f"{p}.{fld}[{i}]: must not be empty")
@@ -121,6 +124,58 @@ def _check_models(cfg: Config, errors: list[str]) -> dict[str, str]:
         if m.slots is not None and m.backend != "openai":
             errors.append(f"{p}.slots: only for backend openai; supervised backends report their own")
     return seen_names
+
+
+def _check_demand(cfg: Config, errors: list[str]) -> None:
+    """load: on_demand settings and the memory budget (budget.py)."""
+    cap: dict[str, int] = {}
+    fixed: dict[str, int] = {}  # held by load: always models
+    mb = cfg.server.memory_budget
+    if mb is not None:
+        for path, size in [("ram", mb.ram), *((f"vram.{g}", v) for g, v in mb.vram.items())]:
+            if size is None:
+                continue
+            try:
+                parse_size(size)
+            except ValueError as e:
+                errors.append(f"server.memory_budget.{path}: {e}")
+        try:
+            cap = capacity(mb)
+        except ValueError:
+            cap = {}
+    for name, m in cfg.models.items():
+        p = f"models.{name}"
+        if m.memory is not None:
+            try:
+                parse_size(m.memory)
+            except ValueError as e:
+                errors.append(f"{p}.memory: {e}")
+                continue
+        if m.backend == "openai":
+            if m.on_demand:
+                errors.append(f"{p}.load: on_demand is for models llmd starts; backend openai is not started")
+            continue
+        if m.on_demand and m.max_replicas is not None and m.min_replicas > m.max_replicas:
+            errors.append(f"{p}.min_replicas: {m.min_replicas} is more than max_replicas ({m.max_replicas})")
+        if not m.on_demand:
+            for fld in ("min_replicas", "max_replicas", "preload", "pin"):
+                if getattr(m, fld):
+                    errors.append(f"{p}.{fld}: only for load: on_demand (a load: always model always runs)")
+        if cap and m.model:
+            for index in range(m.replica_slots):
+                try:
+                    for r, n in replica_needs(m, index, cap).items():
+                        if not m.on_demand:
+                            fixed[r] = fixed.get(r, 0) + n
+                except EstimateError as e:
+                    errors.append(f"{p}.memory: {e}")
+                    break
+    for r, n in fixed.items():
+        if n > cap[r]:
+            errors.append(
+                f"server.memory_budget: the load: always models alone need {fmt(n)} of {r}, "
+                f"more than its {fmt(cap[r])}; raise it or make some of them load: on_demand"
+            )
 
 
 def _check_keys(cfg: Config, seen_names: dict[str, str], errors: list[str]) -> None:

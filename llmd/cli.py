@@ -1,4 +1,4 @@
-"""The ``llmd`` command: serve, check, keys, usage, status, rag (ragcli.py), version."""
+"""The ``llmd`` command: serve, check, keys, usage, status, rag (ragcli.py), load, unload, version."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from . import __version__, configfile
@@ -87,7 +88,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_get(args: argparse.Namespace, route: str) -> object:
+def _admin_get(args: argparse.Namespace, route: str, method: str = "GET", timeout: float = 10) -> object:
     url = args.url
     if url is None:
         try:
@@ -96,11 +97,11 @@ def _admin_get(args: argparse.Namespace, route: str) -> object:
             url = f"http://{host}:{cfg.server.port}"
         except config_mod.ConfigError:
             url = "http://127.0.0.1:8000"
-    req = urllib.request.Request(url.rstrip("/") + route)
+    req = urllib.request.Request(url.rstrip("/") + route, method=method, data=b"" if method == "POST" else None)
     key = args.key or os.environ.get("LLMD_ADMIN_KEY")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -118,15 +119,58 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     assert isinstance(st, dict)
     cols = ("replica", "state", "pid", "port", "cpus", "slots", "in_flight", "restarts")
-    rows = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in st["replicas"]]
+    _table(cols, [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in st["replicas"]])
+    queues = st.get("queues") or {}
+    if any(queues.values()):
+        print("queued: " + ", ".join(f"{m}={n}" for m, n in queues.items() if n))
+    models = st.get("models") or {}
+    if any(m.get("load") == "on_demand" for m in models.values()):
+        print()
+        _table(
+            ("model", "load", "state", "running", "memory", "idle_s"),
+            [
+                [name, str(m["load"]) + (" (pin)" if m.get("pin") else ""), str(m["state"]),
+                 f"{m['running']}/{m['max_replicas']}", _sizes(m.get("memory") or {}),
+                 "-" if m.get("idle_s") is None else str(m["idle_s"])]
+                for name, m in models.items()
+            ],
+        )  # fmt: skip
+    budget = st.get("memory_budget") or {}
+    if budget:
+        held = ", ".join(f"{r} {_size(b['held'])} of {_size(b['budget'])}" for r, b in budget.items())
+        print(f"memory budget: {held}")
+    return 0
+
+
+def _size(n: float) -> str:
+    return f"{n / (1 << 30):.2f}GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f}MiB"
+
+
+def _sizes(by_resource: dict[str, int]) -> str:
+    return ", ".join(f"{r} {_size(b)}" for r, b in by_resource.items()) or "-"
+
+
+def _table(cols: tuple[str, ...], rows: list[list[str]]) -> None:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    queues = st.get("queues") or {}
-    if any(queues.values()):
-        print("queued: " + ", ".join(f"{m}={n}" for m, n in queues.items() if n))
-    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """POST /admin/models/NAME/load (or unload) and print the model's state."""
+    verb = "load" if args.cmd == "load" else "unload"
+    try:
+        st = _admin_get(args, f"/admin/models/{urllib.parse.quote(args.model, safe='')}/{verb}", "POST", args.timeout)
+    except urllib.error.HTTPError as e:
+        print(f"llmd answered {e.code}: {e.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"cannot reach llmd: {e}", file=sys.stderr)
+        return 1
+    assert isinstance(st, dict)
+    print(f"{st['model']}: {st['state']}")
+    return 0 if (st["state"] == "ready") == (verb == "load") else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     from .ragcli import add_parser
 
     add_parser(sub, _config_arg)
+    for verb, text in (("load", "start an on-demand model and wait until it serves"),
+                       ("unload", "stop an on-demand model once its requests are done")):  # fmt: skip
+        p = sub.add_parser(verb, help=f"{text} (POST /admin/models/MODEL/{verb})")
+        _config_arg(p)
+        p.add_argument("model")
+        p.add_argument("--url", help="llmd's base URL (default: from the config)")
+        p.add_argument("--key", help="admin key (default: $LLMD_ADMIN_KEY)")
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for llmd's answer")
+        p.set_defaults(func=cmd_load)
 
     args = ap.parse_args(argv)
     if getattr(args, "file", None):

@@ -25,6 +25,19 @@ class _Section(Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+# A size: bytes as an integer, or a string such as "6GiB", "1.5G", "900MB", "512MiB".
+Size = int | str
+
+
+class MemoryBudgetConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """Memory supervised replicas may hold at once. A replica with a ``gpus`` set counts against
+    the VRAM of each of its GPUs (its estimate split evenly), one without against ``ram``.
+    A resource without a figure is not limited."""
+
+    ram: Size | None = None
+    vram: dict[int, Size] = field(default_factory=dict)  # GPU index -> size
+
+
 class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"  # nginx is in front; never 0.0.0.0 by default
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
@@ -39,6 +52,8 @@ class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     # Serves requests that name no model (clients written for one llama-server: llama.vscode,
     # llama.vim, /completion scripts); keys[].default_model overrides it per key.
     default_model: str | None = None
+    # What supervised replicas may hold at once (budget.py); absent: no limit.
+    memory_budget: MemoryBudgetConfig | None = None
 
 
 class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -143,6 +158,31 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     # quiet: the child's routine per-request lines (slot progress, timings, access lines) are
     # logged at DEBUG, its warnings and errors at their level; verbose: routine lines at INFO.
     child_log: Literal["quiet", "verbose"] = "quiet"
+    # Models on demand (loader.py). always: every replica runs from start to stop. on_demand:
+    # a replica starts when a request arrives for the cold model, stops after idle_ttl_s.
+    load: Literal["always", "on_demand"] = "always"
+    idle_ttl_s: PositiveFloat = 600.0
+    min_replicas: NonNegInt = 0  # on_demand: kept running (started at start, never stopped idle)
+    max_replicas: PositiveInt | None = None  # on_demand: scale up to this many (default: replicas)
+    preload: bool = False  # on_demand: start one replica at start (then idle_ttl_s applies)
+    pin: bool = False  # on_demand: start one at start and never stop it for idleness or memory
+    # Scale up when the queue wait p50 over scale_window_s exceeds scale_up_wait_s; a replica
+    # beyond the first stops after scale_down_idle_s without requests.
+    scale_up_wait_s: PositiveFloat = 1.0
+    scale_window_s: PositiveFloat = 30.0
+    scale_down_idle_s: PositiveFloat = 60.0
+    memory: Size | None = None  # this model's estimate per replica (default: GGUF size + KV cache)
+
+    @property
+    def on_demand(self) -> bool:
+        return self.load == "on_demand"
+
+    @property
+    def replica_slots(self) -> int:
+        """How many replica indexes the model may use: max_replicas for on_demand."""
+        if self.on_demand:
+            return max(self.max_replicas or self.replicas, self.min_replicas, 1)
+        return self.replicas
 
 
 class TimeoutsConfig(_Section, kw_only=True, forbid_unknown_fields=True):

@@ -201,6 +201,22 @@ def overloaded(message: str, retry_after_s: int) -> ApiError:
     )
 
 
+def no_room(message: str) -> ApiError:
+    """A model that must start does not fit server.memory_budget and nothing can make room."""
+    return ApiError(
+        503,
+        message,
+        type="server_overloaded",
+        code="insufficient_memory",
+        headers={"Retry-After": "30"},
+        outcome=Outcome.REJECTED_QUEUE,
+    )
+
+
+def conflict(message: str, code: str) -> ApiError:
+    return ApiError(409, message, code=code)
+
+
 class RateLimited(ApiError):
     """429 from a per-key window or max_concurrent; ``reason`` labels the metric."""
 

@@ -3,6 +3,7 @@ the inference routes are the pipeline's (pipeline.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import msgspec
@@ -11,7 +12,10 @@ from aiohttp import web
 from . import __version__
 from .admin import require_admin
 from .appkeys import SERVICES
-from .errors import bad_request, ledger_unavailable, model_not_found
+from .config import ModelConfig
+from .errors import bad_request, conflict, ledger_unavailable, model_not_found, no_room
+from .loader import NoRoom
+from .runtime import Services
 from .usage import LedgerError
 
 
@@ -82,6 +86,49 @@ async def admin_usage(request: web.Request) -> web.Response:
     except LedgerError as e:
         raise ledger_unavailable(str(e)) from None
     return web.Response(body=msgspec.json.encode({"month": month, "rows": rows}), content_type="application/json")
+
+
+def _on_demand_model(services: Services, request: web.Request) -> tuple[str, ModelConfig]:
+    rt = services.runtime
+    require_admin(rt, request)
+    asked = request.match_info["model"]
+    name = rt.model_names.get(asked)
+    if name is None:
+        raise model_not_found(asked)
+    model = rt.cfg.models[name]
+    if not model.on_demand:
+        raise conflict(f"Model '{name}' is load: always: it runs from start to stop.", "not_on_demand")
+    return name, model
+
+
+async def admin_load(request: web.Request) -> web.Response:
+    """Start a cold on-demand model (``llmd load``); waits until it serves unless ?wait=0."""
+    services = request.app[SERVICES]
+    name, model = _on_demand_model(services, request)
+    loader = services.loader
+    try:
+        loader.load(name)
+    except NoRoom as e:
+        raise no_room(str(e)) from None
+    if request.query.get("wait", "1") not in ("0", "false"):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + loader.start_budget(model)
+        # Polled: replica state changes reach the loader through no event it could wait on.
+        while loader.state(name) != "ready" and loop.time() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return web.json_response({"model": name, "state": loader.state(name)})
+
+
+async def admin_unload(request: web.Request) -> web.Response:
+    """Stop every replica of an on-demand model once its requests are done (``llmd unload``)."""
+    services = request.app[SERVICES]
+    name, model = _on_demand_model(services, request)
+    if model.pin or model.min_replicas:
+        raise conflict(f"Model '{name}' is kept loaded by its config (pin or min_replicas).", "pinned")
+    tasks = services.loader.unload(name)
+    if tasks:
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+    return web.json_response({"model": name, "state": services.loader.state(name)})
 
 
 async def metrics_route(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from prometheus_client.utils import floatToGoString
 from .replica import Replica, ReplicaState
 
 OTHER = "other"
+MODEL_STATES = ("cold", "starting", "ready", "unready")
 
 
 class _FastCounter:
@@ -147,6 +148,22 @@ class Metrics:
         self.cache_bytes = Gauge("llmd_cache_bytes", "Bytes held by the completion cache", registry=r)
         self.cache_entries = Gauge("llmd_cache_entries", "Entries in the completion cache", registry=r)
         self.retries = Counter("llmd_retries", "Requests retried on another replica", ["model"], registry=r)
+        self.model_events = Counter(
+            "llmd_model_events",
+            "On-demand starts and stops of a model's replicas, by reason",
+            ["model", "event", "reason"],
+            registry=r,
+        )
+        self.model_state = Gauge(
+            "llmd_model_state", "1 for the model's current state (cold, starting, ready, unready)",
+            ["model", "state"], registry=r,
+        )  # fmt: skip
+        self.memory_budget = Gauge(
+            "llmd_memory_budget_bytes", "server.memory_budget per resource", ["resource"], registry=r
+        )
+        self.memory_held = Gauge(
+            "llmd_memory_held_bytes", "Estimated memory held by running replicas per resource", ["resource"], registry=r
+        )
         self._children: dict[tuple[str, ...], object] = {}
         self._restarts_seen: dict[str, int] = {}
 
@@ -211,6 +228,23 @@ class Metrics:
     def observe_retry(self, model: str) -> None:
         if self.enabled:
             self._child(self.retries, self.model(model)).inc()  # type: ignore[attr-defined]
+
+    def observe_model_event(self, model: str, event: str, reason: str) -> None:
+        if self.enabled:
+            self.model_events.labels(self.model(model), event, reason).inc()
+
+    def observe_model_state(self, model: str, state: str) -> None:
+        if self.enabled:
+            for s in MODEL_STATES:
+                self.model_state.labels(self.model(model), s).set(1 if s == state else 0)
+
+    def observe_budget(self, resource: str, nbytes: int) -> None:
+        if self.enabled:
+            self.memory_budget.labels(resource).set(nbytes)
+
+    def observe_held(self, resource: str, nbytes: int) -> None:
+        if self.enabled:
+            self.memory_held.labels(resource).set(nbytes)
 
     def observe_cache(self, model: str, hit: bool) -> None:
         if self.enabled:

@@ -46,7 +46,11 @@ _ERRORS: dict[int, tuple[str, bool]] = {
     401: ("No API key, or an unknown or revoked one (`code: invalid_api_key`).", False),
     403: ("The key may not use this model (`model_not_allowed`) or this admin route (`admin_required`).", False),
     404: ("`model_not_found` (unknown model, or not visible to this key) or an unknown route.", False),
-    409: ("The collection's vectors have another dimension than its model's (`dimension_mismatch`).", False),
+    409: (
+        "The collection's vectors have another dimension than its model's (`dimension_mismatch`), or the "
+        "model's config does not allow it: `not_on_demand` (load: always) or `pinned`.",
+        False,
+    ),
     413: ("The body is larger than `server.max_body_bytes` (`request_too_large`).", False),
     429: (
         "A per-key limit: `rate_limit_exceeded` (requests or tokens per minute/hour, concurrency) or "
@@ -56,7 +60,8 @@ _ERRORS: dict[int, tuple[str, bool]] = {
     500: ("A bug in llmd (`Internal error in llmd`; its log has the request id).", False),
     502: ("No replica could be reached (`upstream_unreachable`); an upstream's own 502 is relayed as it is.", False),
     503: (
-        "The model's queue is full or the wait for a slot expired (`server_overloaded`); an upstream's "
+        "The model's queue is full or the wait for a slot expired (`server_overloaded`), or an on-demand "
+        "model cannot start within `server.memory_budget` (`insufficient_memory`); an upstream's "
         "own 503 is relayed as it is once no other replica is left.",
         True,
     ),
@@ -355,6 +360,16 @@ def _get(op_id: str, summary: str, responses: Schema, *, public: bool = False, *
     return {"get": op}
 
 
+_ADMIN_MODEL_ROUTES = (
+    ("load", "Start a cold on-demand model; waits until it serves unless `?wait=0` (admin key)", (404, 409, 503)),
+    ("unload", "Stop an on-demand model once its requests are done (admin key)", (404, 409)),
+)
+
+
+def _post(op_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
+    return {"post": _get(op_id, summary, responses, **extra)["get"]}
+
+
 def build(cfg: Config) -> dict[str, Any]:
     """The document for this config (model names as the ``model`` enum)."""
     models = sorted(cfg.model_names())
@@ -454,6 +469,28 @@ def build(cfg: Config) -> dict[str, Any]:
             "Replicas, queues and ledger state (admin key)",
             {"200": _ok("Status.", ok_json), **admin_errors},
         ),
+        **{
+            f"/admin/models/{{model}}/{verb}": _post(
+                f"admin{verb.capitalize()}",
+                text,
+                {
+                    "200": _ok(
+                        "The model's state after it.",
+                        {
+                            "type": "object",
+                            "required": ["model", "state"],
+                            "properties": {"model": {"type": "string"}, "state": {"type": "string"}},
+                        },
+                    ),
+                    **{str(c): _error_response(c) for c in codes},
+                    **admin_errors,
+                },
+                parameters=[
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+                ],
+            )
+            for verb, text, codes in _ADMIN_MODEL_ROUTES
+        },
         "/admin/usage": _get(
             "adminUsage",
             "Usage report by key and model (admin key)",

@@ -31,9 +31,16 @@ REFUSED_PAUSE_S = 0.5  # before queueing again for a sole replica that refused t
 
 class Pool:
     def __init__(
-        self, model: str, replicas: Callable[[], Sequence[Replica]], routing: RoutingConfig, metrics: Metrics
+        self,
+        model: str,
+        replicas: Callable[[], Sequence[Replica]],
+        routing: RoutingConfig,
+        metrics: Metrics,
+        demand: Callable[[str], float] | None = None,
     ) -> None:
         self.model = model
+        # Loader.want: starts a cold on-demand model; the seconds its start may take (0: warm).
+        self.demand = demand
         self._replicas = replicas
         self.metrics = metrics
         self.balancer = Balancer(routing.strategy, routing.affinity_min_match, routing.load_factor)
@@ -73,8 +80,9 @@ class Pool:
             if pause:
                 await asyncio.sleep(REFUSED_PAUSE_S)
                 pause = False
+            start_budget = self.demand(self.model) if self.demand is not None else 0.0
             choice = await self.admission.acquire(  # 5 + 6. admission and balancer
-                principal.key_id, principal.limits.priority or 0, hashes, frozenset(tried)
+                principal.key_id, principal.limits.priority or 0, hashes, frozenset(tried), start_budget
             )
             self.metrics.observe_affinity(self.model, choice.affinity)
             replica = choice.replica

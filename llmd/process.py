@@ -142,6 +142,11 @@ class ManagedProcess:
     def stopping(self) -> bool:
         return self._stop_requested.is_set()
 
+    @property
+    def running(self) -> bool:
+        """Started and not asked to stop: the child runs, starts or restarts."""
+        return self._task is not None and not self._task.done() and not self.stopping
+
     def start(self) -> None:
         """Begin supervising (returns at once; the replica becomes READY later)."""
         if self._task is None and not self.stopping:

@@ -22,6 +22,7 @@ class ReplicaState(enum.Enum):
     UNHEALTHY = "unhealthy"
     BACKOFF = "backoff"
     STOPPING = "stopping"
+    COLD = "cold"  # an on-demand replica that is not running: started when a request needs it
 
 
 @dataclass(eq=False)
@@ -47,6 +48,8 @@ class Replica:
     cpus: list[int] | None = None
     gpus: list[int] | None = None
     restarts: int = 0
+    # time.monotonic() of the last request given to it or finished on it (idle TTL, LRU)
+    last_used: float = 0.0
 
     @property
     def routable(self) -> bool:

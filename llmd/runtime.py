@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,7 @@ from .auth import KeyTable
 from .cache import Cache
 from .config import Config
 from .limits import Limiter
+from .loader import Loader
 from .log import AccessLog
 from .metrics import Metrics
 from .pool import Pool
@@ -45,7 +46,14 @@ log = logging.getLogger("llmd")
 class Runtime:
     """The derived state of one config. Building one changes nothing that serves."""
 
-    def __init__(self, cfg: Config, supervisor: Supervisor, metrics: Metrics, previous: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        supervisor: Supervisor,
+        metrics: Metrics,
+        previous: Runtime | None = None,
+        demand: Callable[[str], float] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.keys = KeyTable(cfg)
         self.model_names = cfg.model_names()
@@ -64,7 +72,7 @@ class Runtime:
         }
         old = previous.pools if previous is not None else {}
         self.pools: dict[str, Pool] = {
-            name: old.get(name) or Pool(name, lambda n=name: supervisor.replicas(n), cfg.routing, metrics)
+            name: old.get(name) or Pool(name, lambda n=name: supervisor.replicas(n), cfg.routing, metrics, demand)
             for name in cfg.models
         }
         self._previous_pools = old
@@ -120,7 +128,9 @@ class Services:
         self.upstreams = Upstreams()  # the request path's own client (llmd/upstream.py)
         self.relay = Relay(self.upstreams, cfg.routing.timeouts)
         self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
-        self.runtime = Runtime(cfg, self.supervisor, self.metrics)
+        self.loader = Loader(cfg, self.supervisor, self.metrics)
+        self.runtime = Runtime(cfg, self.supervisor, self.metrics, demand=self.loader.want)
+        self.loader.bind(lambda name: p.admission if (p := self.runtime.pools.get(name)) is not None else None)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         await self.ledger.open()
         await self.cache.open()
@@ -128,6 +138,7 @@ class Services:
         self.runtime.limiter.monthly.load(month, await self.ledger.month_totals(month))
         self.runtime.activate()
         await self.supervisor.start()
+        self.loader.start()
 
     @property
     def pools(self) -> dict[str, Pool]:
@@ -156,8 +167,10 @@ class Services:
     async def reload(self, cfg: Config) -> None:
         """Build aside, reconcile replicas, swap. Any exception before the swap leaves the old
         Runtime serving as it was."""
-        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime)
+        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime, demand=self.loader.want)
+        plan = self.loader.plan(cfg)
         await self.supervisor.reconcile(cfg)
+        self.loader.configure(cfg, plan)
         self.runtime = new  # the swap: requests from here on see the new config
         self.metrics.set_names(cfg.models, new.keys.ids)
         self.relay.timeouts = cfg.routing.timeouts
@@ -165,14 +178,18 @@ class Services:
         new.activate()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready when every model can serve: a READY replica, or on demand (a cold or starting
+        on-demand model serves its next request after a start; it is not unready)."""
         models: dict[str, object] = {}
         ready = True
         for name in self.runtime.cfg.models:
             reps = self.supervisor.replicas(name)
-            n_ready = sum(1 for r in reps if r.state is ReplicaState.READY)
-            ready = ready and n_ready > 0
+            state = self.loader.state(name)
+            ok = state == "ready" or (self.runtime.cfg.models[name].on_demand and state in ("cold", "starting"))
+            ready = ready and ok
             models[name] = {
-                "ready": n_ready > 0,
+                "ready": ok,
+                "state": state,
                 "replicas": [{"replica": r.name, "state": r.state.value} for r in reps],
             }
         if self.draining:
@@ -183,6 +200,8 @@ class Services:
         return {
             "replicas": self.supervisor.status(),
             "queues": {name: p.admission.depth for name, p in self.pools.items()},
+            "models": self.loader.status(),
+            "memory_budget": self.loader.budget(),
             "usage": {"pending_rows": self.ledger.pending_rows, "dropped_rows": self.ledger.dropped_rows},
             "config": self.runtime.cfg.source,
         }
@@ -194,6 +213,7 @@ class Services:
         self.cache.observe()
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
+            m.observe_model_state(name, self.loader.state(name))
             reps = self.supervisor.replicas(name)
             if m.enabled:
                 m.in_flight.labels(m.model(name)).set(sum(r.in_flight for r in reps))
@@ -208,6 +228,7 @@ class Services:
         if self._background:
             await asyncio.wait(self._background, timeout=max(0.1, deadline - loop.time()))
         await self._bounded(self.ledger.flush(), deadline, "flush")
+        await self.loader.stop()
         await self.supervisor.stop(deadline)
         await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
         try:

@@ -9,10 +9,18 @@ A replica is identified by (model name, index). On reload (``reconcile``):
   done or ``server.drain_seconds`` passed;
 - changed: the new one starts beside the old and takes its place in ``replicas(model)``
   when READY; then the old drains and stops. When the two share CPUs or GPUs (the new one
-  could not load, or would halve the old one's speed) the old drains and stops first.
+  could not load, or would halve the old one's speed), or a ``server.memory_budget`` is set
+  (both at once could exceed it), the old drains and stops first.
 
 ``backend: openai`` urls are replicas too, READY from the start and never started.
 Draining and replacing run as background tasks that ``stop()`` finishes.
+
+A ``load: on_demand`` model has ``max_replicas`` members that start COLD: the loader
+(loader.py) decides when each one runs (``wake``) and when it goes cold again (``sleep``);
+the supervisor only carries out. A reload keeps a running on-demand replica running (the
+loader's idle rule stops it later) and starts every cold replica of a model now ``always``;
+under a ``server.memory_budget`` the loader starts new and cold ``always`` replicas instead,
+once it has made room for them.
 """
 
 from __future__ import annotations
@@ -47,6 +55,15 @@ class _Member:
     replica: Replica
     proc: ManagedProcess | None  # None: a remote url, not supervised
     identity: tuple[object, ...]
+    on_demand: bool = False
+    sleeping: asyncio.Task[None] | None = None  # going cold: drain, then stop
+
+    @property
+    def running(self) -> bool:
+        """Holds (or is about to hold) a process: started, or still stopping."""
+        if self.proc is None:
+            return True
+        return self.proc.running or (self.sleeping is not None and not self.sleeping.done())
 
 
 class Supervisor:
@@ -82,20 +99,69 @@ class Supervisor:
 
     # --- life cycle ----------------------------------------------------------------------------
 
+    def members(self, model: str) -> list[tuple[int, Replica, bool]]:
+        """(index, replica, running) of every serving member of ``model``, by index."""
+        return [(i, m.replica, m.running) for i, m in sorted(self._members.get(model, {}).items())]
+
     async def start(self) -> None:
-        """Spawn every supervised replica; returns at once (see ``wait_ready``)."""
+        """Spawn every supervised replica of an ``always`` model; returns at once (see
+        ``wait_ready``). On-demand ones wait for the loader."""
         self._started = True
         for by_index in self._members.values():
             for m in by_index.values():
-                if m.proc is not None:
+                if m.proc is not None and not m.on_demand:
                     m.proc.start()
+
+    def wake(self, model: str, index: int) -> bool:
+        """Start a cold member (after its own stop, if one is under way). False: nothing to do."""
+        m = self._members.get(model, {}).get(index)
+        if m is None or m.proc is None or self._closed or m.proc.running:
+            return False
+        if m.sleeping is not None and not m.sleeping.done():
+            self._spawn_task(self._wake_after(m, m.sleeping))
+            return True
+        self._fresh(m).start()
+        return True
+
+    def sleep(self, model: str, index: int) -> asyncio.Task[None] | None:
+        """Take a running member out of rotation now; stop it once drained; then it is COLD."""
+        m = self._members.get(model, {}).get(index)
+        if m is None or m.proc is None or not m.proc.running:
+            return m.sleeping if m is not None else None
+        m.replica.draining = True
+        self._notify(m.replica)
+        m.sleeping = self._spawn_task(self._sleep(m))
+        return m.sleeping
+
+    async def _sleep(self, m: _Member) -> None:
+        # No drain_seconds here: a replica goes cold only once its requests are done.
+        await self._drain_and_stop(m, bounded=False)
+        if self._members.get(m.key[0], {}).get(m.key[1]) is m and not self._closed:
+            m.replica.draining = False
+            m.replica.state = ReplicaState.COLD
+            log.info("replica %s: cold", m.replica.name)
+            self._notify(m.replica)
+
+    async def _wake_after(self, m: _Member, sleeping: asyncio.Task[None]) -> None:
+        await asyncio.gather(asyncio.shield(sleeping), return_exceptions=True)
+        if self._members.get(m.key[0], {}).get(m.key[1]) is m and not self._closed:
+            self._fresh(m).start()
+
+    def _fresh(self, m: _Member) -> ManagedProcess:
+        """A ManagedProcess is used once: a member that ran before gets a new one, same spec."""
+        assert m.proc is not None
+        if m.proc.stopping or m.proc.running:
+            m.proc = ManagedProcess(m.replica, m.proc.spec, self._session, self._proc_changed)
+        m.replica.draining = False
+        return m.proc
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every serving replica is READY and no replacement is pending."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
-            serving = [m for by_index in self._members.values() for m in by_index.values()]
+            # On-demand members count only while they run: a cold one is not waited for.
+            serving = [m for by_i in self._members.values() for m in by_i.values() if not m.on_demand or m.running]
             if not self._pending and all(m.replica.state is ReplicaState.READY for m in serving):
                 return True
             if loop.time() >= end:
@@ -111,6 +177,8 @@ class Supervisor:
             return
         wanted = self._wanted(new_cfg)  # may raise: before any change
         self._cfg = new_cfg
+        # Under a memory budget the loader starts what is new or was cold, after making room.
+        budgeted = new_cfg.server.memory_budget is not None
         for key, (model, spec) in wanted.items():
             name, index = key
             current = self._members.get(name, {}).get(index)
@@ -125,12 +193,19 @@ class Supervisor:
                 self._retire(pending)
             if current is not None and current.identity == identity:
                 self._update(current, model, spec)
+                current.on_demand = model.on_demand
+                if not current.running and not model.on_demand and self._started and not budgeted:
+                    log.info("replica %s: now load always; starting it", current.replica.name)
+                    self.wake(name, index)
                 continue
             new = self._member(key, model, spec)
-            if current is None:
+            if current is None or (not current.running and current.proc is not None):
                 log.info("replica %s: new", new.replica.name)
                 self._members.setdefault(name, {})[index] = new
-                self._start(new)
+                if current is not None:
+                    self._retire(current)
+                if not new.on_demand and not budgeted:
+                    self._start(new)
             elif new.proc is None or not self._started:
                 # Nothing to wait for: a remote url is READY at once.
                 log.info("replica %s: changed; switching now", new.replica.name)
@@ -138,10 +213,10 @@ class Supervisor:
                 self._retire(current)
                 self._notify(new.replica)
                 self._start(new)
-            elif self._overlaps(current, new):
+            elif self._overlaps(current, new) or budgeted:
                 log.info(
-                    "replica %s: changed, and the new one shares CPUs/GPUs with the old one; "
-                    "draining and stopping the old one before starting the new one",
+                    "replica %s: changed, and the new one shares CPUs/GPUs or the memory budget with the old "
+                    "one; draining and stopping the old one before starting the new one",
                     new.replica.name,
                 )
                 self._members[name][index] = new
@@ -190,7 +265,7 @@ class Supervisor:
                     wanted[(name, index)] = (model, None)
                 continue
             launcher = launcher_for(model, cfg.launchers)
-            for index in range(model.replicas):
+            for index in range(model.replica_slots):
                 wanted[(name, index)] = (model, launch_spec(name, model, launcher, index))
         return wanted
 
@@ -215,8 +290,10 @@ class Supervisor:
             )
             return _Member(key, replica, None, self._identity(index, model, spec))
         replica = Replica(model=name, name=spec.replica, backend=spec.backend, slots=spec.slots)
+        if model.on_demand:
+            replica.state = ReplicaState.COLD
         proc = ManagedProcess(replica, spec, self._session, self._proc_changed)
-        return _Member(key, replica, proc, self._identity(index, model, spec))
+        return _Member(key, replica, proc, self._identity(index, model, spec), on_demand=model.on_demand)
 
     def _update(self, member: _Member, model: ModelConfig, spec: LaunchSpec | None) -> None:
         """Apply settings that need no restart to a kept replica."""
@@ -257,9 +334,9 @@ class Supervisor:
         task.add_done_callback(lambda _: self._retiring.pop(member, None))
         return task
 
-    async def _drain_and_stop(self, member: _Member) -> None:
+    async def _drain_and_stop(self, member: _Member, bounded: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        end = loop.time() + self._cfg.server.drain_seconds
+        end = loop.time() + self._cfg.server.drain_seconds if bounded else float("inf")
         # Polled: the relay changes in_flight on every request and signals nobody.
         while member.replica.in_flight > 0 and loop.time() < end and not self._closed:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL_S)

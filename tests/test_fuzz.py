@@ -29,8 +29,9 @@ from tests.fakeproc import FakeProc
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SERVED = {
     "/v1/models", "/models", "/v1/models/{model}", "/v1/tools", *INFERENCE_PATHS, "/health", "/readyz", "/metrics",
-    "/version", "/openapi.json", "/admin/status", "/admin/usage",
-    "/admin/usage/daily", "/admin/keys", "/admin/keys/new", *(p for r in ROUTES for p in r.paths),
+    "/version", "/openapi.json", "/admin/status", "/admin/usage", "/admin/models/{model}/load",
+    "/admin/models/{model}/unload", "/admin/usage/daily", "/admin/keys", "/admin/keys/new",
+    *(p for r in ROUTES for p in r.paths),
 }  # fmt: skip
 
 
