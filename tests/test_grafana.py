@@ -54,6 +54,10 @@ def exercised_metrics() -> Metrics:
     m.observe_cache("gemma", hit=False)
     m.observe_cache_eviction("bytes")
     m.observe_cache_size(1000, 2)
+    m.observe_model_event("gemma", "start", "request")
+    m.observe_model_state("gemma", "ready")
+    m.observe_budget("ram", 6 << 30)
+    m.observe_held("ram", 1 << 30)
     replica = Replica(
         model="gemma",
         name="gemma/0",
