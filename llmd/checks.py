@@ -11,7 +11,7 @@ import os
 import re
 
 from .budget import EstimateError, capacity, fmt, parse_size, replica_needs
-from .config import Config, LauncherConfig
+from .config import Config, LauncherConfig, MemoryBudgetConfig
 from .launchers import served_routes
 from .launchers import validate as validate_launch
 from .tools import host_allowed, host_of
@@ -130,6 +130,21 @@ def _check_demand(cfg: Config, errors: list[str]) -> None:
     """load: on_demand settings and the memory budget (budget.py)."""
     cap: dict[str, int] = {}
     fixed: dict[str, int] = {}  # held by load: always models
+    # DESIGN.md's contract names (memory_budget_mb, memory_mb) are the plain-MiB forms of
+    # memory_budget.ram and memory: one of each pair, filled into the other here.
+    if cfg.server.memory_budget_mb is not None:
+        if cfg.server.memory_budget is not None and cfg.server.memory_budget.ram is not None:
+            errors.append("server.memory_budget_mb: give either memory_budget_mb or memory_budget.ram")
+        else:
+            mb0 = cfg.server.memory_budget or MemoryBudgetConfig()
+            mb0.ram = cfg.server.memory_budget_mb << 20
+            cfg.server.memory_budget = mb0
+    for name, m in cfg.models.items():
+        if m.memory_mb is not None:
+            if m.memory is not None:
+                errors.append(f"models.{name}.memory_mb: give either memory_mb or memory")
+            else:
+                m.memory = m.memory_mb << 20
     mb = cfg.server.memory_budget
     if mb is not None:
         for path, size in [("ram", mb.ram), *((f"vram.{g}", v) for g, v in mb.vram.items())]:

@@ -54,6 +54,7 @@ class ServerConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     default_model: str | None = None
     # What supervised replicas may hold at once (budget.py); absent: no limit.
     memory_budget: MemoryBudgetConfig | None = None
+    memory_budget_mb: PositiveInt | None = None  # DESIGN.md's name: the same as memory_budget: {ram: N MiB}
 
 
 class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -172,6 +173,7 @@ class ModelConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     scale_window_s: PositiveFloat = 30.0
     scale_down_idle_s: PositiveFloat = 60.0
     memory: Size | None = None  # this model's estimate per replica (default: GGUF size + KV cache)
+    memory_mb: PositiveInt | None = None  # DESIGN.md's name: the same as memory: "N MiB"
 
     @property
     def on_demand(self) -> bool:

@@ -247,6 +247,21 @@ async def test_always_models_must_fit_and_budget_checks(tmp_path: Path) -> None:
     assert "models.a.memory: cannot read" in str(e.value)
 
 
+def test_designs_mib_names_are_the_same_budget(tmp_path: Path) -> None:
+    """DESIGN.md's contract names: server.memory_budget_mb and models.X.memory_mb (MiB)."""
+    doc = doc_for(tmp_path, {"a": {**model(tmp_path, "a"), "memory": None, "memory_mb": 300}}, budget=None)
+    doc["server"]["memory_budget_mb"] = 1536
+    cfg = configfile.load(write_config(tmp_path / "mb.yaml", doc))
+    assert cfg.server.memory_budget is not None and cfg.server.memory_budget.ram == 1536 << 20
+    assert cfg.models["a"].memory == 300 << 20
+    doc["server"]["memory_budget"] = {"ram": "1GiB"}
+    doc["models"]["a"]["memory"] = "1GiB"
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "mb2.yaml", doc))
+    assert "server.memory_budget_mb: give either memory_budget_mb or memory_budget.ram" in str(e.value)
+    assert "models.a.memory_mb: give either memory_mb or memory" in str(e.value)
+
+
 async def test_load_unload_pin_and_cli(tmp_path: Path, start: Start, session: aiohttp.ClientSession) -> None:
     models = {"a": model(tmp_path, "a"), "b": model(tmp_path, "b", memory="0.25GiB", pin=True),
               "c": model(tmp_path, "c", load="always", memory="0.1GiB")}  # fmt: skip
