@@ -41,6 +41,7 @@ def check(cfg: Config) -> list[str]:
     _check_keys(cfg, names, errors)
     _check_launchers(cfg, errors)
     _check_tools(cfg, errors)
+    _check_stores(cfg, errors)
     errors.extend(validate_launch(cfg))
     return errors
 
@@ -200,3 +201,23 @@ def _check_tools(cfg: Config, errors: list[str]) -> None:
         for i, k in enumerate(t.keys):
             if k not in key_ids:
                 errors.append(f"{p}.keys[{i}]: unknown key id {k!r}")
+
+
+def _check_stores(cfg: Config, errors: list[str]) -> None:
+    """The shared stores' secrets come from the environment: a missing one is a config error
+    here, not a crash at start. (``llmd check`` also connects to them: cli.py.)"""
+    u, lim = cfg.usage, cfg.limits
+    if u.store == "postgres":
+        dsn = os.environ.get(u.dsn_env, "")
+        if not dsn:
+            errors.append(f"usage.dsn_env: environment variable {u.dsn_env} is not set or empty (store: postgres)")
+        elif not dsn.startswith(("postgres://", "postgresql://")):
+            errors.append(f"usage.dsn_env: {u.dsn_env} must hold a postgresql:// URL")
+        if not u.enabled:
+            errors.append("usage.store: postgres needs usage.enabled: true")
+    if lim.store == "redis":
+        url = os.environ.get(lim.url_env, "")
+        if not url:
+            errors.append(f"limits.url_env: environment variable {lim.url_env} is not set or empty (store: redis)")
+        elif not url.startswith(("redis://", "rediss://", "unix://")):
+            errors.append(f"limits.url_env: {lim.url_env} must hold a redis://, rediss:// or unix:// URL")

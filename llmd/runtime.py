@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from .auth import KeyTable
@@ -30,7 +31,9 @@ from .config import Config
 from .limits import Limiter
 from .log import AccessLog
 from .metrics import Metrics
+from .pgledger import PgLedger
 from .pool import Pool
+from .redislimits import RedisStore, SharedLimiter
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .supervisor import Supervisor
@@ -44,18 +47,27 @@ log = logging.getLogger("llmd")
 class Runtime:
     """The derived state of one config. Building one changes nothing that serves."""
 
-    def __init__(self, cfg: Config, supervisor: Supervisor, metrics: Metrics, previous: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        supervisor: Supervisor,
+        metrics: Metrics,
+        previous: Runtime | None = None,
+        store: RedisStore | None = None,
+    ) -> None:
         self.cfg = cfg
         self.keys = KeyTable(cfg)
         self.model_names = cfg.model_names()
         self.toolbox = Toolbox(cfg)
+        states, monthly = None, None
         if previous is not None:
             # Limit state survives a reload for every key id that still exists.
             keep = set(self.keys.ids) | {"anonymous"}
             states = {k: v for k, v in previous.limiter.states.items() if k in keep}
-            self.limiter = Limiter(states, previous.limiter.monthly)
-        else:
-            self.limiter = Limiter()
+            monthly = previous.limiter.monthly
+        # With a shared store the state that matters is in Redis; the local state then serves
+        # only on_store_error: local.
+        self.limiter = SharedLimiter(store, states, monthly) if store is not None else Limiter(states, monthly)
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.server.trusted_proxies]
         self.cors_origins = frozenset(cfg.server.cors_origins)
         self.upstream_keys = {
@@ -89,7 +101,9 @@ class Services:
 
     def __init__(self, cfg: Config) -> None:
         self.metrics = Metrics(enabled=cfg.server.metrics)
-        self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
+        self.ledger: Ledger = make_ledger(cfg)
+        # limits.store and usage.store are read once: a reload keeps the stores it started with.
+        self.limit_store = RedisStore(cfg.limits) if cfg.limits.store == "redis" else None
         self.access = AccessLog()
         self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
         self.started_unix = int(time.time())
@@ -116,12 +130,16 @@ class Services:
         self.upstreams = Upstreams()  # the request path's own client (llmd/upstream.py)
         self.relay = Relay(self.upstreams, cfg.routing.timeouts)
         self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
-        self.runtime = Runtime(cfg, self.supervisor, self.metrics)
+        self.runtime = Runtime(cfg, self.supervisor, self.metrics, store=self.limit_store)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         await self.ledger.open()
         await self.cache.open()
+        if self.limit_store is not None:
+            self.limit_store.on_error = self.metrics.observe_limit_store_error
+            await self.limit_store.open()
         month = current_month()
-        self.runtime.limiter.monthly.load(month, await self.ledger.month_totals(month))
+        # From the ledger (PostgreSQL: every host's rows) into the limiter (Redis: never lowered).
+        await self.runtime.limiter.seed_month(month, await self.ledger.month_totals(month))
         self.runtime.activate()
         await self.supervisor.start()
 
@@ -150,7 +168,11 @@ class Services:
     async def reload(self, cfg: Config) -> None:
         """Build aside, reconcile replicas, swap. Any exception before the swap leaves the old
         Runtime serving as it was."""
-        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime)
+        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime, store=self.limit_store)
+        if self.limit_store is not None:
+            self.limit_store.cfg = msgspec.structs.replace(
+                cfg.limits, prefix=self.limit_store.cfg.prefix, url_env=self.limit_store.cfg.url_env
+            )
         await self.supervisor.reconcile(cfg)
         self.runtime = new  # the swap: requests from here on see the new config
         self.metrics.set_names(cfg.models, new.keys.ids)
@@ -171,13 +193,40 @@ class Services:
             }
         if self.draining:
             ready = False
-        return ready, {"ready": ready, "draining": self.draining, "models": models}
+        stores = self.stores()
+        limits = stores["limits"]
+        if not limits["healthy"] and limits.get("on_store_error") == "fail_closed":
+            ready = False  # every request would be refused: a balancer should look elsewhere
+        return ready, {"ready": ready, "draining": self.draining, "models": models, "stores": stores}
+
+    def stores(self) -> dict[str, dict[str, Any]]:
+        """Where usage and limits live and whether they answer (/readyz, /admin/status)."""
+        lg = self.ledger
+        usage: dict[str, Any] = {
+            "store": lg.store if self._cfg.usage.enabled else "off",
+            "healthy": lg.healthy,
+            "pending_rows": lg.pending_rows,
+            "dropped_rows": lg.dropped_rows,
+        }
+        st = self.limit_store
+        if st is None:
+            return {"usage": usage, "limits": {"store": "memory", "healthy": True}}
+        limits = {
+            "store": "redis",
+            "healthy": st.healthy,
+            "on_store_error": st.cfg.on_store_error,
+            "errors": st.errors,
+            "pending_settles": len(st.pending),
+            "leases": len(st.leases),
+        }
+        return {"usage": usage, "limits": limits}
 
     def status(self) -> dict[str, object]:
         return {
             "replicas": self.supervisor.status(),
             "queues": {name: p.admission.depth for name, p in self.pools.items()},
             "usage": {"pending_rows": self.ledger.pending_rows, "dropped_rows": self.ledger.dropped_rows},
+            "stores": self.stores(),
             "config": self.runtime.cfg.source,
         }
 
@@ -185,6 +234,9 @@ class Services:
         m = self.metrics
         m.usage_pending.set(self.ledger.pending_rows)
         m.observe_dropped(self.ledger.dropped_rows)
+        if m.enabled:
+            m.store_healthy.labels("usage").set(int(self.ledger.healthy))
+            m.store_healthy.labels("limits").set(int(self.limit_store is None or self.limit_store.healthy))
         self.cache.observe()
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
@@ -204,6 +256,12 @@ class Services:
         await self._bounded(self.ledger.flush(), deadline, "flush")
         await self.supervisor.stop(deadline)
         await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
+        if self.limit_store is not None:
+            try:
+                async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
+                    await self.limit_store.close()
+            except TimeoutError:
+                log.error("limits: settles still unsent to redis at the shutdown deadline")
         try:
             async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
                 await self.cache.close()
@@ -220,3 +278,12 @@ class Services:
                 await step
         except TimeoutError:
             log.error("usage ledger: %s did not finish before the shutdown deadline; rows may be lost", what)
+
+
+def make_ledger(cfg: Config) -> Ledger:
+    """The ledger ``usage`` names: SQLite (one host), PostgreSQL (several), or none."""
+    if not cfg.usage.enabled:
+        return NullLedger(cfg.usage)
+    if cfg.usage.store == "postgres":
+        return PgLedger(cfg.usage)
+    return Ledger(cfg.usage)
