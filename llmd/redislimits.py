@@ -65,9 +65,16 @@ class RedisStore:
         if not self.url:
             raise ValueError(f"limits.store is redis but {cfg.url_env} (limits.url_env) is empty")
         timeout = cfg.timeout_ms / 1000
-        self.client = aioredis.Redis.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=256
+        # A bounded pool that makes a burst wait for a connection: opening hundreds at once is
+        # slower than queueing on a few (and each costs Redis a client).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=cfg.max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        self.client = aioredis.Redis(connection_pool=pool)
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
@@ -111,7 +118,7 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         with contextlib.suppress(*STORE_ERRORS):
-            await self.client.aclose()
+            await self.client.aclose(close_connection_pool=True)
 
     # --- health ------------------------------------------------------------------------------
 

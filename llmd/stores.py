@@ -38,7 +38,7 @@ async def _probe_redis(cfg: Config) -> str:
     try:
         info = await client.info("server")
     finally:
-        await client.aclose()
+        await client.aclose(close_connection_pool=True)
     return f"Redis {info.get('redis_version', '?')} at {url.split('@')[-1]}"
 
 
