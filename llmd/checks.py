@@ -219,5 +219,6 @@ def _check_stores(cfg: Config, errors: list[str]) -> None:
         url = os.environ.get(lim.url_env, "")
         if not url:
             errors.append(f"limits.url_env: environment variable {lim.url_env} is not set or empty (store: redis)")
-        elif not url.startswith(("redis://", "rediss://", "unix://")):
-            errors.append(f"limits.url_env: {lim.url_env} must hold a redis://, rediss:// or unix:// URL")
+        elif not url.startswith(("redis://", "unix://")):
+            # No TLS (rediss://): reach a remote Redis over a private network or a tunnel.
+            errors.append(f"limits.url_env: {lim.url_env} must hold a redis:// or unix:// URL")

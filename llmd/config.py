@@ -68,7 +68,6 @@ class LimitsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     on_store_error: Literal["fail_closed", "local"] = "fail_closed"
     lease_s: Annotated[float, Meta(ge=1, le=600)] = 15.0  # a killed llmd's concurrency slots free within this
     timeout_ms: PositiveInt = 1000  # a connect or round trip beyond this counts as the store failing
-    max_connections: PositiveInt = 64  # to Redis, per llmd; a burst beyond waits for one (within timeout_ms)
 
 
 class LimitFields(_Section, kw_only=True, forbid_unknown_fields=True):

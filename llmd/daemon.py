@@ -175,7 +175,6 @@ RESTART_ONLY = (
     ("limits.url_env", lambda c: c.limits.url_env),
     ("limits.prefix", lambda c: c.limits.prefix),
     ("limits.timeout_ms", lambda c: c.limits.timeout_ms),
-    ("limits.max_connections", lambda c: c.limits.max_connections),
 )
 
 

@@ -27,22 +27,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from .auth import Principal
 from .config import LimitsConfig
 from .errors import ApiError, RateLimited, quota_exhausted
 from .limits import HOUR, MINUTE, Grant, KeyState, Limiter, MonthlyCounter, _counted, _duration
 from .months import seconds_to_next_month
 from .redisscripts import ADMIT, RENEW, SEED, SETTLE
+from .resp import RespClient, StoreError
 
 log = logging.getLogger("llmd.limits")
 
 RETRY_AFTER_S = 1.0  # after a failure, requests do not wait on Redis again for this long
 MAX_PENDING_SETTLES = 100_000  # settles kept while Redis is away; beyond: the oldest are dropped
 LOG_EVERY_S = 30.0
-STORE_ERRORS = (RedisError, OSError, TimeoutError, ConnectionError)
+STORE_ERRORS = (StoreError, OSError, TimeoutError)
 
 
 def limits_unavailable(detail: str) -> ApiError:
@@ -64,21 +62,8 @@ class RedisStore:
         self.url = url if url is not None else os.environ.get(cfg.url_env, "")
         if not self.url:
             raise ValueError(f"limits.store is redis but {cfg.url_env} (limits.url_env) is empty")
-        timeout = cfg.timeout_ms / 1000
-        # A bounded pool that makes a burst wait for a connection: opening hundreds at once is
-        # slower than queueing on a few (and each costs Redis a client).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=cfg.max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
-        self.client = aioredis.Redis(connection_pool=pool)
-        self._admit = self.client.register_script(ADMIT)
-        self._settle = self.client.register_script(SETTLE)
-        self._renew = self.client.register_script(RENEW)
-        self._seed = self.client.register_script(SEED)
+        # One pipelined connection (resp.py): concurrent calls share it, those of one tick in one write.
+        self.client = RespClient(self.url, cfg.timeout_ms / 1000)
         self.leases: dict[str, str] = {}  # grant id -> its concurrency set, while the request runs
         self.pending: deque[tuple[list[str], list[Any]]] = deque()  # settles Redis has not taken yet
         self.healthy = True
@@ -100,7 +85,7 @@ class RedisStore:
     async def open(self) -> None:
         """Check that Redis answers (a warning, not a failure: on_store_error decides per request)."""
         try:
-            await self.client.ping()
+            await self.client.call("PING")
         except STORE_ERRORS as e:
             self.failed("open", e)
         else:
@@ -117,8 +102,7 @@ class RedisStore:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        with contextlib.suppress(*STORE_ERRORS):
-            await self.client.aclose(close_connection_pool=True)
+        await self.client.close()
 
     # --- health ------------------------------------------------------------------------------
 
@@ -146,7 +130,7 @@ class RedisStore:
 
     async def admit(self, keys: list[str], args: list[Any]) -> list[Any]:
         try:
-            reply = await self._admit(keys=keys, args=args)
+            reply = await self.client.script(ADMIT, keys, args)
         except STORE_ERRORS as e:
             self.failed("admit", e)
             raise
@@ -162,7 +146,7 @@ class RedisStore:
     async def _settle_now(self, keys: list[str], args: list[Any]) -> None:
         if self.usable():
             try:
-                await self._settle(keys=keys, args=args)
+                await self.client.script(SETTLE, keys, args)
                 self.succeeded()
                 return
             except STORE_ERRORS as e:
@@ -176,7 +160,7 @@ class RedisStore:
         while self.pending:
             keys, args = self.pending[0]
             try:
-                await self._settle(keys=keys, args=args)
+                await self.client.script(SETTLE, keys, args)
             except STORE_ERRORS as e:
                 self.failed("settle", e)
                 return
@@ -185,7 +169,7 @@ class RedisStore:
 
     async def seed(self, keys: list[str], totals: list[int]) -> None:
         try:
-            await self._seed(keys=keys, args=totals)
+            await self.client.script(SEED, keys, totals)
         except STORE_ERRORS as e:
             self.failed("seed", e)
 
@@ -199,7 +183,7 @@ class RedisStore:
             if not leases:
                 continue
             try:
-                await self._renew(keys=list(leases.values()), args=[self.cfg.lease_s, *leases])
+                await self.client.script(RENEW, list(leases.values()), [self.cfg.lease_s, *leases])
                 self.succeeded()
             except STORE_ERRORS as e:
                 self.failed("renew", e)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-import redis.asyncio as aioredis
-
 from .config import Config
 from .pgledger import connect, dsn_from_env, import_sqlite, redact, report_pg
 from .pgschema import PG_MIGRATIONS, schema_version
 from .redislimits import STORE_ERRORS
 from .report import ReportRow
+from .resp import RespClient
 from .schema import LedgerError
 
 PROBE_TIMEOUT_S = 5.0
@@ -34,12 +33,15 @@ async def _probe_pg(cfg: Config) -> str:
 
 async def _probe_redis(cfg: Config) -> str:
     url = os.environ.get(cfg.limits.url_env, "")
-    client = aioredis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
+    client = RespClient(url, PROBE_TIMEOUT_S)
     try:
-        info = await client.info("server")
+        info = (await client.call("INFO", "server")).decode()
     finally:
-        await client.aclose(close_connection_pool=True)
-    return f"Redis {info.get('redis_version', '?')} at {url.split('@')[-1]}"
+        await client.close()
+    version = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("redis_version:")), "?"
+    )
+    return f"Redis {version} at {url.split('@')[-1]}"
 
 
 async def probe(cfg: Config) -> list[tuple[str, bool, str]]:

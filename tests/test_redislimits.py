@@ -6,15 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import yaml
 
 from llmd.auth import Principal
 from llmd.config import LimitFields, LimitsConfig
 from llmd.errors import ApiError, RateLimited
 from llmd.limits import Grant, Limiter
 from llmd.redislimits import RedisStore, SharedLimiter
+from tests.fakeproc import free_port
 from tests.redisproc import RedisServer
 
 
@@ -180,3 +187,15 @@ async def test_redis_down_fail_closed_then_local(redis_server: RedisServer) -> N
         await settled([closed])
         await closed.store._send_pending()
         assert not closed.store.pending
+
+
+def test_check_probes_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"port": 0}, "usage": {"path": str(tmp_path / "u.sqlite3")},
+                                   "limits": {"store": "redis"}}))  # fmt: skip
+    run = [sys.executable, "-m", "llmd", "check", "-c", str(cfg)]
+    ok = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_LIMITS_URL": redis_server.url})
+    assert ok.returncode == 0 and "limits store: ok: Redis " in ok.stdout, ok.stderr
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    bad = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_LIMITS_URL": dead})
+    assert bad.returncode == 1 and "limits store: UNREACHABLE" in bad.stderr
