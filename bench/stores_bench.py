@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from tests.pgproc import PgServer
 from tests.redisproc import RedisServer
 
+LOCAL, SHARED = "sqlite + memory", "postgres + redis"
 TARGET_ADDED_P50_MS = 0.5
 TARGET_RPS = 2000.0
 
@@ -87,7 +89,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--conns", type=int, nargs="+", default=[1, 16], help="wrk connections, one table row each")
     args = ap.parse_args()
     wrk_exe = shutil.which("wrk")
     if wrk_exe is None:
@@ -104,7 +106,7 @@ def main() -> int:
             os.environ["LLMD_LIMITS_URL"] = redis.url
             mock, mock_port = start_mock(procs, load_cpus, tmp, "mock")
             hops = {}
-            for name, shared in (("sqlite + memory", False), ("postgres + redis", True)):
+            for name, shared in ((LOCAL, False), (SHARED, True)):
                 d = tmp / ("shared" if shared else "local")
                 d.mkdir()
                 (d / "llmd.yaml").write_text(json.dumps(config(d, mock_port, shared)))
@@ -112,16 +114,17 @@ def main() -> int:
             script = tmp / "plain.lua"
             script.write_text(WRK_LUA.format(body=request_body(False).decode(), secret=SECRET))
             for p, port in hops.values():  # warm-up: pools, connections, scripts loaded
-                wrk(wrk_exe, procs, load_cpus, script, port, args.conns, 2, p, mock)
-            results = {name: Agg() for name in hops}
+                wrk(wrk_exe, procs, load_cpus, script, port, 16, 2, p, mock)
+            results = {(name, c): Agg() for c in args.conns for name in hops}
             store_ms: list[float] = []
             for _ in range(args.rounds):
-                for name, (p, port) in hops.items():
-                    s0 = store_cpu(pg, redis)
-                    run = wrk(wrk_exe, procs, load_cpus, script, port, args.conns, args.seconds, p, mock)
-                    results[name].runs.append(run)
-                    if name == "postgres + redis":
-                        store_ms.append(1000 * (store_cpu(pg, redis) - s0) / max(1, run.requests))
+                for c in args.conns:
+                    for name, (p, port) in hops.items():
+                        s0 = store_cpu(pg, redis)
+                        run = wrk(wrk_exe, procs, load_cpus, script, port, c, args.seconds, p, mock)
+                        results[name, c].runs.append(run)
+                        if name == SHARED:
+                            store_ms.append(1000 * (store_cpu(pg, redis) - s0) / max(1, run.requests))
             report(results, sorted(store_ms)[len(store_ms) // 2], args)
     finally:
         procs.stop_all()
@@ -130,21 +133,26 @@ def main() -> int:
     return 0
 
 
-def report(results: dict[str, Agg], store_ms: float, args: argparse.Namespace) -> None:
-    base, shared = results["sqlite + memory"], results["postgres + redis"]
+def report(results: dict[tuple[str, int], Agg], store_ms: float, args: argparse.Namespace) -> None:
     rows = [
-        (name, f"{a.rps:.0f}", f"{a.p50:.2f}", f"{a.p99:.2f}", f"{a.cpu_ms():.3f}", f"{a.hop_util:.0%}", str(a.errors))
-        for name, a in results.items()
-    ]
-    print(f"\nllmd stores, c={args.conns}, {args.rounds} rounds x {args.seconds:g} s (medians)\n")
-    header = ("stores", "req/s", "p50 ms", "p99 ms", "llmd CPU ms/req", "llmd core use", "errors")
-    print("\n".join(md_table(header, rows, "lrrrrrr")))
-    added = shared.p50 - base.p50
+        (name, str(c), f"{a.rps:.0f}", f"{a.p50:.2f}", f"{a.p99:.2f}", f"{a.cpu_ms():.3f}", f"{a.hop_util:.0%}",
+         f"{statistics.median(r.foreign_cores for r in a.runs):.2f}", str(a.errors))
+        for (name, c), a in results.items()
+    ]  # fmt: skip
+    print(f"\nllmd stores, {args.rounds} rounds x {args.seconds:g} s per row (medians)\n")
+    header = ("stores", "conns", "req/s", "p50 ms", "p99 ms", "llmd CPU ms/req", "llmd core use", "other load (cores)",
+              "errors")  # fmt: skip
+    print("\n".join(md_table(header, rows, "lrrrrrrrr")))
     print()
-    print(f"added p50: {added:+.2f} ms (goal < {TARGET_ADDED_P50_MS} ms): {verdict(added < TARGET_ADDED_P50_MS)}")
-    print(f"added llmd CPU per request: {shared.cpu_ms() - base.cpu_ms():+.3f} ms")
-    print(f"PostgreSQL + Redis CPU per request: {store_ms:.3f} ms")
-    print(f"req/s with both stores: {shared.rps:.0f} (goal >= {TARGET_RPS:.0f}): {verdict(shared.rps >= TARGET_RPS)}")
+    for c in args.conns:
+        base, shared = results[LOCAL, c], results[SHARED, c]
+        added = shared.p50 - base.p50
+        cpu = shared.cpu_ms() - base.cpu_ms()
+        ok_p50, ok_rps = verdict(added < TARGET_ADDED_P50_MS), verdict(shared.rps >= TARGET_RPS)
+        print(f"c={c}: added p50 {added:+.2f} ms (goal < {TARGET_ADDED_P50_MS} ms: {ok_p50}); "
+              f"added llmd CPU {cpu:+.3f} ms/req; {shared.rps:.0f} req/s with both stores "
+              f"(goal >= {TARGET_RPS:.0f}: {ok_rps})")  # fmt: skip
+    print(f"PostgreSQL + Redis CPU per request (their processes): {store_ms:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ class RedisStore:
                 await self._send_pending()
             leases = dict(self.leases)
             if not leases:
+                if not self.healthy:  # nobody asks while fail_closed refuses: see whether Redis is back
+                    with contextlib.suppress(*STORE_ERRORS):
+                        await self.client.call("PING")
+                        self.succeeded()
                 continue
             try:
                 await self.client.script(RENEW, list(leases.values()), [self.cfg.lease_s, *leases])
