@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .auth import Principal
@@ -64,6 +64,10 @@ class RedisStore:
             raise ValueError(f"limits.store is redis but {cfg.url_env} (limits.url_env) is empty")
         # One pipelined connection (resp.py): concurrent calls share it, those of one tick in one write.
         self.client = RespClient(self.url, cfg.timeout_ms / 1000)
+        self.client.on_connect = self._connected
+        # The ledger's monthly totals (Services sets it): sent again after Redis was away, since a
+        # restarted Redis (no persistence) would otherwise start every quota of the month from 0.
+        self.month_totals: Callable[[], Awaitable[tuple[str, dict[str, int]]]] | None = None
         self.leases: dict[str, str] = {}  # grant id -> its concurrency set, while the request runs
         self.pending: deque[tuple[list[str], list[Any]]] = deque()  # settles Redis has not taken yet
         self.healthy = True
@@ -167,11 +171,31 @@ class RedisStore:
             self.pending.popleft()
         self.succeeded()
 
-    async def seed(self, keys: list[str], totals: list[int]) -> None:
+    async def seed_month(self, month: str, totals: dict[str, int]) -> None:
+        """Monthly counters up to the ledger's totals (never lowered: other hosts count too)."""
+        if not totals:
+            return
+        keys = list(totals)
         try:
-            await self.client.script(SEED, keys, totals)
+            await self.client.script(SEED, [self.key(k, f"m:{month}") for k in keys], [totals[k] for k in keys])
         except STORE_ERRORS as e:
             self.failed("seed", e)
+
+    def _connected(self, n: int) -> None:
+        if n > 1 and self.month_totals is not None:
+            task = asyncio.create_task(self._reseed())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reseed(self) -> None:
+        assert self.month_totals is not None
+        try:
+            month, totals = await self.month_totals()
+        except Exception as e:  # the ledger may be away too; the next reconnection tries again
+            log.warning("limits: cannot read the month's totals to seed redis again: %s", e)
+            return
+        await self.seed_month(month, totals)
+        log.info("limits: monthly counters of %d keys seeded again after redis was away", len(totals))
 
     async def _renew_loop(self) -> None:
         every = self.cfg.lease_s / 3
@@ -259,9 +283,7 @@ class SharedLimiter(Limiter):
 
     async def seed_month(self, month: str, totals: dict[str, int]) -> None:
         await super().seed_month(month, totals)
-        if totals:
-            keys = list(totals)
-            await self.store.seed([self.store.key(k, f"m:{month}") for k in keys], [totals[k] for k in keys])
+        await self.store.seed_month(month, totals)
 
     def headers(self, p: Principal, now: float | None = None) -> dict[str, str]:
         view = self._views.get(p.key_id)

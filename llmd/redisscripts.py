@@ -160,7 +160,9 @@ if entry > 0 then
     redis.call('EXPIRE', KEYS[2], 120); redis.call('EXPIRE', KEYS[3], 120)
   end
 end
-if mres > 0 then redis.call('DECRBY', KEYS[5], mres) end
+if mres > 0 and redis.call('DECRBY', KEYS[5], mres) < 0 then
+  redis.call('SET', KEYS[5], 0)  -- Redis lost its data while the request ran (a restart)
+end
 if used > 0 then
   redis.call('INCRBY', KEYS[4], used)
   redis.call('EXPIRE', KEYS[4], 3456000)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -100,6 +101,8 @@ class RespClient:
         self._conn: _Conn | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
         self._shas: dict[str, str] = {}
+        self.connections = 0  # made since start: more than one means Redis was away (maybe restarted)
+        self.on_connect: Callable[[int], None] | None = None  # called with ``connections`` after each
 
     async def _connection(self) -> _Conn:
         conn = self._conn
@@ -123,6 +126,9 @@ class RespClient:
             except (OSError, TimeoutError) as e:
                 raise StoreError(f"cannot connect: {type(e).__name__}: {e}") from e
             self._conn = conn
+            self.connections += 1
+            if self.on_connect is not None:
+                self.on_connect(self.connections)
             return conn
 
     async def call(self, *args: Any) -> Any:

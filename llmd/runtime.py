@@ -136,12 +136,17 @@ class Services:
         await self.cache.open()
         if self.limit_store is not None:
             self.limit_store.on_error = self.metrics.observe_limit_store_error
+            self.limit_store.month_totals = self._month_totals
             await self.limit_store.open()
         month = current_month()
         # From the ledger (PostgreSQL: every host's rows) into the limiter (Redis: never lowered).
         await self.runtime.limiter.seed_month(month, await self.ledger.month_totals(month))
         self.runtime.activate()
         await self.supervisor.start()
+
+    async def _month_totals(self) -> tuple[str, dict[str, int]]:
+        month = current_month()
+        return month, await self.ledger.month_totals(month)
 
     @property
     def pools(self) -> dict[str, Pool]:

@@ -199,3 +199,27 @@ def test_check_probes_redis(redis_server: RedisServer, tmp_path: Path) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     bad = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_LIMITS_URL": dead})
     assert bad.returncode == 1 and "limits store: UNREACHABLE" in bad.stderr
+
+
+async def test_a_restarted_redis_gets_the_months_totals_again(redis_server: RedisServer) -> None:
+    """Redis without persistence forgets everything when it restarts: on reconnecting, each llmd
+    seeds the monthly counters again from its ledger (here a stand-in for month_totals)."""
+    p = principal(monthly_tokens=1000)
+    async with hosts(redis_server, n=1) as (lim,):
+        month = lim.monthly.month
+
+        async def month_totals() -> tuple[str, dict[str, int]]:
+            return month, {"k": 1000}
+
+        lim.store.month_totals = month_totals
+        await lim.seed_month(month, {"k": 1000})
+        assert isinstance(await try_acquire(lim, p), ApiError)
+        redis_server.stop()
+        redis_server.start_again()  # empty
+        await asyncio.sleep(1.1)  # past RETRY_AFTER_S of the failure the next call sees
+        first = await try_acquire(lim, p)  # reconnects (this one may race the reseed)
+        if isinstance(first, Grant):
+            first.release(0)
+        await settled([lim])
+        refused = await try_acquire(lim, p)
+        assert isinstance(refused, ApiError) and refused.code == "insufficient_quota"
