@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import yaml
 
 from tests.conftest import LlmdProc, base_config, llmd_process, write_config
 from tests.fakeproc import FAKE_LLAMA, FakeProc, free_port, start_fake
@@ -258,3 +259,28 @@ async def test_redis_down_fail_closed_or_local(tmp_path: Path, pg_server: PgServ
         while (await c.chat(a))[0] != 200:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+
+
+async def test_reload_keeps_the_stores_and_applies_on_store_error(
+    tmp_path: Path, pg_server: PgServer, redis_server: RedisServer
+) -> None:
+    """SIGHUP: on_store_error applies at once; the store itself (limits.prefix here) only at the
+    next restart, which the log says. Requests keep their rows in the same ledger."""
+    async with cluster(tmp_path, pg_server, redis_server, {"requests_per_minute": 1000}) as c:
+        a = c.hosts["a"]
+        assert (await c.chat(a.url))[0] == 200
+        path = tmp_path / "config-a.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["limits"] = {**doc["limits"], "on_store_error": "local", "prefix": "elsewhere:"}
+        path.write_text(yaml.safe_dump(doc))
+        a.proc.send_signal(signal.SIGHUP)
+        await a.wait_log(lambda d: d.get("msg") == "reloaded")
+        await a.wait_log(lambda d: "limits.prefix changed" in str(d.get("msg")))
+        redis_server.stop()
+        try:
+            assert (await c.chat(a.url))[0] == 200  # local now
+        finally:
+            redis_server.start_again()
+        assert await c.sigterm("a") == 0
+        rows = await c.rows()
+        assert len(rows) == 2 and {r["instance"] for r in rows} == {"a"}
