@@ -56,11 +56,15 @@ def redact(dsn: str) -> str:
     return dsn
 
 
+class LedgerUnreachable(LedgerError):
+    """The database does not answer (as opposed to answering with a schema llmd cannot use)."""
+
+
 async def connect(dsn: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-        raise LedgerError(f"usage ledger {redact(dsn)}: cannot connect: {type(e).__name__}: {e}") from e
+        raise LedgerUnreachable(f"usage ledger {redact(dsn)}: cannot connect: {type(e).__name__}: {e}") from e
 
 
 class PgLedger(Ledger):
@@ -72,6 +76,32 @@ class PgLedger(Ledger):
         self.path = redact(self._dsn)  # what log lines and errors name
         self.store = "postgres"
         self._pg: asyncpg.Connection | None = None
+
+    async def open(self) -> None:
+        """As the SQLite ledger, except that a database that does not answer yet does not stop
+        llmd: it serves, keeps the rows in memory and writes them once the database answers (a
+        host restarting during a database outage keeps serving). A schema newer than this llmd's
+        still stops it."""
+        if self._task is not None:
+            return
+        try:
+            await self._connection()
+        except LedgerUnreachable as e:
+            self._note_write_error(e, 0)
+        self._task = asyncio.create_task(self._run(), name="llmd-usage-flusher")
+        await asyncio.sleep(0)
+        log.info("usage ledger %s open (flush every %g ms)", self.path, self.interval_s * 1000)
+
+    async def month_totals(self, month: str) -> dict[str, int]:
+        try:
+            return await super().month_totals(month)
+        except LedgerUnreachable as e:
+            # Only at start or on a Redis reconnection: quotas then count from what this process
+            # still holds (and, with limits.store: redis, from Redis's own counters).
+            log.error(
+                "usage ledger %s: monthly totals unavailable (%s); quotas count from the rows held here", self.path, e
+            )
+            return self._pending_totals(month)
 
     async def _connection(self) -> asyncpg.Connection:  # type: ignore[override]
         if self._pg is not None and self._pg.is_closed():
@@ -106,7 +136,10 @@ class PgLedger(Ledger):
         try:
             db = await self._connection()
             return [tuple(r) for r in await db.fetch(numbered(sql), *params)]
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+        except (OSError, asyncpg.InterfaceError, TimeoutError) as e:
+            await self._drop_connection()
+            raise LedgerUnreachable(f"usage ledger {self.path}: {type(e).__name__}: {e}") from e
+        except asyncpg.PostgresError as e:
             await self._drop_connection()
             raise LedgerError(f"usage ledger {self.path}: {type(e).__name__}: {e}") from e
 

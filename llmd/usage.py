@@ -342,12 +342,19 @@ class Ledger:
         async with self._lock:
             rows = await self._read(MONTH_TOTALS_SQL, [month])
             totals = {key_id: int(total or 0) for key_id, total in rows}
-            for row in self._queue:
-                # A malformed row (dropped when written) must not stop the limiter from loading.
-                with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
-                    if month_of(row.ts) == month:
-                        used = int(row.prompt_tokens) + int(row.completion_tokens) - int(row.quota_exempt_tokens)
-                        totals[row.key_id] = totals.get(row.key_id, 0) + used
+            for key_id, used in self._pending_totals(month).items():
+                totals[key_id] = totals.get(key_id, 0) + used
+        return totals
+
+    def _pending_totals(self, month: str) -> dict[str, int]:
+        """Quota tokens of ``month`` in the rows not yet written."""
+        totals: dict[str, int] = {}
+        for row in self._queue:
+            # A malformed row (dropped when written) must not stop the limiter from loading.
+            with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+                if month_of(row.ts) == month:
+                    used = int(row.prompt_tokens) + int(row.completion_tokens) - int(row.quota_exempt_tokens)
+                    totals[row.key_id] = totals.get(row.key_id, 0) + used
         return totals
 
     async def report(

@@ -159,3 +159,30 @@ def test_check_probes_the_stores(pg_server: PgServer, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "usage store: UNREACHABLE" in bad.stderr
     unset = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": ""})
     assert unset.returncode == 1 and "usage.dsn_env: environment variable LLMD_USAGE_DSN is not set" in unset.stderr
+
+
+async def test_a_database_away_at_start_does_not_stop_the_ledger(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that (re)starts during an outage serves: rows wait in memory, the schema is created
+    and the rows written once PostgreSQL answers."""
+    dsn = fresh_db(pg_server)
+    pg_server.stop()
+    try:
+        ledger = pg_ledger(dsn, monkeypatch)
+        await ledger.open()
+        assert not ledger.healthy
+        ledger.record(row(1, prompt=5, completion=5))
+        month = time.strftime("%Y-%m", time.gmtime())
+        assert await ledger.month_totals(month) == {"k": 10}  # what this process holds
+    finally:
+        pg_server.start_again()
+    try:
+        deadline = time.monotonic() + 15
+        while ledger.pending_rows and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert ledger.healthy and [r["request_id"] for r in await fetch(dsn, "SELECT request_id FROM requests")] == [
+            "req-1"
+        ]
+    finally:
+        await ledger.close()
