@@ -29,7 +29,7 @@ from typing import Any
 
 from .auth import Principal
 from .config import LimitsConfig
-from .errors import ApiError, RateLimited, quota_exhausted
+from .errors import ApiError, RateLimited, limits_unavailable, quota_exhausted
 from .limits import HOUR, MINUTE, Grant, KeyState, Limiter, MonthlyCounter, _counted, _duration
 from .months import seconds_to_next_month
 from .redisscripts import ADMIT, RENEW, SEED, SETTLE
@@ -41,16 +41,6 @@ RETRY_AFTER_S = 1.0  # after a failure, requests do not wait on Redis again for 
 MAX_PENDING_SETTLES = 100_000  # settles kept while Redis is away; beyond: the oldest are dropped
 LOG_EVERY_S = 30.0
 STORE_ERRORS = (StoreError, OSError, TimeoutError)
-
-
-def limits_unavailable(detail: str) -> ApiError:
-    return ApiError(
-        503,
-        f"Rate limits cannot be checked right now (the limit store is unreachable: {detail}). Retry shortly.",
-        type="server_error",
-        code="limits_unavailable",
-        headers={"Retry-After": "1"},
-    )
 
 
 class RedisStore:

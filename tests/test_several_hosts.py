@@ -29,6 +29,7 @@ from tests.pgproc import PgServer, fresh_db
 from tests.redisproc import RedisServer
 
 SECRET = "sk-several-hosts-test"
+ADMIN = "sk-several-hosts-admin"
 MSG = [{"role": "user", "content": "hello from several hosts"}]
 LEASE_S = 2.0
 
@@ -80,7 +81,8 @@ async def cluster(
                     usage={"store": "postgres", "instance": name, "flush_ms": 50},
                     limits={"store": "redis", "prefix": prefix, "lease_s": LEASE_S, "timeout_ms": 2000,
                             **limits.get(name, limits.get("both", {}))},
-                    keys=[{"id": "k", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), **key}],
+                    keys=[{"id": "k", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), **key},
+                          {"id": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest(), "admin": True}],
                 )  # fmt: skip
                 path = write_config(tmp_path / f"config-{name}.yaml", doc)
                 hosts[name] = await stack.enter_async_context(llmd_process(path, env=env))
@@ -165,10 +167,16 @@ async def test_monthly_quota_reached_on_one_is_refused_on_the_other(
         await asyncio.sleep(0.2)  # the last settle is sent after the answer
         status, _, body = await c.chat(b)
         assert status == 429 and body["error"]["code"] == "insufficient_quota"
-        # A restarted host starts from Redis's count, which PostgreSQL's rows agree with.
+        # Both hosts' rows in the one ledger: /admin/usage of b reports what a served.
         assert await c.sigterm("a") == 0
         used = await c.rows("SELECT SUM(prompt_tokens + completion_tokens) AS n FROM requests WHERE status = 200")
         assert used[0]["n"] >= 40
+        await asyncio.sleep(0.2)  # b's flush of its refusal
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        async with c.session.get(b + "/admin/usage", headers=headers) as r:
+            report = (await r.json())["rows"]
+        assert r.status == 200 and len(report) == 1
+        assert report[0]["requests"] == served + 2 and report[0]["total_tokens"] == used[0]["n"]
 
 
 async def test_kill9_frees_the_dead_hosts_slots_within_the_lease(
