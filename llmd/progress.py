@@ -19,15 +19,8 @@ class Progress:
     # Redraws on a TTY at most this often: a fast loop must not spend its time printing.
     REDRAW_S = 0.1
 
-    def __init__(
-        self,
-        step: str,
-        total: int | None = None,
-        *,
-        unit: str = "",
-        stream: TextIO | None = None,
-        tty: bool | None = None,
-    ) -> None:
+    def __init__(self, step: str, total: int | None = None, *, unit: str = "",
+                 stream: TextIO | None = None, tty: bool | None = None) -> None:
         self.step = step
         self.total = total
         self.unit = unit
@@ -45,7 +38,8 @@ class Progress:
             self._draw(force=True)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
         verdict = "done" if kind is None else f"failed ({kind.__name__})"
         if self.tty:
             self._draw(force=True)
