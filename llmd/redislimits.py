@@ -2,9 +2,11 @@
 key to its limits together, exactly as one llmd alone does (the scripts: redisscripts.py).
 
 One round trip per admission (the ADMIT script decides and takes everything) and one per settle
-(SETTLE, sent after the response, off the request path). Concurrency slots are leases: each
-llmd renews the leases of its running requests every ``lease_s / 3``; the slots of an llmd that
-was killed (kill -9, a lost host) expire at most ``limits.lease_s`` after its last renewal.
+(SETTLE, sent after the response, off the request path). Concurrency slots and monthly-quota
+reservations are leases: each llmd renews the leases of its running requests every
+``lease_s / 3``; those of an llmd that was killed (kill -9, a lost host) expire at most
+``limits.lease_s`` after its last renewal. (Token-window reservations need no lease: they leave
+the window after a minute anyway.)
 
 Redis unreachable (refused, reset, or slower than ``limits.timeout_ms``) is decided by
 ``limits.on_store_error``: ``fail_closed`` answers 503 ``limits_unavailable`` (no request goes
@@ -58,7 +60,8 @@ class RedisStore:
         # The ledger's monthly totals (Services sets it): sent again after Redis was away, since a
         # restarted Redis (no persistence) would otherwise start every quota of the month from 0.
         self.month_totals: Callable[[], Awaitable[tuple[str, dict[str, int]]]] | None = None
-        self.leases: dict[str, str] = {}  # grant id -> its concurrency set, while the request runs
+        # grant id -> its leased sets (concurrency, monthly reservation), while the request runs
+        self.leases: dict[str, tuple[str, ...]] = {}
         self.pending: deque[tuple[list[str], list[Any]]] = deque()  # settles Redis has not taken yet
         self.healthy = True
         self.errors = 0
@@ -193,7 +196,7 @@ class RedisStore:
             await asyncio.sleep(every)
             if self.pending and self.usable():
                 await self._send_pending()
-            leases = dict(self.leases)
+            leases = [(key, gid) for gid, keys in list(self.leases.items()) for key in keys]
             if not leases:
                 if not self.healthy:  # nobody asks while fail_closed refuses: see whether Redis is back
                     with contextlib.suppress(*STORE_ERRORS):
@@ -201,7 +204,7 @@ class RedisStore:
                         self.succeeded()
                 continue
             try:
-                await self.client.script(RENEW, list(leases.values()), [self.cfg.lease_s, *leases])
+                await self.client.script(RENEW, [k for k, _ in leases], [self.cfg.lease_s, *(g for _, g in leases)])
                 self.succeeded()
             except STORE_ERRORS as e:
                 self.failed("renew", e)
@@ -237,7 +240,8 @@ class SharedLimiter(Limiter):
         gid = uuid.uuid4().hex
         key = store.key
         keys = [key(p.key_id, "conc"), key(p.key_id, "rpm"), key(p.key_id, "rph"), key(p.key_id, "tpm"),
-                key(p.key_id, "tpmv"), key(p.key_id, f"m:{self.monthly.month}"), key(p.key_id, "mres")]  # fmt: skip
+                key(p.key_id, "tpmv"), key(p.key_id, f"m:{self.monthly.month}"), key(p.key_id, "mlease"),
+                key(p.key_id, "mres")]  # fmt: skip
         args = [gid, store.cfg.lease_s, lim.max_concurrent or 0, lim.requests_per_minute or 0,
                 lim.requests_per_hour or 0, lim.tokens_per_minute or 0, reserve, lim.monthly_tokens or 0]  # fmt: skip
         try:
@@ -248,8 +252,9 @@ class SharedLimiter(Limiter):
         self._views[p.key_id] = self._view(p, float(rnow), int(rcount), float(roldest), int(tsum), float(toldest))
         if not int(ok):
             raise self._refusal(p, reserve, _text(reason), _text(detail), int(tsum))
-        if lim.max_concurrent:
-            store.leases[gid] = keys[0]
+        leased = (keys[0],) * bool(lim.max_concurrent) + (keys[6],) * bool(lim.monthly_tokens)
+        if leased:
+            store.leases[gid] = leased
         entry = reserve if lim.tokens_per_minute is not None else 0
         return SharedGrant(self, p, gid, entry, reserve if tokens else 0, tokens)
 
@@ -267,8 +272,9 @@ class SharedLimiter(Limiter):
         used_tokens = max(0, used_tokens)
         self.monthly.add(key, used_tokens)  # rolls the month; the local count only serves `local`
         mres = g.reserved if g.principal.limits.monthly_tokens else 0
-        keys = [store.key(key, "conc"), store.key(key, "tpm"), store.key(key, "tpmv"),
-                store.key(key, f"m:{self.monthly.month}"), store.key(key, "mres")]  # fmt: skip
+        month = f"m:{self.monthly.month}"
+        keys = [store.key(key, "conc"), store.key(key, "tpm"), store.key(key, "tpmv"), store.key(key, month),
+                store.key(key, "mlease"), store.key(key, "mres")]  # fmt: skip
         store.settle(keys, [g.gid, used_tokens, g.entry_tokens, mres])
 
     async def seed_month(self, month: str, totals: dict[str, int]) -> None:

@@ -9,8 +9,10 @@ in-process Limiter (limits.py) decides them, with the same windows:
   request that outlived its window adds only what it used beyond its reservation, now.
 - max_concurrent: a sorted set of leases, grant -> expiry. The llmd holding a grant pushes its
   expiry forward while the request runs; a killed llmd's leases expire on their own.
-- monthly_tokens: a counter per key and UTC month (``used``) plus the key's reserved tokens of
-  requests still running (``res``); admission refuses when used + res >= the quota.
+- monthly_tokens: a counter per key and UTC month (``used``) plus the tokens reserved by requests
+  still running, leased like concurrency slots (a sorted set grant -> expiry and a hash grant ->
+  tokens with its ``#sum``), so a killed llmd's reservations lapse too; admission refuses when
+  used + reserved >= the quota.
 
 Times are Redis's own clock (TIME), so hosts whose clocks differ still share one window.
 Keys of one API key share a hash tag ``{key id}`` (Redis Cluster keeps them on one node).
@@ -24,9 +26,9 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Drop reservations that left the minute; the tokens still in it.
-local function prune_tokens(z, h, now)
-  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - 60)
+-- Drop the entries of z scored <= cutoff (their tokens in h with them); the sum of what is left.
+local function prune_tokens(z, h, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
   if #old > 0 then
     local drop = 0
     for i = 1, #old, 500 do
@@ -36,7 +38,7 @@ local function prune_tokens(z, h, now)
       end
       redis.call('HDEL', h, unpack(part))
     end
-    redis.call('ZREMRANGEBYSCORE', z, '-inf', now - 60)
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
     redis.call('HINCRBY', h, '#sum', -drop)
   end
   return tonumber(redis.call('HGET', h, '#sum') or '0')
@@ -49,7 +51,7 @@ local function oldest(z)
 end
 """
 
-# KEYS: conc, rpm, rph, tpm, tpmv, used (this month), res
+# KEYS: conc, rpm, rph, tpm, tpmv, used (this month), mlease, mres
 # ARGV: grant id, lease_s, max_concurrent, rpm, rph, tpm, reserve, monthly (0 = no such limit)
 # Returns {admitted (1/0), reason, retry_after_s or detail, now, req_count, req_oldest, tok_sum, tok_oldest}
 ADMIT = (
@@ -62,7 +64,7 @@ local tpm, reserve, monthly = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARG
 local now = clock()
 
 local tsum = 0
-if tpm > 0 then tsum = prune_tokens(KEYS[4], KEYS[5], now) end
+if tpm > 0 then tsum = prune_tokens(KEYS[4], KEYS[5], now - 60) end
 local rcount, rkey, rwin = 0, nil, 60
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60)
@@ -111,7 +113,7 @@ if tpm > 0 then
   end
 end
 if monthly > 0 then
-  local used = tonumber(redis.call('GET', KEYS[6]) or '0') + tonumber(redis.call('GET', KEYS[7]) or '0')
+  local used = tonumber(redis.call('GET', KEYS[6]) or '0') + prune_tokens(KEYS[7], KEYS[8], now)
   if used >= monthly then return refuse('monthly_tokens', used) end
 end
 
@@ -129,15 +131,17 @@ if tpm > 0 then
   redis.call('EXPIRE', KEYS[4], 120); redis.call('EXPIRE', KEYS[5], 120)
 end
 if monthly > 0 then
-  redis.call('INCRBY', KEYS[7], reserve)
-  redis.call('EXPIRE', KEYS[7], 3456000)
+  redis.call('ZADD', KEYS[7], now + lease, gid)
+  redis.call('HSET', KEYS[8], gid, reserve)
+  redis.call('HINCRBY', KEYS[8], '#sum', reserve)
+  redis.call('EXPIRE', KEYS[7], 3456000); redis.call('EXPIRE', KEYS[8], 3456000)
 end
 local v = view()
 return {1, '', '', v[1], v[2], v[3], v[4], v[5]}
 """
 )
 
-# KEYS: conc, tpm, tpmv, used (the month it settles in), res
+# KEYS: conc, tpm, tpmv, used (the month it settles in), mlease, mres
 # ARGV: grant id, used tokens, reserved in the token window (0: none), reserved against the month (0: none)
 SETTLE = (
     _COMMON
@@ -147,7 +151,7 @@ local entry, mres = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = clock()
 redis.call('ZREM', KEYS[1], gid)
 if entry > 0 then
-  prune_tokens(KEYS[2], KEYS[3], now)
+  prune_tokens(KEYS[2], KEYS[3], now - 60)
   local cur = redis.call('HGET', KEYS[3], gid)
   if cur then
     redis.call('HSET', KEYS[3], gid, used)
@@ -160,8 +164,13 @@ if entry > 0 then
     redis.call('EXPIRE', KEYS[2], 120); redis.call('EXPIRE', KEYS[3], 120)
   end
 end
-if mres > 0 and redis.call('DECRBY', KEYS[5], mres) < 0 then
-  redis.call('SET', KEYS[5], 0)  -- Redis lost its data while the request ran (a restart)
+if mres > 0 then
+  local cur = redis.call('HGET', KEYS[6], gid)
+  if cur then  -- absent: its lease lapsed, or Redis restarted meanwhile
+    redis.call('HDEL', KEYS[6], gid)
+    redis.call('HINCRBY', KEYS[6], '#sum', -tonumber(cur))
+    redis.call('ZREM', KEYS[5], gid)
+  end
 end
 if used > 0 then
   redis.call('INCRBY', KEYS[4], used)
@@ -177,7 +186,8 @@ local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 for i, k in ipairs(KEYS) do
   redis.call('ZADD', k, 'XX', until_, ARGV[i + 1])
-  redis.call('PEXPIRE', k, math.ceil(tonumber(ARGV[1]) * 2000))
+  local ms = math.ceil(tonumber(ARGV[1]) * 2000)
+  if redis.call('PTTL', k) < ms then redis.call('PEXPIRE', k, ms) end  -- never shortens a key's life
 end
 return #KEYS
 """

@@ -223,3 +223,21 @@ async def test_a_restarted_redis_gets_the_months_totals_again(redis_server: Redi
         await settled([lim])
         refused = await try_acquire(lim, p)
         assert isinstance(refused, ApiError) and refused.code == "insufficient_quota"
+
+
+async def test_a_dead_hosts_monthly_reservations_lapse_with_its_leases(redis_server: RedisServer) -> None:
+    p = principal(monthly_tokens=1000)
+    async with hosts(redis_server, lease_s=1.0) as (a, b):
+        g = await a.acquire(p, 900)  # a request reserving 900 of the 1000 is running on a
+        small = await try_acquire(b, p, 50)
+        assert isinstance(small, Grant)  # 900 reserved < 1000: admitted
+        small.release(0)
+        await settled([b])
+        await asyncio.sleep(1.5)  # beyond lease_s: a renews its lease while the request runs
+        assert isinstance(await try_acquire(b, p, 200), Grant)  # 900 < 1000; now 1100 reserved
+        assert isinstance(await try_acquire(b, p, 1), ApiError)
+        assert a.store._renewer is not None
+        a.store._renewer.cancel()  # a dies: its 900 lapse within lease_s
+        await asyncio.sleep(1.2)
+        assert isinstance(await try_acquire(b, p, 1), Grant)
+        assert g is not None
