@@ -208,6 +208,8 @@ class RedisStore:
                 self.succeeded()
             except STORE_ERRORS as e:
                 self.failed("renew", e)
+            except Exception:  # a bug must not end the renewals: every lease would lapse
+                log.exception("limits: lease renewal failed")
 
 
 class SharedGrant(Grant):
@@ -244,10 +246,16 @@ class SharedLimiter(Limiter):
                 key(p.key_id, "mres")]  # fmt: skip
         args = [gid, store.cfg.lease_s, lim.max_concurrent or 0, lim.requests_per_minute or 0,
                 lim.requests_per_hour or 0, lim.tokens_per_minute or 0, reserve, lim.monthly_tokens or 0]  # fmt: skip
+        call = asyncio.ensure_future(store.admit(keys, args))
         try:
-            reply = await store.admit(keys, args)
+            # Shielded: a client that hangs up while Redis decides must not leave a slot taken.
+            reply = await asyncio.shield(call)
         except STORE_ERRORS as e:
             return self._store_down(p, reserve, requests, tokens, f"{type(e).__name__}: {e}")
+        except asyncio.CancelledError:
+            entry, reserved = reserve * bool(lim.tokens_per_minute), reserve * bool(lim.monthly_tokens)
+            call.add_done_callback(lambda c: self._undo(c, p, gid, entry, reserved))
+            raise
         ok, reason, detail, rnow, rcount, roldest, tsum, toldest = reply
         self._views[p.key_id] = self._view(p, float(rnow), int(rcount), float(roldest), int(tsum), float(toldest))
         if not int(ok):
@@ -257,6 +265,12 @@ class SharedLimiter(Limiter):
             store.leases[gid] = leased
         entry = reserve if lim.tokens_per_minute is not None else 0
         return SharedGrant(self, p, gid, entry, reserve if tokens else 0, tokens)
+
+    def _undo(self, call: asyncio.Future[list[Any]], p: Principal, gid: str, entry: int, reserved: int) -> None:
+        """Settle at 0 what Redis granted to a request that was cancelled meanwhile."""
+        if call.cancelled() or call.exception() is not None or not int(call.result()[0]):
+            return
+        self._release(SharedGrant(self, p, gid, entry, reserved, True), 0)
 
     def _store_down(self, p: Principal, reserve: int, requests: bool, tokens: bool, detail: str) -> Grant:
         if self.store.cfg.on_store_error == "local":

@@ -241,3 +241,19 @@ async def test_a_dead_hosts_monthly_reservations_lapse_with_its_leases(redis_ser
         await asyncio.sleep(1.2)
         assert isinstance(await try_acquire(b, p, 1), Grant)
         assert g is not None
+
+
+async def test_a_request_cancelled_while_redis_decides_leaves_nothing_taken(redis_server: RedisServer) -> None:
+    p = principal(max_concurrent=1, monthly_tokens=1000)
+    async with hosts(redis_server, n=1, lease_s=60) as (lim,):
+        for _ in range(5):
+            task = asyncio.create_task(lim.acquire(p, 900))
+            await asyncio.sleep(0)  # sent, not answered yet
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)
+            await settled([lim])
+        g = await lim.acquire(p, 900)  # neither the slot nor the 900 tokens leaked (lease_s is 60)
+        g.release(0)
+        await settled([lim])
