@@ -22,7 +22,7 @@ import aiohttp
 import asyncpg
 import yaml
 
-from tests.conftest import LlmdProc, base_config, llmd_process, write_config
+from tests.conftest import LlmdProc, base_config, llmd_process, run_llmd, write_config
 from tests.fakeproc import FAKE_LLAMA, FakeProc, free_port, start_fake
 from tests.nginxproc import render, run_nginx
 from tests.pgproc import PgServer, fresh_db
@@ -292,3 +292,39 @@ async def test_reload_keeps_the_stores_and_applies_on_store_error(
         assert await c.sigterm("a") == 0
         rows = await c.rows()
         assert len(rows) == 2 and {r["instance"] for r in rows} == {"a"}
+
+
+async def test_each_store_works_without_the_other(
+    tmp_path: Path, pg_server: PgServer, redis_server: RedisServer, fake: FakeProc, monkeypatch: Any
+) -> None:
+    """usage.store: postgres with in-process limits; limits.store: redis with the SQLite file."""
+    monkeypatch.setenv("LLMD_USAGE_DSN", dsn := fresh_db(pg_server))
+    monkeypatch.setenv("LLMD_LIMITS_URL", redis_server.url)
+    model = {"m": {"backend": "openai", "urls": [fake.url + "/v1"], "slots": 4}}
+    key = {"id": "k", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "requests_per_minute": 2}
+    body = {"model": "m", "messages": MSG, "max_tokens": 4}
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    for name, sections in (
+        ("pg", {"usage": {"store": "postgres", "instance": "pg-only"}}),
+        ("redis", {"limits": {"store": "redis", "prefix": f"t{uuid.uuid4().hex[:8]}:"}}),
+    ):
+        doc = base_config(tmp_path / name, model, keys=[key], **sections)
+        (tmp_path / name).mkdir()
+        async with run_llmd(write_config(tmp_path / name / "config.yaml", doc)) as llmd:
+            async with aiohttp.ClientSession() as s:
+                statuses = []
+                for _ in range(3):
+                    async with s.post(llmd.url + "/v1/chat/completions", json=body, headers=auth) as r:
+                        statuses.append(r.status)
+                async with s.get(llmd.url + "/readyz") as r:
+                    stores = (await r.json())["stores"]
+            assert statuses == [200, 200, 429]
+            if name == "pg":
+                assert stores["usage"]["store"] == "postgres" and stores["limits"]["store"] == "memory"
+            else:
+                assert stores["usage"]["store"] == "sqlite" and stores["limits"]["store"] == "redis"
+    db = await asyncpg.connect(dsn)
+    try:
+        assert await db.fetchval("SELECT count(*) FROM requests WHERE instance = 'pg-only'") == 3
+    finally:
+        await db.close()
