@@ -103,11 +103,17 @@ end
 if tpm > 0 then
   if reserve > tpm then return refuse('tokens_too_large', 60) end
   if tsum + reserve > tpm then
-    local excess, reset = tsum + reserve - tpm, 60
-    local entries = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
-    for i = 1, #entries, 2 do
-      excess = excess - tonumber(redis.call('HGET', KEYS[5], entries[i]) or '0')
-      if excess <= 0 then reset = tonumber(entries[i + 1]) + 60 - now; break end
+    -- When will enough of the window have left? Oldest first, a page at a time (a busy key's
+    -- window may hold many entries; usually the first few suffice).
+    local excess, reset, from = tsum + reserve - tpm, 60, 0
+    while excess > 0 do
+      local entries = redis.call('ZRANGE', KEYS[4], from, from + 99, 'WITHSCORES')
+      if #entries == 0 then break end
+      for i = 1, #entries, 2 do
+        excess = excess - tonumber(redis.call('HGET', KEYS[5], entries[i]) or '0')
+        if excess <= 0 then reset = tonumber(entries[i + 1]) + 60 - now; break end
+      end
+      from = from + 100
     end
     return refuse('tokens_per_minute', reset)
   end
