@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from urllib.parse import urlsplit
 
 from .config import Config, LauncherConfig
 from .launchers import validate as validate_launch
@@ -207,12 +208,20 @@ def _check_stores(cfg: Config, errors: list[str]) -> None:
     """The shared stores' secrets come from the environment: a missing one is a config error
     here, not a crash at start. (``llmd check`` also connects to them: cli.py.)"""
     u, lim = cfg.usage, cfg.limits
+    if u.dsn and urlsplit(u.dsn).password:
+        errors.append(
+            "usage.dsn: holds a password; put it in PGPASSWORD (or the whole DSN in usage.dsn_env's variable)"
+        )
     if u.store == "postgres":
-        dsn = os.environ.get(u.dsn_env, "")
+        dsn, where = (
+            (os.environ.get(u.dsn_env, ""), f"usage.dsn_env: {u.dsn_env}")
+            if os.environ.get(u.dsn_env)
+            else (u.dsn, "usage.dsn")
+        )
         if not dsn:
-            errors.append(f"usage.dsn_env: environment variable {u.dsn_env} is not set or empty (store: postgres)")
+            errors.append(f"usage.dsn: empty, and environment variable {u.dsn_env} (usage.dsn_env) is not set either")
         elif not dsn.startswith(("postgres://", "postgresql://")):
-            errors.append(f"usage.dsn_env: {u.dsn_env} must hold a postgresql:// URL")
+            errors.append(f"{where} must be a postgresql:// URL")
         if not u.enabled:
             errors.append("usage.store: postgres needs usage.enabled: true")
     if lim.store == "redis":

@@ -47,9 +47,10 @@ class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     flush_ms: PositiveInt = 50
     max_pending_rows: PositiveInt = 100_000  # kept in memory while the disk fails; beyond: dropped, counted
     # sqlite: the file at ``path`` (one host). postgres: one database shared by several hosts
-    # (pgledger.py); its DSN, which holds a password, is read from the environment variable
-    # named by ``dsn_env``, never from this file.
+    # (pgledger.py), named by ``dsn`` without its password (then from PGPASSWORD or ~/.pgpass,
+    # libpq's rules) or, whole, by the environment variable ``dsn_env`` (wins when set).
     store: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str = ""
     dsn_env: str = "LLMD_USAGE_DSN"
     # What the ``instance`` column of this host's rows says; "" = the host name.
     instance: str = ""

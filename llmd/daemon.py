@@ -169,6 +169,7 @@ RESTART_ONLY = (
     ("usage.enabled", lambda c: c.usage.enabled),
     ("usage.path", lambda c: c.usage.path),
     ("usage.store", lambda c: c.usage.store),
+    ("usage.dsn", lambda c: c.usage.dsn),
     ("usage.dsn_env", lambda c: c.usage.dsn_env),
     ("usage.instance", lambda c: c.usage.instance),
     ("limits.store", lambda c: c.limits.store),

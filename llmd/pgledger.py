@@ -39,9 +39,9 @@ IMPORT_BATCH = 5_000  # rows per executemany of `usage migrate`
 
 
 def dsn_from_env(cfg: UsageConfig) -> str:
-    dsn = os.environ.get(cfg.dsn_env, "")
+    dsn = os.environ.get(cfg.dsn_env, "") or cfg.dsn
     if not dsn:
-        raise LedgerError(f"usage.store is postgres but {cfg.dsn_env} (usage.dsn_env) is empty")
+        raise LedgerError(f"usage.store is postgres but neither usage.dsn nor {cfg.dsn_env} (usage.dsn_env) is set")
     return dsn
 
 

@@ -158,7 +158,16 @@ def test_check_probes_the_stores(pg_server: PgServer, tmp_path: Path) -> None:
     bad = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": dead})
     assert bad.returncode == 1 and "usage store: UNREACHABLE" in bad.stderr
     unset = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": ""})
-    assert unset.returncode == 1 and "usage.dsn_env: environment variable LLMD_USAGE_DSN is not set" in unset.stderr
+    assert unset.returncode == 1 and "usage.dsn: empty, and environment variable LLMD_USAGE_DSN" in unset.stderr
+    # The DSN in the file, its password (none here: trust) from PGPASSWORD, as libpq has it.
+    in_file = pg_config(tmp_path, {"usage": {"store": "postgres", "dsn": dsn, "path": "x.sqlite3"}})
+    ok = llmd_cli("check", "-c", str(in_file), env={"LLMD_USAGE_DSN": "", "PGPASSWORD": "unused"})
+    assert ok.returncode == 0 and "usage store: ok" in ok.stdout, ok.stderr
+    secret = dsn.replace("postgres@", "postgres:hunter2@")
+    leaky = pg_config(tmp_path, {"usage": {"store": "postgres", "dsn": secret, "path": "x.sqlite3"}})
+    refused = llmd_cli("check", "-c", str(leaky), env={"LLMD_USAGE_DSN": ""})
+    assert refused.returncode == 1 and "usage.dsn: holds a password" in refused.stderr
+    assert "hunter2" not in refused.stderr
 
 
 async def test_a_database_away_at_start_does_not_stop_the_ledger(
