@@ -126,6 +126,13 @@ def main() -> int:
                         if name == SHARED:
                             store_ms.append(1000 * (store_cpu(pg, redis) - s0) / max(1, run.requests))
             report(results, sorted(store_ms)[len(store_ms) // 2], args)
+            for name in hops:  # what the errors were, if any (llmd's log: status and message)
+                if any(results[name, c].errors for c in args.conns):
+                    log = (tmp / ("shared" if name == SHARED else "local") / "llmd.log").read_text()
+                    lines = log.splitlines()
+                    bad = [line for line in lines if '"status":' in line and '"status":200' not in line]
+                    store = [line for line in lines if "limits:" in line or "usage ledger" in line]
+                    print(f"{name}: {len(bad)} non-200 answers in its log, e.g.:", *bad[:3], *store[:5], sep="\n  ")
     finally:
         procs.stop_all()
         pg.close()

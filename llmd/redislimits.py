@@ -39,7 +39,9 @@ from .resp import RespClient, StoreError
 
 log = logging.getLogger("llmd.limits")
 
-RETRY_AFTER_S = 1.0  # after a failure, requests do not wait on Redis again for this long
+# After a failure, requests do not wait on Redis again for this long. Short: a refused connection
+# costs nothing to retry, and one slow reply should not refuse (fail_closed) for long.
+RETRY_AFTER_S = 0.25
 MAX_PENDING_SETTLES = 100_000  # settles kept while Redis is away; beyond: the oldest are dropped
 LOG_EVERY_S = 30.0
 STORE_ERRORS = (StoreError, OSError, TimeoutError)
