@@ -35,7 +35,7 @@ from .errors import ApiError, RateLimited, limits_unavailable, quota_exhausted
 from .limits import HOUR, MINUTE, Grant, KeyState, Limiter, MonthlyCounter, _counted, _duration
 from .months import seconds_to_next_month
 from .redisscripts import ADMIT, RENEW, SEED, SETTLE
-from .resp import RespClient, StoreError
+from .resp import ReplyError, RespClient, StoreError
 
 log = logging.getLogger("llmd.limits")
 
@@ -111,10 +111,14 @@ class RedisStore:
 
     def failed(self, op: str, e: BaseException) -> None:
         self.errors += 1
-        self._failed_at = time.monotonic()
-        was, self.healthy = self.healthy, False
         if self.on_error is not None:
             self.on_error(op)
+        if isinstance(e, ReplyError):
+            # Redis answered: it is reachable, so no request should stop asking it. A bug.
+            log.error("limits: redis %s refused %s: %s", self.where, op, e)
+            return
+        self._failed_at = time.monotonic()
+        was, self.healthy = self.healthy, False
         if was or time.monotonic() - self._logged_at >= LOG_EVERY_S:
             self._logged_at = time.monotonic()
             log.warning("limits: redis %s unreachable (%s: %s: %s); on_store_error=%s; %d store errors since start",
@@ -150,6 +154,8 @@ class RedisStore:
                 return
             except STORE_ERRORS as e:
                 self.failed("settle", e)
+                if isinstance(e, ReplyError):
+                    return  # it would fail again; its lease and reservations lapse on their own
         self.pending.append((keys, args))
         if len(self.pending) > MAX_PENDING_SETTLES:
             self.pending.popleft()
@@ -160,6 +166,8 @@ class RedisStore:
             keys, args = self.pending[0]
             try:
                 await self.client.script(SETTLE, keys, args)
+            except ReplyError as e:
+                self.failed("settle", e)  # dropped, as above
             except STORE_ERRORS as e:
                 self.failed("settle", e)
                 return

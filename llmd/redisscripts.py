@@ -20,7 +20,13 @@ Keys of one API key share a hash tag ``{key id}`` (Redis Cluster keeps them on o
 
 from __future__ import annotations
 
+# Lua's unary minus of 0 is -0, which Redis sends as "-0" and HINCRBY refuses ("not an
+# integer"): every decrement goes through decr(), which skips a zero.
 _COMMON = """
+local function decr(h, field, n)
+  if n ~= 0 then redis.call('HINCRBY', h, field, 0 - n) end
+end
+
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -39,7 +45,7 @@ local function prune_tokens(z, h, cutoff)
       redis.call('HDEL', h, unpack(part))
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
-    redis.call('HINCRBY', h, '#sum', -drop)
+    decr(h, '#sum', drop)
   end
   return tonumber(redis.call('HGET', h, '#sum') or '0')
 end
@@ -161,7 +167,7 @@ if entry > 0 then
   local cur = redis.call('HGET', KEYS[3], gid)
   if cur then
     redis.call('HSET', KEYS[3], gid, used)
-    redis.call('HINCRBY', KEYS[3], '#sum', used - tonumber(cur))
+    if used ~= tonumber(cur) then redis.call('HINCRBY', KEYS[3], '#sum', used - tonumber(cur)) end
   elseif used > entry then
     -- It outlived its window: the tokens beyond its reservation count now.
     redis.call('ZADD', KEYS[2], now, gid .. ':x')
@@ -174,7 +180,7 @@ if mres > 0 then
   local cur = redis.call('HGET', KEYS[6], gid)
   if cur then  -- absent: its lease lapsed, or Redis restarted meanwhile
     redis.call('HDEL', KEYS[6], gid)
-    redis.call('HINCRBY', KEYS[6], '#sum', -tonumber(cur))
+    decr(KEYS[6], '#sum', tonumber(cur))
     redis.call('ZREM', KEYS[5], gid)
   end
 end

@@ -29,6 +29,10 @@ class StoreError(ConnectionError):
     """Redis cannot be reached or did not answer in time, or refused a command."""
 
 
+class ReplyError(StoreError):
+    """Redis answered with an error (a script's bug, a wrong type): it is reachable."""
+
+
 def pack(args: tuple[Any, ...]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
@@ -55,7 +59,7 @@ class _Conn(asyncio.Protocol):
             if fut.done():
                 continue  # its caller gave up (cancelled)
             if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(StoreError(str(reply)))
+                fut.set_exception(ReplyError(str(reply)))
             else:
                 fut.set_result(reply)
 
@@ -145,7 +149,7 @@ class RespClient:
         sha = self._shas.get(source) or self._shas.setdefault(source, hashlib.sha1(source.encode()).hexdigest())
         try:
             return await self.call("EVALSHA", sha, len(keys), *keys, *args)
-        except StoreError as e:
+        except ReplyError as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
         await self.call("SCRIPT", "LOAD", source)

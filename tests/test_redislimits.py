@@ -260,3 +260,23 @@ async def test_a_request_cancelled_while_redis_decides_leaves_nothing_taken(redi
         g = await lim.acquire(p, 900)  # neither the slot nor the 900 tokens leaked (lease_s is 60)
         g.release(0)
         await settled([lim])
+
+
+async def test_zero_token_settles_and_their_window_exit(redis_server: RedisServer) -> None:
+    """Requests that used 0 tokens (refused upstream, aborted) settle, and leave the window,
+    without a script error (Lua's -0 is no integer to Redis)."""
+    p = principal(tokens_per_minute=1000, monthly_tokens=10_000)
+    async with hosts(redis_server, n=1) as (lim,):
+        errors: list[str] = []
+        lim.store.on_error = errors.append
+        for _ in range(3):
+            (await lim.acquire(p, 100)).release(0)
+        await settled([lim])
+        # Make the entries old enough to leave the window: move their scores back a minute.
+        tpm = lim.store.key("k", "tpm")
+        for member in await lim.store.client.call("ZRANGE", tpm, 0, -1):
+            await lim.store.client.call("ZINCRBY", tpm, -61, member)
+        g = await lim.acquire(p, 1000)  # prunes three zero entries: the window is empty again
+        g.release(0)
+        await settled([lim])
+        assert errors == [] and lim.store.healthy
