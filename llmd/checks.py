@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from urllib.parse import urlsplit
 
 from .budget import EstimateError, capacity, fmt, parse_size, replica_needs
 from .config import Config, LauncherConfig, MemoryBudgetConfig
@@ -45,6 +46,7 @@ def check(cfg: Config) -> list[str]:
     _check_launchers(cfg, errors)
     _check_tools(cfg, errors)
     _check_rag(cfg, errors)
+    _check_stores(cfg, errors)
     errors.extend(validate_launch(cfg))
     return errors
 
@@ -320,3 +322,32 @@ def _check_rag(cfg: Config, errors: list[str]) -> None:
         for i, k in enumerate(c.keys):
             if k not in key_ids:
                 errors.append(f"{p}.keys[{i}]: unknown key id {k!r}")
+
+
+def _check_stores(cfg: Config, errors: list[str]) -> None:
+    """The shared stores' secrets come from the environment: a missing one is a config error
+    here, not a crash at start. (``llmd check`` also connects to them: cli.py.)"""
+    u, lim = cfg.usage, cfg.limits
+    if u.dsn and urlsplit(u.dsn).password:
+        errors.append(
+            "usage.dsn: holds a password; put it in PGPASSWORD (or the whole DSN in usage.dsn_env's variable)"
+        )
+    if u.store == "postgres":
+        dsn, where = (
+            (os.environ.get(u.dsn_env, ""), f"usage.dsn_env: {u.dsn_env}")
+            if os.environ.get(u.dsn_env)
+            else (u.dsn, "usage.dsn")
+        )
+        if not dsn:
+            errors.append(f"usage.dsn: empty, and environment variable {u.dsn_env} (usage.dsn_env) is not set either")
+        elif not dsn.startswith(("postgres://", "postgresql://")):
+            errors.append(f"{where} must be a postgresql:// URL")
+        if not u.enabled:
+            errors.append("usage.store: postgres needs usage.enabled: true")
+    if lim.store == "redis":
+        url = os.environ.get(lim.url_env, "")
+        if not url:
+            errors.append(f"limits.url_env: environment variable {lim.url_env} is not set or empty (store: redis)")
+        elif not url.startswith(("redis://", "unix://")):
+            # No TLS (rediss://): reach a remote Redis over a private network or a tunnel.
+            errors.append(f"limits.url_env: {lim.url_env} must hold a redis:// or unix:// URL")

@@ -43,6 +43,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{cfg.source}: ok: {len(cfg.models)} model(s), {replicas} replica(s), {len(cfg.tiers)} tier(s), "
         f"{auth}{rag}, listening on {cfg.server.host}:{cfg.server.port}"
     )
+    if cfg.limits.store == "redis" or (cfg.usage.enabled and cfg.usage.store == "postgres"):
+        import asyncio
+
+        from .fleet import probe
+
+        failed = 0
+        for store, ok, what in asyncio.run(probe(cfg)):
+            print(f"{store} store: {'ok' if ok else 'UNREACHABLE'}: {what}", file=sys.stdout if ok else sys.stderr)
+            failed += not ok
+        if failed:
+            return 1
     return 0
 
 
@@ -70,17 +81,46 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from .schema import LedgerError
 
     path = args.db
-    if path is None:
+    if args.action == "migrate" or path is None:
         try:
-            path = configfile.load(args.config).usage.path
+            cfg = configfile.load(args.config)
         except config_mod.ConfigError as e:
             print(e, file=sys.stderr)
             return 1
+        if cfg.usage.store == "postgres":
+            return _usage_postgres(args, cfg)
+        if args.action == "migrate":
+            print("llmd usage migrate: usage.store of the config is not postgres", file=sys.stderr)
+            return 1
+        path = cfg.usage.path
     if not os.path.exists(path):
         print(f"no usage database at {path}", file=sys.stderr)
         return 1
     try:
         rows = report_file(path, month=args.month, key=args.key, model=args.model)
+    except (ValueError, LedgerError) as e:
+        print(f"llmd usage: {e}", file=sys.stderr)
+        return 1
+    print(format_report(rows, args.format))
+    return 0
+
+
+def _usage_postgres(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    import socket
+
+    from . import fleet
+    from .report import format_report
+    from .schema import LedgerError
+
+    try:
+        if args.action == "migrate":
+            if not args.source or args.source[0] != "sqlite":
+                print("llmd usage migrate: --from sqlite FILE is required", file=sys.stderr)
+                return 2
+            n = fleet.migrate_from_sqlite(cfg, args.source[1], args.instance or socket.gethostname())
+            print(f"copied {n} rows from {args.source[1]} into the PostgreSQL ledger")
+            return 0
+        rows = fleet.report(cfg, month=args.month, key=args.key, model=args.model)
     except (ValueError, LedgerError) as e:
         print(f"llmd usage: {e}", file=sys.stderr)
         return 1
@@ -196,9 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     pn.add_argument("--tier")
     pn.set_defaults(func=cmd_keys_new)
 
-    p = sub.add_parser("usage", help="token usage per key and model, from the SQLite ledger")
+    p = sub.add_parser("usage", help="token usage per key and model, from the ledger (SQLite or PostgreSQL)")
     _config_arg(p)
-    p.add_argument("--db", help="usage database (default: usage.path of the config)")
+    p.add_argument(
+        "action", nargs="?", choices=("report", "migrate"), default="report",
+        help="migrate: copy a SQLite ledger's rows into the PostgreSQL one (--from sqlite FILE)",
+    )  # fmt: skip
+    p.add_argument("--from", dest="source", nargs=2, metavar=("KIND", "FILE"), help="migrate: sqlite FILE")
+    p.add_argument("--instance", help="migrate: the instance of rows that name none (default: this host)")
+    p.add_argument("--db", help="SQLite usage database (default: usage.path of the config)")
     p.add_argument("--month", help="YYYY-MM (default: all months)")
     p.add_argument("--key")
     p.add_argument("--model")

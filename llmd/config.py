@@ -62,6 +62,29 @@ class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     path: str = "/var/lib/llm-api/usage.sqlite3"
     flush_ms: PositiveInt = 50
     max_pending_rows: PositiveInt = 100_000  # kept in memory while the disk fails; beyond: dropped, counted
+    # sqlite: the file at ``path`` (one host). postgres: one database shared by several hosts
+    # (pgledger.py), named by ``dsn`` without its password (then from PGPASSWORD or ~/.pgpass,
+    # libpq's rules) or, whole, by the environment variable ``dsn_env`` (wins when set).
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str = ""
+    dsn_env: str = "LLMD_USAGE_DSN"
+    # What the ``instance`` column of this host's rows says; "" = the host name.
+    instance: str = ""
+
+
+class LimitsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
+    """Where per-key limit state lives (limits.py; redislimits.py for redis)."""
+
+    # memory: in this process (one host). redis: shared by every llmd that names the same Redis
+    # (or Valkey), so N hosts hold one key to its limits together.
+    store: Literal["memory", "redis"] = "memory"
+    url_env: str = "LLMD_LIMITS_URL"  # the variable holding the redis:// URL (it may carry a password)
+    prefix: str = "llmd:"  # of every Redis key llmd writes, so one Redis can serve several clusters
+    # Redis unreachable: fail_closed answers 503 (no request goes unlimited); local falls back to
+    # this process's own limits until Redis answers again (each host then allows the full limit).
+    on_store_error: Literal["fail_closed", "local"] = "fail_closed"
+    lease_s: Annotated[float, Meta(ge=1, le=600)] = 15.0  # a killed llmd's concurrency slots free within this
+    timeout_ms: PositiveInt = 1000  # a connect or round trip beyond this counts as the store failing
 
 
 class LimitFields(_Section, kw_only=True, forbid_unknown_fields=True):
@@ -286,6 +309,7 @@ class Config(_Section, kw_only=True, forbid_unknown_fields=True):
     models: dict[str, ModelConfig] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
     keys: list[KeyConfig] = field(default_factory=list)
     launchers: LaunchersConfig = field(default_factory=LaunchersConfig)

@@ -168,6 +168,14 @@ RESTART_ONLY = (
     ("server.metrics", lambda c: c.server.metrics),
     ("usage.enabled", lambda c: c.usage.enabled),
     ("usage.path", lambda c: c.usage.path),
+    ("usage.store", lambda c: c.usage.store),
+    ("usage.dsn", lambda c: c.usage.dsn),
+    ("usage.dsn_env", lambda c: c.usage.dsn_env),
+    ("usage.instance", lambda c: c.usage.instance),
+    ("limits.store", lambda c: c.limits.store),
+    ("limits.url_env", lambda c: c.limits.url_env),
+    ("limits.prefix", lambda c: c.limits.prefix),
+    ("limits.timeout_ms", lambda c: c.limits.timeout_ms),
 )
 
 

@@ -170,6 +170,17 @@ def ledger_unavailable(detail: str) -> ApiError:
     return ApiError(503, f"The usage ledger cannot be read: {detail}", type="server_error")
 
 
+def limits_unavailable(detail: str) -> ApiError:
+    """limits.store: redis is unreachable and on_store_error is fail_closed."""
+    return ApiError(
+        503,
+        f"Rate limits cannot be checked right now (the limit store is unreachable: {detail}). Retry shortly.",
+        type="server_error",
+        code="limits_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def upstream_unreachable(detail: str) -> ApiError:
     return ApiError(
         502,

@@ -216,6 +216,15 @@ class Limiter:
             self.monthly.reserved[p.key_id] = self.monthly.reserved.get(p.key_id, 0) + reserve
         return Grant(self, p, entry, reserve if tokens else 0, tokens)
 
+    async def acquire(self, p: Principal, reserve: int, *, requests: bool = True, tokens: bool = True) -> Grant:
+        """``admit`` as the pipeline calls it: a shared store (redislimits.py) answers over the
+        network; in process this is admit itself, with no await before it decides."""
+        return self.admit(p, reserve, requests=requests, tokens=tokens)
+
+    async def seed_month(self, month: str, totals: dict[str, int]) -> None:
+        """Monthly totals of the ledger at start (the rollup plus rows not yet written)."""
+        self.monthly.load(month, totals)
+
     def _release(self, g: Grant, used_tokens: int, now: float | None = None) -> None:
         key = g.principal.key_id
         s = self.state(key)

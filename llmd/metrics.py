@@ -125,6 +125,15 @@ class Metrics:
             "llmd_usage_dropped_rows", "Usage rows dropped because the ledger could not write", registry=r
         )
         self._dropped_seen = 0
+        self.limit_store_errors = Counter(
+            "llmd_limit_store_errors",
+            "Failed round trips to the shared limit store (Redis), by operation",
+            ["op"],
+            registry=r,
+        )
+        self.store_healthy = Gauge(
+            "llmd_store_healthy", "1 while a store answers (usage: the ledger; limits: Redis)", ["store"], registry=r
+        )
         self.reloads = Counter("llmd_config_reloads", "Config reloads", ["result"], registry=r)
         self.overhead = _FastHistogram(
             "llmd_overhead_seconds",
@@ -278,6 +287,10 @@ class Metrics:
         if total_dropped > self._dropped_seen:
             self.usage_dropped.inc(total_dropped - self._dropped_seen)
             self._dropped_seen = total_dropped
+
+    def observe_limit_store_error(self, op: str) -> None:
+        if self.enabled:
+            self.limit_store_errors.labels(op).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -66,7 +66,7 @@ async def serve(
     call: Call, rt: Runtime, services: Services, hit: Entry | None, tool_plan: Plan | None
 ) -> web.StreamResponse:
     """Steps 4-7: limits, then the cache's answer, the tool loop's rounds or the pool's replica."""
-    admit(call, rt, services, hit)  # 4
+    await admit(call, rt, services, hit)  # 4
     if hit is not None:  # the completion cache answers: no slot, no replica
         resp = await services.cache.answer(call, hit)
         call.status = resp.status
@@ -162,7 +162,7 @@ async def decode(call: Call, rt: Runtime) -> None:
     call.upstream_headers = headers
 
 
-def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None) -> None:
+async def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None) -> None:
     """Per-key windows, concurrency and quota: a Grant, or a 429 with the limit headers. A
     cache hit's tokens are known, and count as the tier says (cache_hit_requests/_tokens)."""
     p, env = call.principal, call.env
@@ -172,14 +172,17 @@ def admit(call: Call, rt: Runtime, services: Services, hit: Entry | None = None)
     try:
         if hit is None:
             reserve = limiter.reserve_for(p, env.prompt_estimate(), env.completion_cap(), env.n or env.n_cmpl or 1)
-            call.grant = limiter.admit(p, reserve)
+            call.grant = await limiter.acquire(p, reserve)
         else:
             lim = p.limits
-            call.grant = limiter.admit(
+            call.grant = await limiter.acquire(
                 p, hit.tokens, requests=bool(lim.cache_hit_requests), tokens=bool(lim.cache_hit_tokens)
             )
     except ApiError as e:
-        services.metrics.observe_rate_limited(p.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens")
+        if e.status == 429:  # not a 503 limits_unavailable: the store failed, not the key
+            services.metrics.observe_rate_limited(
+                p.key_id, e.reason if isinstance(e, RateLimited) else "monthly_tokens"
+            )
         e.headers.update(limiter.headers(p))
         raise
     call.response_headers = limiter.headers(p)
@@ -189,7 +192,7 @@ async def serve_round(call: Call, rt: Runtime, services: Services) -> web.Stream
     """A tool loop's next model call (toolloop.py), as a request of its own: limits, a slot on
     a replica, the relay, and its own settle (ledger row, limits, metrics)."""
     with settled(call, services):
-        admit(call, rt, services)
+        await admit(call, rt, services)
         resp = await pool_of(call, rt).serve(call, services.relay)
         call.status = resp.status
         return resp

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from .auth import KeyTable
@@ -31,7 +32,9 @@ from .limits import Limiter
 from .loader import Loader
 from .log import AccessLog
 from .metrics import Metrics
+from .pgledger import PgLedger
 from .pool import Pool
+from .redislimits import RedisStore, SharedLimiter
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .stores import Stores
@@ -53,18 +56,21 @@ class Runtime:
         metrics: Metrics,
         previous: Runtime | None = None,
         demand: Callable[[str], float] | None = None,
+        store: RedisStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.keys = KeyTable(cfg)
         self.model_names = cfg.model_names()
         self.toolbox = Toolbox(cfg)
+        states, monthly = None, None
         if previous is not None:
             # Limit state survives a reload for every key id that still exists.
             keep = set(self.keys.ids) | {"anonymous"}
             states = {k: v for k, v in previous.limiter.states.items() if k in keep}
-            self.limiter = Limiter(states, previous.limiter.monthly)
-        else:
-            self.limiter = Limiter()
+            monthly = previous.limiter.monthly
+        # With a shared store the state that matters is in Redis; the local state then serves
+        # only on_store_error: local.
+        self.limiter = SharedLimiter(store, states, monthly) if store is not None else Limiter(states, monthly)
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.server.trusted_proxies]
         self.cors_origins = frozenset(cfg.server.cors_origins)
         self.upstream_keys = {
@@ -98,7 +104,9 @@ class Services:
 
     def __init__(self, cfg: Config) -> None:
         self.metrics = Metrics(enabled=cfg.server.metrics)
-        self.ledger: Ledger | NullLedger = Ledger(cfg.usage) if cfg.usage.enabled else NullLedger(cfg.usage)
+        self.ledger: Ledger = make_ledger(cfg)
+        # limits.store and usage.store are read once: a reload keeps the stores it started with.
+        self.limit_store = RedisStore(cfg.limits) if cfg.limits.store == "redis" else None
         self.access = AccessLog()
         self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
         self.vectors = Stores()  # retrieval's stores (rag.py), opened at first use
@@ -129,16 +137,25 @@ class Services:
         self.relay = Relay(self.upstreams, cfg.routing.timeouts)
         self.supervisor = Supervisor(cfg, self.session, on_change=self._on_replica_change)
         self.loader = Loader(cfg, self.supervisor, self.metrics)
-        self.runtime = Runtime(cfg, self.supervisor, self.metrics, demand=self.loader.want)
+        self.runtime = Runtime(cfg, self.supervisor, self.metrics, demand=self.loader.want, store=self.limit_store)
         self.loader.bind(lambda name: p.admission if (p := self.runtime.pools.get(name)) is not None else None)
         self.metrics.set_names(cfg.models, self.runtime.keys.ids)
         await self.ledger.open()
         await self.cache.open()
+        if self.limit_store is not None:
+            self.limit_store.on_error = self.metrics.observe_limit_store_error
+            self.limit_store.month_totals = self._month_totals
+            await self.limit_store.open()
         month = current_month()
-        self.runtime.limiter.monthly.load(month, await self.ledger.month_totals(month))
+        # From the ledger (PostgreSQL: every host's rows) into the limiter (Redis: never lowered).
+        await self.runtime.limiter.seed_month(month, await self.ledger.month_totals(month))
         self.runtime.activate()
         await self.supervisor.start()
         self.loader.start()
+
+    async def _month_totals(self) -> tuple[str, dict[str, int]]:
+        month = current_month()
+        return month, await self.ledger.month_totals(month)
 
     @property
     def pools(self) -> dict[str, Pool]:
@@ -167,8 +184,14 @@ class Services:
     async def reload(self, cfg: Config) -> None:
         """Build aside, reconcile replicas, swap. Any exception before the swap leaves the old
         Runtime serving as it was."""
-        new = Runtime(cfg, self.supervisor, self.metrics, previous=self.runtime, demand=self.loader.want)
+        new = Runtime(
+            cfg, self.supervisor, self.metrics, previous=self.runtime, demand=self.loader.want, store=self.limit_store
+        )
         plan = self.loader.plan(cfg)
+        if self.limit_store is not None:
+            self.limit_store.cfg = msgspec.structs.replace(
+                cfg.limits, prefix=self.limit_store.cfg.prefix, url_env=self.limit_store.cfg.url_env
+            )
         await self.supervisor.reconcile(cfg)
         self.loader.configure(cfg, plan)
         self.runtime = new  # the swap: requests from here on see the new config
@@ -194,7 +217,33 @@ class Services:
             }
         if self.draining:
             ready = False
-        return ready, {"ready": ready, "draining": self.draining, "models": models}
+        stores = self.stores()
+        limits = stores["limits"]
+        if not limits["healthy"] and limits.get("on_store_error") == "fail_closed":
+            ready = False  # every request would be refused: a balancer should look elsewhere
+        return ready, {"ready": ready, "draining": self.draining, "models": models, "stores": stores}
+
+    def stores(self) -> dict[str, dict[str, Any]]:
+        """Where usage and limits live and whether they answer (/readyz, /admin/status)."""
+        lg = self.ledger
+        usage: dict[str, Any] = {
+            "store": lg.store if self._cfg.usage.enabled else "off",
+            "healthy": lg.healthy,
+            "pending_rows": lg.pending_rows,
+            "dropped_rows": lg.dropped_rows,
+        }
+        st = self.limit_store
+        if st is None:
+            return {"usage": usage, "limits": {"store": "memory", "healthy": True}}
+        limits = {
+            "store": "redis",
+            "healthy": st.healthy,
+            "on_store_error": st.cfg.on_store_error,
+            "errors": st.errors,
+            "pending_settles": len(st.pending),
+            "leases": len(st.leases),
+        }
+        return {"usage": usage, "limits": limits}
 
     def status(self) -> dict[str, object]:
         return {
@@ -203,6 +252,7 @@ class Services:
             "models": self.loader.status(),
             "memory_budget": self.loader.budget(),
             "usage": {"pending_rows": self.ledger.pending_rows, "dropped_rows": self.ledger.dropped_rows},
+            "stores": self.stores(),
             "config": self.runtime.cfg.source,
         }
 
@@ -210,6 +260,9 @@ class Services:
         m = self.metrics
         m.usage_pending.set(self.ledger.pending_rows)
         m.observe_dropped(self.ledger.dropped_rows)
+        if m.enabled:
+            m.store_healthy.labels("usage").set(int(self.ledger.healthy))
+            m.store_healthy.labels("limits").set(int(self.limit_store is None or self.limit_store.healthy))
         self.cache.observe()
         for name, pool in self.pools.items():
             m.observe_queue(name, pool.admission.depth)
@@ -231,6 +284,12 @@ class Services:
         await self.loader.stop()
         await self.supervisor.stop(deadline)
         await self._bounded(self.ledger.close(), max(deadline, loop.time() + 1.0), "close")
+        if self.limit_store is not None:
+            try:
+                async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
+                    await self.limit_store.close()
+            except TimeoutError:
+                log.error("limits: settles still unsent to redis at the shutdown deadline")
         try:
             async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
                 await self.cache.close()
@@ -248,3 +307,12 @@ class Services:
                 await step
         except TimeoutError:
             log.error("usage ledger: %s did not finish before the shutdown deadline; rows may be lost", what)
+
+
+def make_ledger(cfg: Config) -> Ledger:
+    """The ledger ``usage`` names: SQLite (one host), PostgreSQL (several), or none."""
+    if not cfg.usage.enabled:
+        return NullLedger(cfg.usage)
+    if cfg.usage.store == "postgres":
+        return PgLedger(cfg.usage)
+    return Ledger(cfg.usage)

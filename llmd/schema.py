@@ -46,6 +46,7 @@ class UsageRow(msgspec.Struct, kw_only=True):
     cache: str = ""  # the completion cache: hit | miss | bypass; "" when the model has no cache
     upstream_tokens: int | None = None  # tokens a replica worked on (0 for a cache hit); None: prompt + completion
     quota_exempt_tokens: int = 0  # of prompt + completion, not counted against monthly_tokens (cache hits by default)
+    instance: str = ""  # the llmd that served it (usage.instance); the ledger fills it in when empty
 
 
 class LedgerError(Exception):
@@ -107,6 +108,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE monthly ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE monthly ADD COLUMN quota_exempt_tokens INTEGER NOT NULL DEFAULT 0",
     ),
+    # 3: several hosts share one ledger (PostgreSQL, pgschema.py): each row says which llmd
+    # served it. SQLite keeps the same schema so `llmd usage migrate` copies rows as they are.
+    ("ALTER TABLE requests ADD COLUMN instance TEXT NOT NULL DEFAULT ''",),
 )
 
 REQUEST_COLUMNS = (
@@ -131,6 +135,7 @@ REQUEST_COLUMNS = (
     "cache",
     "upstream_tokens",
     "quota_exempt_tokens",
+    "instance",
 )
 INSERT_REQUEST_SQL = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})"
@@ -181,6 +186,7 @@ def row_params(row: UsageRow) -> tuple[Any, ...]:
         str(row.cache),
         int(row.prompt_tokens + row.completion_tokens if row.upstream_tokens is None else row.upstream_tokens),
         int(row.quota_exempt_tokens),
+        str(row.instance),
     )
 
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections import deque
@@ -90,6 +91,8 @@ class Ledger:
 
     def __init__(self, cfg: UsageConfig, *, tick_max_rows: int = TICK_MAX_ROWS) -> None:
         self.path = cfg.path
+        self.instance = cfg.instance or socket.gethostname()
+        self.store = "sqlite"
         self.interval_s = cfg.flush_ms / 1000
         self.max_pending_rows = cfg.max_pending_rows
         self.tick_max_rows = tick_max_rows
@@ -186,6 +189,8 @@ class Ledger:
         if self._closed:
             self._note_drop(1, "recorded after the ledger was closed")
             return
+        if not row.instance:
+            row.instance = self.instance
         if len(self._queue) >= self.max_pending_rows:
             self._queue.popleft()
             self._note_drop(1, f"more than usage.max_pending_rows={self.max_pending_rows} waiting")
@@ -247,11 +252,7 @@ class Ledger:
             self._in_flight = len(rows)
             t0 = time.perf_counter()
             try:
-                db = await self._connection()
-                await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(INSERT_REQUEST_SQL, params)
-                await db.executemany(UPSERT_MONTHLY_SQL, rollup(params))
-                await db.execute("COMMIT")
+                await self._commit(params)
             except Exception as e:
                 # Closing the connection rolls the transaction back; the next try opens afresh,
                 # which is what a removed or replaced file needs.
@@ -275,6 +276,14 @@ class Ledger:
             self._error_log.reset()
         self._call(self.on_flush, len(rows), elapsed)
         return True
+
+    async def _commit(self, params: list[tuple[Any, ...]]) -> None:
+        """One transaction: the rows and their rollup, both or neither."""
+        db = await self._connection()
+        await db.execute("BEGIN IMMEDIATE")
+        await db.executemany(INSERT_REQUEST_SQL, params)
+        await db.executemany(UPSERT_MONTHLY_SQL, rollup(params))
+        await db.execute("COMMIT")
 
     def _requeue(self, rows: list[UsageRow]) -> None:
         """Put a failed batch back in front of what arrived meanwhile, keeping the newest rows."""
@@ -333,12 +342,19 @@ class Ledger:
         async with self._lock:
             rows = await self._read(MONTH_TOTALS_SQL, [month])
             totals = {key_id: int(total or 0) for key_id, total in rows}
-            for row in self._queue:
-                # A malformed row (dropped when written) must not stop the limiter from loading.
-                with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
-                    if month_of(row.ts) == month:
-                        used = int(row.prompt_tokens) + int(row.completion_tokens) - int(row.quota_exempt_tokens)
-                        totals[row.key_id] = totals.get(row.key_id, 0) + used
+            for key_id, used in self._pending_totals(month).items():
+                totals[key_id] = totals.get(key_id, 0) + used
+        return totals
+
+    def _pending_totals(self, month: str) -> dict[str, int]:
+        """Quota tokens of ``month`` in the rows not yet written."""
+        totals: dict[str, int] = {}
+        for row in self._queue:
+            # A malformed row (dropped when written) must not stop the limiter from loading.
+            with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+                if month_of(row.ts) == month:
+                    used = int(row.prompt_tokens) + int(row.completion_tokens) - int(row.quota_exempt_tokens)
+                    totals[row.key_id] = totals.get(row.key_id, 0) + used
         return totals
 
     async def report(

@@ -143,6 +143,7 @@ doc=$pkg/usr/share/doc/llm-api
 install -D -m 0644 README.md "$doc/README.md"
 install -D -m 0644 "$deb_src/README.Debian" "$doc/README.Debian"
 install -D -m 0644 systemd/gpu-host.conf "$doc/examples/gpu-host.conf"
+install -D -m 0644 systemd/local-stores.conf "$doc/examples/local-stores.conf"
 install -D -m 0644 "$deb_src/env.example" "$doc/examples/env"
 if compgen -G "conf/*.yaml" >/dev/null; then
   install -m 0644 conf/*.yaml "$doc/examples/"

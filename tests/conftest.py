@@ -23,6 +23,8 @@ from tests.fakeproc import FAKE_LLAMA, FAKE_VLLM, FakeProc, start_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.stores"]  # pg_server, redis_server: real PostgreSQL and Redis per session
+
 
 @dataclass
 class Llmd:

@@ -65,6 +65,7 @@ EXPECTED_FILES = {
     "usr/share/doc/llm-api/copyright": 0o644,
     "usr/share/doc/llm-api/changelog.Debian.gz": 0o644,
     "usr/share/doc/llm-api/examples/gpu-host.conf": 0o644,
+    "usr/share/doc/llm-api/examples/local-stores.conf": 0o644,
     "usr/share/man/man1/llmd.1.gz": 0o644,
     "usr/share/lintian/overrides/llm-api": 0o644,
 }
@@ -76,6 +77,7 @@ VERBATIM = {
     "etc/nginx/sites-available/llm-api.conf": "nginx/llm-api.conf",
     "etc/llm-api/config.yaml": "packaging/deb/config.yaml",
     "usr/share/doc/llm-api/examples/gpu-host.conf": "systemd/gpu-host.conf",
+    "usr/share/doc/llm-api/examples/local-stores.conf": "systemd/local-stores.conf",
 }
 
 

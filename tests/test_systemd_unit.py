@@ -167,3 +167,20 @@ def test_tmpfiles(tmp_path: Path) -> None:
     assert mode("etc/llm-api/config.yaml") == 0o640
     # "z" only adjusts files that exist; the optional env file is not created.
     assert not (etc / "llm-api" / "env").exists()
+
+
+def test_verify_with_local_stores_drop_in(tmp_path: Path) -> None:
+    """systemd/local-stores.conf (ordering after local PostgreSQL and Redis) verifies clean and
+    changes nothing of the sandbox: same exposure as the unit alone."""
+    analyze = require_tool("systemd-analyze")
+    stub = tmp_path / "llmd"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit = install(tmp_path, drop_in=False, exec_start=str(stub))
+    (tmp_path / f"{UNIT.name}.d").mkdir()
+    shutil.copy(SYSTEMD_DIR / "local-stores.conf", tmp_path / f"{UNIT.name}.d" / "local-stores.conf")
+    result = run(analyze, "verify", "--man=no", str(unit))
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stdout + result.stderr
+    assert exposure(unit)[0] <= MAX_EXPOSURE
+    found = directives(SYSTEMD_DIR / "local-stores.conf")
+    assert found["After"] == ["postgresql.service redis-server.service"]
