@@ -58,6 +58,8 @@ def exercised_metrics() -> Metrics:
     m.observe_model_state("gemma", "ready")
     m.observe_budget("ram", 6 << 30)
     m.observe_held("ram", 1 << 30)
+    m.observe_limit_store_error("admit")
+    m.store_healthy.labels("usage").set(1)
     replica = Replica(
         model="gemma",
         name="gemma/0",
