@@ -18,7 +18,15 @@ import msgspec
 import msgspec.inspect as mi
 from aiohttp import web
 
-from . import __version__, ragdoc
+from . import __version__, admindoc, ragdoc
+from .apidoc import INFERENCE_ERRORS, Schema
+from .apidoc import RELAYED as _RELAYED
+from .apidoc import REQUEST_ID_PARAM as _REQUEST_ID_PARAM
+from .apidoc import error_response as _error_response
+from .apidoc import get as _get
+from .apidoc import nullable as _nullable
+from .apidoc import ok as _ok
+from .apidoc import ref as _ref
 from .config import Config
 from .envelope import Envelope
 from .routes import ROUTES
@@ -27,88 +35,6 @@ if TYPE_CHECKING:
     from .runtime import Services
 
 OPENAPI_VERSION = "3.1.0"
-
-Schema = dict[str, Any]
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-# --- errors: (status, when llmd answers it, whether Retry-After is sent) ---------------------
-
-_ERRORS: dict[int, tuple[str, bool]] = {
-    400: ("Invalid JSON, or a field llmd reads has the wrong type or value (`param` names it).", False),
-    401: ("No API key, or an unknown or revoked one (`code: invalid_api_key`).", False),
-    403: ("The key may not use this model (`model_not_allowed`) or this admin route (`admin_required`).", False),
-    404: ("`model_not_found` (unknown model, or not visible to this key) or an unknown route.", False),
-    409: (
-        "The collection's vectors have another dimension than its model's (`dimension_mismatch`), or the "
-        "model's config does not allow it: `not_on_demand` (load: always) or `pinned`.",
-        False,
-    ),
-    413: ("The body is larger than `server.max_body_bytes` (`request_too_large`).", False),
-    429: (
-        "A per-key limit: `rate_limit_exceeded` (requests or tokens per minute/hour, concurrency) or "
-        "`insufficient_quota` (monthly tokens). `Retry-After` says when to retry.",
-        True,
-    ),
-    500: ("A bug in llmd (`Internal error in llmd`; its log has the request id).", False),
-    502: ("No replica could be reached (`upstream_unreachable`); an upstream's own 502 is relayed as it is.", False),
-    503: (
-        "The model's queue is full or the wait for a slot expired (`server_overloaded`), or an on-demand "
-        "model cannot start within `server.memory_budget` (`insufficient_memory`); an upstream's "
-        "own 503 is relayed as it is once no other replica is left.",
-        True,
-    ),
-    504: ("The upstream did not answer in time (`upstream_timeout`).", False),
-}
-
-INFERENCE_ERRORS = (400, 401, 403, 404, 413, 429, 500, 502, 503, 504)
-
-
-def _error_response(status: int, description: str | None = None, style: str = "openai") -> Schema:
-    text, retry_after = _ERRORS[status]
-    schema = _ref("AnthropicErrorResponse" if style == "anthropic" else "ErrorResponse")
-    out: Schema = {
-        "description": description or text,
-        "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-        "content": {"application/json": {"schema": schema}},
-    }
-    if retry_after:
-        out["headers"]["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
-    return out
-
-
-def _ok(description: str, schema: Schema, media: str = "application/json", stream: bool = False) -> Schema:
-    content: Schema = {media: {"schema": schema}}
-    if stream:
-        # The schema of one event (as OpenAPI 3.2's itemSchema means it): `data` is a chunk's
-        # JSON, or `[DONE]`; the events are relayed as the upstream writes them.
-        content["text/event-stream"] = {
-            "schema": {
-                "type": "object",
-                "description": "One server-sent event.",
-                "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
-            }
-        }
-    return {
-        "description": description,
-        "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-        "content": content,
-    }
-
-
-_RELAYED = {
-    "description": "An upstream's own answer (any other status), relayed with its status and body.",
-    "content": {"application/json": {"schema": {}}, "text/plain": {"schema": {"type": "string"}}},
-}
-
-_REQUEST_ID_PARAM: Schema = {"$ref": "#/components/parameters/X-Request-ID"}
 
 
 # --- request bodies: app.Envelope --------------------------------------------------------------
@@ -311,65 +237,6 @@ def _inference(summary: str, op_id: str, body: Schema, ok: Schema, stream: bool,
     }
 
 
-def _admin_page_paths(admin_errors: Schema, ok_json: Schema) -> dict[str, Schema]:
-    """The JSON routes the admin page reads (admin.py); its files and event stream are not API."""
-    rows = {"type": "object", "required": ["month", "rows"],
-            "properties": {"month": {"type": "string"}, "rows": {"type": "array"}}}
-    daily = _get(
-        "adminUsageDaily",
-        "Tokens per day, key, tier and model of a month (admin key)",
-        {
-            "200": {**_ok("The month's rows.", rows),
-                    "content": {"application/json": {"schema": rows}, "text/csv": {"schema": {"type": "string"}}}},
-            "400": _error_response(400, "`month` is not YYYY-MM, or `format` is not json or csv."),
-            "503": _error_response(503, "The usage ledger cannot be read."),
-            **admin_errors,
-        },
-        parameters=[
-            {"name": n, "in": "query", "schema": {"type": "string"}} for n in ("month", "key", "model", "tier")
-        ] + [{"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}}],
-    )
-    new_key = {"type": "object", "required": ["id"],
-               "properties": {"id": {"type": "string"}, "tier": {"type": ["string", "null"]}}}
-    return {
-        "/admin/usage/daily": daily,
-        "/admin/keys": _get("adminKeys", "Configured keys, never a secret or hash (admin key)",
-                            {"200": _ok("The keys and tier names.", ok_json), **admin_errors}),
-        "/admin/keys/new": {"post": {
-            "summary": "A new secret and the YAML to add it; llmd stores nothing (admin key)",
-            "operationId": "adminKeysNew",
-            "parameters": [_REQUEST_ID_PARAM],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": new_key}}},
-            "responses": {"200": _ok("id, secret, sha256 and yaml.", ok_json),
-                          "400": _error_response(400, "Not a JSON object, a bad or taken id, an unknown tier."),
-                          **admin_errors},
-        }},
-    }
-
-
-def _get(op_id: str, summary: str, responses: Schema, *, public: bool = False, **extra: Any) -> Schema:
-    op: Schema = {
-        "summary": summary,
-        "operationId": op_id,
-        "parameters": [_REQUEST_ID_PARAM, *extra.pop("parameters", [])],
-        "responses": responses,
-        **extra,
-    }
-    if public:
-        op["security"] = []
-    return {"get": op}
-
-
-_ADMIN_MODEL_ROUTES = (
-    ("load", "Start a cold on-demand model; waits until it serves unless `?wait=0` (admin key)", (404, 409, 503)),
-    ("unload", "Stop an on-demand model once its requests are done (admin key)", (404, 409)),
-)
-
-
-def _post(op_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
-    return {"post": _get(op_id, summary, responses, **extra)["get"]}
-
-
 def build(cfg: Config) -> dict[str, Any]:
     """The document for this config (model names as the ``model`` enum)."""
     models = sorted(cfg.model_names())
@@ -378,11 +245,6 @@ def build(cfg: Config) -> dict[str, Any]:
     # `model` may be left out only where a default serves it (the key's, or the server's).
     model_required = not cfg.server.default_model and not any(k.default_model for k in cfg.keys)
     auth_errors = {str(s): _error_response(s) for s in (401, 500)}
-    admin_errors = {
-        "401": _error_response(401),
-        "403": _error_response(403, "The key is not an admin key (`admin_required`)."),
-        "500": _error_response(500),
-    }
     security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
     if open_mode:
         security.append({})  # no keys configured: every caller is 'anonymous'
@@ -464,59 +326,7 @@ def build(cfg: Config) -> dict[str, Any]:
             {"200": _ok("OpenAPI 3.1 document.", ok_json)},
             public=True,
         ),
-        "/admin/status": _get(
-            "adminStatus",
-            "Replicas, queues and ledger state (admin key)",
-            {"200": _ok("Status.", ok_json), **admin_errors},
-        ),
-        **{
-            f"/admin/models/{{model}}/{verb}": _post(
-                f"admin{verb.capitalize()}",
-                text,
-                {
-                    "200": _ok(
-                        "The model's state after it.",
-                        {
-                            "type": "object",
-                            "required": ["model", "state"],
-                            "properties": {"model": {"type": "string"}, "state": {"type": "string"}},
-                        },
-                    ),
-                    **{str(c): _error_response(c) for c in codes},
-                    **admin_errors,
-                },
-                parameters=[
-                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
-                ],
-            )
-            for verb, text, codes in _ADMIN_MODEL_ROUTES
-        },
-        "/admin/usage": _get(
-            "adminUsage",
-            "Usage report by key and model (admin key)",
-            {
-                "200": _ok(
-                    "Rows of the month's rollup.",
-                    {
-                        "type": "object",
-                        "required": ["month", "rows"],
-                        "properties": {"month": _nullable({"type": "string"}), "rows": {"type": "array"}},
-                    },
-                ),
-                "400": _error_response(400, "`month` is not YYYY-MM."),
-                "503": {
-                    **_error_response(503, "The usage ledger cannot be read."),
-                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-                },
-                **admin_errors,
-            },
-            parameters=[
-                {"name": "month", "in": "query", "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
-                {"name": "key", "in": "query", "schema": {"type": "string"}},
-                {"name": "model", "in": "query", "schema": {"type": "string"}},
-            ],
-        ),
-        **_admin_page_paths(admin_errors, ok_json),
+        **admindoc.paths(ok_json),
     }
     for route in ROUTES:  # the route table: every inference path llmd serves
         summary, op_id, ok = _ROUTE_DOCS.get(
