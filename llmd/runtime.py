@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -32,9 +32,7 @@ from .limits import Limiter
 from .loader import Loader
 from .log import AccessLog
 from .metrics import Metrics
-from .pgledger import PgLedger
 from .pool import Pool
-from .redislimits import RedisStore, SharedLimiter
 from .relay import Relay
 from .replica import Replica, ReplicaState
 from .stores import Stores
@@ -42,6 +40,9 @@ from .supervisor import Supervisor
 from .tools import Toolbox
 from .upstream import Upstreams
 from .usage import Ledger, NullLedger, current_month
+
+if TYPE_CHECKING:
+    from .redislimits import RedisStore
 
 log = logging.getLogger("llmd")
 
@@ -70,7 +71,12 @@ class Runtime:
             monthly = previous.limiter.monthly
         # With a shared store the state that matters is in Redis; the local state then serves
         # only on_store_error: local.
-        self.limiter = SharedLimiter(store, states, monthly) if store is not None else Limiter(states, monthly)
+        if store is not None:
+            from .redislimits import SharedLimiter  # only with limits.store: redis (hiredis stays unloaded)
+
+            self.limiter: Limiter = SharedLimiter(store, states, monthly)
+        else:
+            self.limiter = Limiter(states, monthly)
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.server.trusted_proxies]
         self.cors_origins = frozenset(cfg.server.cors_origins)
         self.upstream_keys = {
@@ -106,7 +112,11 @@ class Services:
         self.metrics = Metrics(enabled=cfg.server.metrics)
         self.ledger: Ledger = make_ledger(cfg)
         # limits.store and usage.store are read once: a reload keeps the stores it started with.
-        self.limit_store = RedisStore(cfg.limits) if cfg.limits.store == "redis" else None
+        self.limit_store: RedisStore | None = None
+        if cfg.limits.store == "redis":
+            from .redislimits import RedisStore  # only then: its client and hiredis cost memory
+
+            self.limit_store = RedisStore(cfg.limits)
         self.access = AccessLog()
         self.cache = Cache(cfg.cache, cfg.usage.path, self.metrics)
         self.vectors = Stores()  # retrieval's stores (rag.py), opened at first use
@@ -314,5 +324,7 @@ def make_ledger(cfg: Config) -> Ledger:
     if not cfg.usage.enabled:
         return NullLedger(cfg.usage)
     if cfg.usage.store == "postgres":
+        from .pgledger import PgLedger  # only then: asyncpg is ~4 MB of a process's memory
+
         return PgLedger(cfg.usage)
     return Ledger(cfg.usage)
