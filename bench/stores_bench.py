@@ -102,8 +102,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as t:
             tmp = Path(t)
-            os.environ["LLMD_USAGE_DSN"] = pg.create_db("bench")
-            os.environ["LLMD_LIMITS_URL"] = redis.url
+            os.environ["LLMD_PG_DSN"] = pg.create_db("bench")
+            os.environ["LLMD_REDIS_URL"] = redis.url
             mock, mock_port = start_mock(procs, load_cpus, tmp, "mock")
             hops = {}
             for name, shared in ((LOCAL, False), (SHARED, True)):

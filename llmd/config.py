@@ -67,7 +67,7 @@ class UsageConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     # libpq's rules) or, whole, by the environment variable ``dsn_env`` (wins when set).
     store: Literal["sqlite", "postgres"] = "sqlite"
     dsn: str = ""
-    dsn_env: str = "LLMD_USAGE_DSN"
+    dsn_env: str = "LLMD_PG_DSN"
     # What the ``instance`` column of this host's rows says; "" = the host name.
     instance: str = ""
 
@@ -78,7 +78,7 @@ class LimitsConfig(_Section, kw_only=True, forbid_unknown_fields=True):
     # memory: in this process (one host). redis: shared by every llmd that names the same Redis
     # (or Valkey), so N hosts hold one key to its limits together.
     store: Literal["memory", "redis"] = "memory"
-    url_env: str = "LLMD_LIMITS_URL"  # the variable holding the redis:// URL (it may carry a password)
+    url_env: str = "LLMD_REDIS_URL"  # the variable holding the redis:// URL (it may carry a password)
     prefix: str = "llmd:"  # of every Redis key llmd writes, so one Redis can serve several clusters
     # Redis unreachable: fail_closed answers 503 (no request goes unlimited); local falls back to
     # this process's own limits until Redis answers again (each host then allows the full limit).

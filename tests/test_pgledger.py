@@ -33,7 +33,7 @@ def row(i: int, key: str = "k", prompt: int = 3, completion: int = 4, outcome: s
 
 
 def pg_ledger(dsn: str, monkeypatch: pytest.MonkeyPatch, instance: str = "host-a", **kw: object) -> PgLedger:
-    monkeypatch.setenv("LLMD_USAGE_DSN", dsn)
+    monkeypatch.setenv("LLMD_PG_DSN", dsn)
     return PgLedger(UsageConfig(store="postgres", flush_ms=20, instance=instance, **kw))  # type: ignore[arg-type]
 
 
@@ -126,7 +126,7 @@ async def test_usage_report_and_migrate_from_sqlite(
     await lite.close()
     dsn = fresh_db(pg_server)
     cfg = pg_config(tmp_path)
-    env = {"LLMD_USAGE_DSN": dsn}
+    env = {"LLMD_PG_DSN": dsn}
 
     r = llmd_cli("usage", "migrate", "-c", str(cfg), "--from", "sqlite", str(tmp_path / "usage.sqlite3"), env=env)
     assert r.returncode == 0, r.stderr
@@ -151,21 +151,21 @@ async def test_usage_report_and_migrate_from_sqlite(
 def test_check_probes_the_stores(pg_server: PgServer, tmp_path: Path) -> None:
     dsn = fresh_db(pg_server)
     cfg = pg_config(tmp_path)
-    ok = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": dsn})
+    ok = llmd_cli("check", "-c", str(cfg), env={"LLMD_PG_DSN": dsn})
     assert ok.returncode == 0, ok.stderr
     assert "usage store: ok: PostgreSQL 15" in ok.stdout
     dead = dsn.replace(f":{pg_server.port}/", ":1/")
-    bad = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": dead})
+    bad = llmd_cli("check", "-c", str(cfg), env={"LLMD_PG_DSN": dead})
     assert bad.returncode == 1 and "usage store: UNREACHABLE" in bad.stderr
-    unset = llmd_cli("check", "-c", str(cfg), env={"LLMD_USAGE_DSN": ""})
-    assert unset.returncode == 1 and "usage.dsn: empty, and environment variable LLMD_USAGE_DSN" in unset.stderr
+    unset = llmd_cli("check", "-c", str(cfg), env={"LLMD_PG_DSN": ""})
+    assert unset.returncode == 1 and "usage.dsn: empty, and environment variable LLMD_PG_DSN" in unset.stderr
     # The DSN in the file, its password (none here: trust) from PGPASSWORD, as libpq has it.
     in_file = pg_config(tmp_path, {"usage": {"store": "postgres", "dsn": dsn, "path": "x.sqlite3"}})
-    ok = llmd_cli("check", "-c", str(in_file), env={"LLMD_USAGE_DSN": "", "PGPASSWORD": "unused"})
+    ok = llmd_cli("check", "-c", str(in_file), env={"LLMD_PG_DSN": "", "PGPASSWORD": "unused"})
     assert ok.returncode == 0 and "usage store: ok" in ok.stdout, ok.stderr
     secret = dsn.replace("postgres@", "postgres:hunter2@")
     leaky = pg_config(tmp_path, {"usage": {"store": "postgres", "dsn": secret, "path": "x.sqlite3"}})
-    refused = llmd_cli("check", "-c", str(leaky), env={"LLMD_USAGE_DSN": ""})
+    refused = llmd_cli("check", "-c", str(leaky), env={"LLMD_PG_DSN": ""})
     assert refused.returncode == 1 and "usage.dsn: holds a password" in refused.stderr
     assert "hunter2" not in refused.stderr
 

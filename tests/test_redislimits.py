@@ -197,10 +197,10 @@ def test_check_probes_redis(redis_server: RedisServer, tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump({"server": {"port": 0}, "usage": {"path": str(tmp_path / "u.sqlite3")},
                                    "limits": {"store": "redis"}}))  # fmt: skip
     run = [sys.executable, "-m", "llmd", "check", "-c", str(cfg)]
-    ok = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_LIMITS_URL": redis_server.url})
+    ok = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_REDIS_URL": redis_server.url})
     assert ok.returncode == 0 and "limits store: ok: Redis " in ok.stdout, ok.stderr
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    bad = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_LIMITS_URL": dead})
+    bad = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "LLMD_REDIS_URL": dead})
     assert bad.returncode == 1 and "limits store: UNREACHABLE" in bad.stderr
 
 

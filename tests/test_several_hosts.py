@@ -70,7 +70,7 @@ async def cluster(
     dsn = fresh_db(pg)
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     fake = await start_fake(FAKE_LLAMA, "-np", "8")
-    env = {"LLMD_USAGE_DSN": dsn, "LLMD_LIMITS_URL": redis.url}
+    env = {"LLMD_PG_DSN": dsn, "LLMD_REDIS_URL": redis.url}
     try:
         async with contextlib.AsyncExitStack() as stack:
             hosts: dict[str, LlmdProc] = {}
@@ -298,8 +298,8 @@ async def test_each_store_works_without_the_other(
     tmp_path: Path, pg_server: PgServer, redis_server: RedisServer, fake: FakeProc, monkeypatch: Any
 ) -> None:
     """usage.store: postgres with in-process limits; limits.store: redis with the SQLite file."""
-    monkeypatch.setenv("LLMD_USAGE_DSN", dsn := fresh_db(pg_server))
-    monkeypatch.setenv("LLMD_LIMITS_URL", redis_server.url)
+    monkeypatch.setenv("LLMD_PG_DSN", dsn := fresh_db(pg_server))
+    monkeypatch.setenv("LLMD_REDIS_URL", redis_server.url)
     model = {"m": {"backend": "openai", "urls": [fake.url + "/v1"], "slots": 4}}
     key = {"id": "k", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "requests_per_minute": 2}
     body = {"model": "m", "messages": MSG, "max_tokens": 4}
