@@ -194,7 +194,10 @@ class ToolLoop:
             told = usage if self.include_usage else None
             await self._write(live.ending(message.get("tool_calls") or [], finish, told))
             return await self._end()
-        answer["usage"] = usage
+        if usage is None:
+            answer.pop("usage", None)  # one round's alone is not the answer's
+        else:
+            answer["usage"] = usage
         return await self._deliver(answer)
 
     async def _serve(
@@ -238,7 +241,13 @@ class ToolLoop:
         sub.upstream_headers = {**call.upstream_headers, "X-Request-ID": sub.request_id}
         return sub
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, int] | None:
+        """Every round's usage summed; None when a round's upstream did not tell its own (an
+        upstream that ignores include_usage): its row is counted later (pipeline.settle, from
+        the chunks and a tokenize), so no sum told now would match the ledger; the client gets
+        none, as a relayed stream of that upstream would."""
+        if not all(ex.usage_seen for ex in self.exchanges):
+            return None
         prompt = sum(ex.prompt_tokens for ex in self.exchanges)
         completion = sum(ex.completion_tokens for ex in self.exchanges)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -319,6 +328,6 @@ def _chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]
         {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]},
     ]
-    if include_usage:
+    if include_usage and answer.get("usage") is not None:
         chunks.append({**base, "choices": [], "usage": answer.get("usage")})
     return chunks
