@@ -212,9 +212,8 @@ class ToolLoop:
             resp = await serve_main()
             # Settled now, not when the request ends: the next round is admitted on its own and
             # must find this one's concurrency slot free.
-            ex = call.exchange
             if call.grant is not None:
-                call.grant.release(ex.prompt_tokens + ex.completion_tokens)
+                call.grant.release(_spent(call))
             return resp
         sub = self._round_call(n, body)
         sub.sink = live
@@ -309,6 +308,18 @@ class ToolLoop:
             self.call.exchange.outcome = e.outcome
         await self._write(sse_error_event(e))
         return await self._end()
+
+
+def _spent(call: Call) -> int:
+    """Round 1's tokens as its row will count them (pipeline.settle): the upstream's usage, or,
+    when it told none, the streamed chunks and the prompt's estimate. The grant settles on this
+    now, and only once: 0 here would leave round 1 out of tokens_per_minute and the quota."""
+    ex = call.exchange
+    if ex.usage_seen or call.env is None:
+        return ex.prompt_tokens + ex.completion_tokens
+    completion = ex.chunks if ex.streamed or ex.outcome is Outcome.CLIENT_ABORT else ex.completion_tokens
+    prompt = ex.prompt_tokens if ex.prompt_seen else call.env.prompt_estimate()
+    return prompt + completion
 
 
 def _name(c: Any) -> str | None:

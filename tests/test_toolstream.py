@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import aiohttp
 import openai
+import yaml
 
-from tests.conftest import wait_for
+from tests.conftest import wait_for, write_config
 from tests.fakeproc import FakeProc
 from tests.test_tools import KEYS, chat, config, post, rows, run_llmd
 
@@ -61,3 +63,26 @@ async def test_the_openai_sdk_reads_a_streamed_loop(tmp_path: Path, fake: FakePr
             assert len(mine) == 2
             assert usage[0].prompt_tokens == sum(r["prompt_tokens"] for r in mine)
             assert usage[0].completion_tokens == sum(r["completion_tokens"] for r in mine)
+
+
+async def test_round_one_without_usage_still_counts_against_the_quota(tmp_path: Path, fake: FakeProc) -> None:
+    """Round 1's grant is settled early (the next round needs its slot); with no usage from the
+    upstream it must settle on what its row will say, not 0: the quota sees every round."""
+    path = config(tmp_path, fake)
+    doc = yaml.safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"monthly_tokens": 1_000_000}
+    for k in doc["keys"]:
+        k["admin"] = k["id"] == "prem"
+    ctl = {**CALL, "wire": "no-usage", "after_tool": {"text": "it is four", "wire": "no-usage"}}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, _, _ = await post(llmd.url, chat(["math.eval"], ctl, stream=True), rid="q")
+        assert status == 200
+        await wait_for(lambda: len(rows(tmp_path)) >= 2)
+        billed = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows(tmp_path))
+        h = {"Authorization": f"Bearer {KEYS['prem']}"}
+        async with aiohttp.ClientSession() as s, s.get(llmd.url + "/admin/events", headers=h) as r:
+            line = b""
+            while not line.startswith(b"data: "):
+                line = await r.content.readline()
+        limits = {k["key_id"]: k for k in json.loads(line[len(b"data: ") :])["limits"]}
+        assert limits["prem"]["monthly_tokens"]["used"] == billed
