@@ -84,7 +84,13 @@ def plan(call: Call, toolbox: Toolbox) -> Plan | None:
             or (doc.get("n") or 1) != 1
         ):
             return None
-        tools = [*(tools or []), *({"type": "server", "name": n} for n in defaults)]
+        # A client function of the name a default reaches the model by is the client's: that
+        # default stays out (the client did not ask for it; its own request must not fail on it).
+        own = {(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict)}
+        extra = [{"type": "server", "name": n} for n in defaults if (t := toolbox.get(n)) and t.wire_name not in own]
+        if not extra:
+            return None
+        tools = [*(tools or []), *extra]
         doc["tools"] = tools
     if call.rewrite is not None:
         raise bad_request("Server tools cannot be combined with legacy 'functions'; use 'tools'.", param="functions")

@@ -86,3 +86,23 @@ async def test_round_one_without_usage_still_counts_against_the_quota(tmp_path: 
                 line = await r.content.readline()
         limits = {k["key_id"]: k for k in json.loads(line[len(b"data: ") :])["limits"]}
         assert limits["prem"]["monthly_tokens"]["used"] == billed
+
+
+async def test_default_tools_yield_to_a_client_function_of_their_name(tmp_path: Path, fake: FakeProc) -> None:
+    """A tier's default math.eval reaches the model as math_eval; a client that brings its own
+    math_eval function (it never named a server tool) gets its call back, not a 400; a streamed
+    plain request of the tier runs the default loop."""
+    path = config(tmp_path, fake)
+    doc = yaml.safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"default_tools": ["math.eval"]}
+    mine = {"type": "function", "function": {"name": "math_eval", "parameters": {"type": "object"}}}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "3*3?"}], "max_tokens": 8, "fake": {**CALL}}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        status, body, _ = await post(llmd.url, {**plain, "tools": [mine]})
+        assert status == 200, body
+        assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "math_eval"
+        sent = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)][-1]
+        assert sent["tools"] == [mine]
+        ctl = {**CALL, "after_tool": {"echo_tool": True}}
+        status, text, _ = await post(llmd.url, {**plain, "fake": ctl, "stream": True})
+        assert status == 200 and ": tool math.eval ok" in text and text.endswith("data: [DONE]\n\n")
