@@ -233,8 +233,13 @@ class ToolLoop:
         doc.pop("stream_options", None)
         if self.stream:  # every round's usage, for its row and the client's sum
             doc["stream_options"] = {"include_usage": True}
-        if last and len(messages) > len(self.plan.doc.get("messages") or []):
+        later = len(messages) > len(self.plan.doc.get("messages") or [])
+        if last and later:
             doc["tool_choice"] = "none"  # rounds are spent: answer with what the tools told
+        elif later and doc.get("tool_choice") not in (None, "auto", "none"):
+            # "required" or one function forced: round 1 called a tool as asked; forced again,
+            # the model could only call tools until the rounds are spent, never answer.
+            doc["tool_choice"] = "auto"
         return _encode(doc)
 
     def _round_call(self, n: int, body: bytes) -> Call:

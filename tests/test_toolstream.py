@@ -106,3 +106,17 @@ async def test_default_tools_yield_to_a_client_function_of_their_name(tmp_path: 
         ctl = {**CALL, "after_tool": {"echo_tool": True}}
         status, text, _ = await post(llmd.url, {**plain, "fake": ctl, "stream": True})
         assert status == 200 and ": tool math.eval ok" in text and text.endswith("data: [DONE]\n\n")
+
+
+async def test_a_forced_tool_choice_holds_for_round_one_only(tmp_path: Path, fake: FakeProc) -> None:
+    """tool_choice "required" (or a function named) is met by round 1's call; the next rounds go
+    with "auto", else the model could never answer with what the tool told it."""
+    forced = {"type": "function", "function": {"name": "math_eval"}}
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        for choice in ("required", forced):
+            n0 = len((await fake.stats())["bodies"])
+            ctl = {**CALL, "after_tool": {"text": "four"}}
+            status, body, _ = await post(llmd.url, chat(["math.eval"], ctl, tool_choice=choice))
+            assert status == 200 and body["choices"][0]["message"]["content"] == "four"
+            sent = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)][n0:]
+            assert [b["tool_choice"] for b in sent] == [choice, "auto"]
