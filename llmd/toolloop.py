@@ -161,6 +161,8 @@ class ToolLoop:
             else:
                 if resp.status != 200 or not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
                     if self.out is None:
+                        if self.call.exchange.outcome is Outcome.OK:  # round n's error is the request's
+                            self.call.exchange.outcome = ex.outcome
                         return resp  # the upstream's own error, as any request would get it
                     text = resp.body.decode(errors="replace") if isinstance(resp.body, bytes) else ""
                     return await self._fail(upstream_failed(resp.status, f"round {n}: {text[:500]}"))

@@ -120,3 +120,22 @@ async def test_a_forced_tool_choice_holds_for_round_one_only(tmp_path: Path, fak
             assert status == 200 and body["choices"][0]["message"]["content"] == "four"
             sent = [b for b in (await fake.stats())["bodies"] if isinstance(b, dict)][n0:]
             assert [b["tool_choice"] for b in sent] == [choice, "auto"]
+
+
+async def test_a_later_rounds_error_is_the_requests_outcome(tmp_path: Path, fake: FakeProc) -> None:
+    """Round 2 answers 400: the client gets that 400, and the request's row says so (status 400
+    with outcome upstream_error, as a relayed 400 is written), not "ok"; streamed, in-band."""
+    ctl = {**CALL, "after_tool": {"status": 400, "message": "nope"}}
+    async with run_llmd(config(tmp_path, fake)) as llmd:
+        status, body, _ = await post(llmd.url, chat(["math.eval"], ctl), rid="w")
+        assert status == 400 and body["error"]["message"] == "nope"
+        status, text, _ = await post(llmd.url, chat(["math.eval"], ctl, stream=True), rid="s")
+        assert status == 200 and json.loads(text.split("\n\n")[-2][len("data: ") :])["error"]["type"]
+        await wait_for(lambda: len(rows(tmp_path)) >= 4)
+        got = {r["request_id"]: (r["status"], r["outcome"]) for r in rows(tmp_path)}
+        assert got == {
+            "w": (400, "upstream_error"),
+            "w.r2": (400, "upstream_error"),
+            "s": (200, "upstream_error"),
+            "s.r2": (400, "upstream_error"),
+        }
