@@ -86,7 +86,7 @@ def plan(call: Call, toolbox: Toolbox) -> Plan | None:
             return None
         # A client function of the name a default reaches the model by is the client's: that
         # default stays out (the client did not ask for it; its own request must not fail on it).
-        own = {(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict)}
+        own = {_name(t) for t in tools or ()}
         extra = [{"type": "server", "name": n} for n in defaults if (t := toolbox.get(n)) and t.wire_name not in own]
         if not extra:
             return None
@@ -98,9 +98,7 @@ def plan(call: Call, toolbox: Toolbox) -> Plan | None:
         raise bad_request("Server tools run one conversation: 'n' must be 1.", param="n")
     server: dict[str, Tool] = {}
     out: list[Any] = []
-    client_names = {
-        (t.get("function") or {}).get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"
-    }
+    client_names = {_name(t) for t in tools if isinstance(t, dict) and t.get("type") == "function"}
     for t in tools:
         if not (isinstance(t, dict) and t.get("type") == "server"):
             out.append(t)
@@ -336,7 +334,10 @@ def _spent(call: Call) -> int:
 
 
 def _name(c: Any) -> str | None:
-    return (c.get("function") or {}).get("name") if isinstance(c, dict) else None
+    """The function name of a tool (or of a tool call); None for anything not shaped like one
+    (a client's malformed tool is the upstream's to refuse, not llmd's 500)."""
+    fn = c.get("function") if isinstance(c, dict) else None
+    return fn.get("name") if isinstance(fn, dict) else None
 
 
 def _chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:

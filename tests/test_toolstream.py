@@ -139,3 +139,18 @@ async def test_a_later_rounds_error_is_the_requests_outcome(tmp_path: Path, fake
             "s": (200, "upstream_error"),
             "s.r2": (400, "upstream_error"),
         }
+
+
+async def test_a_malformed_client_tool_is_not_llmds_500(tmp_path: Path, fake: FakeProc) -> None:
+    """{"type": "function", "function": "oops"} beside a server tool, or sent by a tier with
+    default tools: the request goes on (the upstream judges the client's tool), never a 500."""
+    path = config(tmp_path, fake)
+    doc = yaml.safe_load(path.read_text())
+    doc["tiers"]["premium"] = {"default_tools": ["math.eval"]}
+    odd = {"type": "function", "function": "oops"}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "fake": {"text": "hi"}}
+    async with run_llmd(write_config(path, doc)) as llmd:
+        named = {**plain, "tools": [odd, {"type": "server", "name": "time.now"}]}
+        for body in ({**plain, "tools": [odd]}, named):
+            status, got, _ = await post(llmd.url, body)
+            assert status == 200, got
