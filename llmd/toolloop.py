@@ -187,6 +187,10 @@ class ToolLoop:
                     if answer:
                         answer["choices"][0]["finish_reason"] = finish
                 break
+            for c in mine:  # arguments are a JSON text; an upstream that sent an object gets it as one
+                fn = c["function"]
+                if not isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = _encode(fn["arguments"]).decode() if fn.get("arguments") is not None else "{}"
             messages.append({"role": "assistant", "content": message.get("content") or "", "tool_calls": mine})
             for c in mine:
                 fn = c.get("function") or {}

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import yaml
+from aiohttp import web
 
+from llmd.call import Call
+from llmd.config import Config, ToolConfig
+from llmd.toolloop import Plan, ToolLoop
+from llmd.tools import Tool, Toolbox, ToolResult
 from tests.conftest import wait_for, write_config
 from tests.fakeproc import FakeProc
 from tests.test_tools import KEYS, chat, config, post, rows, run_llmd
@@ -154,3 +160,40 @@ async def test_a_malformed_client_tool_is_not_llmds_500(tmp_path: Path, fake: Fa
         for body in ({**plain, "tools": [odd]}, named):
             status, got, _ = await post(llmd.url, body)
             assert status == 200, got
+
+
+async def test_tool_call_arguments_sent_as_an_object_are_read_as_json() -> None:
+    """An upstream whose answer carries a tool call's arguments as a JSON object (not the text
+    OpenAI's format has): the tool gets them as text and the next round's history is valid,
+    where the object used to reach Toolbox.run and fail the request with a 500."""
+    call = Call(request=None, request_id="r", client_ip="127.0.0.1")  # type: ignore[arg-type]
+    box = Toolbox(Config(tools={"time.now": ToolConfig(builtin="time.now")}))
+    tool = box.get("time.now")
+    assert tool is not None
+    seen: list[Any] = []
+    later: list[bytes] = []
+
+    async def run_tool(t: Tool, arguments: str) -> ToolResult:
+        seen.append(arguments)
+        return await box.run(t, arguments, None)  # type: ignore[arg-type]
+
+    def answer(message: dict[str, Any]) -> web.Response:
+        return web.Response(body=json.dumps({"choices": [{"message": message, "finish_reason": "stop"}]}).encode())
+
+    async def serve_main() -> web.StreamResponse:
+        fn = {"name": "time_now", "arguments": {"timezone": "UTC"}}
+        calls = [{"id": "a", "type": "function", "function": fn}]
+        return answer({"role": "assistant", "content": None, "tool_calls": calls})
+
+    async def serve_round(sub: Call) -> web.StreamResponse:
+        later.append(sub.upstream_body)
+        return answer({"role": "assistant", "content": "noon"})
+
+    loop = ToolLoop(call, Plan({"messages": [{"role": "user", "content": "time?"}]}, {"time_now": tool}), 3, run_tool)
+    loop._round_call = lambda n, body: Call(request=None, request_id=f"r.r{n}", client_ip="x", upstream_body=body)  # type: ignore[method-assign,arg-type]
+    resp = await loop.run(serve_main, serve_round)
+    assert resp.status == 200 and json.loads(resp.body)["choices"][0]["message"]["content"] == "noon"  # type: ignore[attr-defined]
+    assert [json.loads(a) for a in seen] == [{"timezone": "UTC"}]
+    history = json.loads(later[0])["messages"]
+    assert history[1]["tool_calls"][0]["function"]["arguments"] == '{"timezone":"UTC"}'
+    assert json.loads(history[2]["content"])["time"]
