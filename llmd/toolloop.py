@@ -23,6 +23,7 @@ every round summed. A non-streamed request's rounds go upstream whole.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -297,7 +298,13 @@ class ToolLoop:
         assert self.out is not None
         if self.call.exchange.ttft_s is None and data.startswith(b"data: "):
             self.call.exchange.ttft_s = time.monotonic() - self.call.exchange.t_start
-        await self.out.write(data)
+        try:
+            await self.out.write(data)
+        except ConnectionResetError:
+            # The client left and this write saw it before aiohttp's cancellation reached the
+            # task (its FIN in the same loop iteration): the path that cancellation takes
+            # (client_abort, 499), not a 500 of llmd's.
+            raise asyncio.CancelledError from None
         self.written += len(data)
 
     async def _end(self) -> web.StreamResponse:
@@ -305,7 +312,10 @@ class ToolLoop:
         assert self.out is not None
         streamed = sum(ex.client_bytes for ex in self.exchanges if ex.streamed)
         self.call.exchange.client_bytes = self.written + streamed
-        await self.out.write_eof()
+        try:
+            await self.out.write_eof()
+        except ConnectionResetError:
+            raise asyncio.CancelledError from None  # as in _write
         return self.out
 
     async def _broken(self, ex: Exchange) -> web.StreamResponse:

@@ -4,12 +4,14 @@ reading every chunk of a loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import pytest
 import yaml
 from aiohttp import web
 
@@ -197,3 +199,43 @@ async def test_tool_call_arguments_sent_as_an_object_are_read_as_json() -> None:
     history = json.loads(later[0])["messages"]
     assert history[1]["tool_calls"][0]["function"]["arguments"] == '{"timezone":"UTC"}'
     assert json.loads(history[2]["content"])["time"]
+
+
+class _Gone:
+    """A client stream whose peer has left: aiohttp raises ClientConnectionResetError on write."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        if data.startswith(b": tool"):
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        self.data.append(data)
+
+
+async def test_a_client_gone_between_rounds_is_a_client_abort() -> None:
+    """Round 1 streamed only a tool call (held: nothing written); the client left; the tool's
+    comment is the first write to fail. That is the client's leaving (CancelledError: the row
+    says client_abort, 499), not an exception of llmd's (a 500, upstream_error)."""
+    call = Call(request=None, request_id="r", client_ip="127.0.0.1")  # type: ignore[arg-type]
+    box = Toolbox(Config(tools={"time.now": ToolConfig(builtin="time.now")}))
+    tool = box.get("time.now")
+    assert tool is not None
+    out = _Gone()
+    loop = ToolLoop(call, Plan({"messages": [], "stream": True}, {"time_now": tool}), 3,
+                    lambda t, a: box.run(t, a, None))  # type: ignore[arg-type]
+
+    async def opened() -> Any:
+        loop.out = out  # type: ignore[assignment]
+        return out
+
+    async def serve_main() -> Any:
+        assert call.sink is not None
+        piece = {"index": 0, "id": "a", "type": "function", "function": {"name": "time_now", "arguments": "{}"}}
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]}
+        assert call.sink.event(json.dumps(chunk).encode()) is None  # held, nothing for the client
+        return out
+
+    loop._open = opened  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await loop.run(serve_main, serve_main)  # type: ignore[arg-type]
