@@ -204,7 +204,11 @@ def math_eval(expression: str) -> int | float:
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         raise MathError("not an arithmetic expression") from None
     try:
-        return _eval(tree.body, 0)
+        value = _eval(tree.body, 0)
+        if isinstance(value, float) and not math.isfinite(value):
+            # JSON has no inf/nan: the result would reach the model as null, a number it never got
+            raise MathError("result too large" if math.isinf(value) else "result is not a number")
+        return value
     except ZeroDivisionError:
         raise MathError("division by zero") from None
     except OverflowError:

@@ -18,7 +18,7 @@ from aiohttp import web
 from llmd.call import Call
 from llmd.config import Config, ToolConfig
 from llmd.toolloop import Plan, ToolLoop
-from llmd.tools import Tool, Toolbox, ToolResult
+from llmd.tools import MathError, Tool, Toolbox, ToolResult, math_eval
 from tests.conftest import wait_for, write_config
 from tests.fakeproc import FakeProc
 from tests.test_tools import KEYS, chat, config, post, rows, run_llmd
@@ -239,3 +239,10 @@ async def test_a_client_gone_between_rounds_is_a_client_abort() -> None:
     loop._open = opened  # type: ignore[method-assign]
     with pytest.raises(asyncio.CancelledError):
         await loop.run(serve_main, serve_main)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("expr", ["1e308*10", "-1e308*10", "1e308*10-1e308*10", "1e308+1e308"])
+def test_math_eval_has_no_infinite_results(expr: str) -> None:
+    """inf and nan have no JSON: the model would read {"result": null}; it reads an error."""
+    with pytest.raises(MathError):
+        math_eval(expr)
