@@ -358,7 +358,7 @@ class Toolbox:
         cancellation: every failure is the tool's error, for the model to read."""
         try:
             args = msgspec.json.decode(arguments or "{}")
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # the model's text: thousands of nested [ too
             return _error("arguments are not valid JSON")
         problems = validate(tool.parameters, args)
         if problems:  # not run: the model gets to try again with what the schema says

@@ -246,3 +246,14 @@ def test_math_eval_has_no_infinite_results(expr: str) -> None:
     """inf and nan have no JSON: the model would read {"result": null}; it reads an error."""
     with pytest.raises(MathError):
         math_eval(expr)
+
+
+async def test_deeply_nested_arguments_are_the_tools_error() -> None:
+    """The model's arguments nested thousands deep: msgspec raises RecursionError, which used
+    to leave Toolbox.run (documented never to raise) and fail the request with a 500."""
+    box = Toolbox(Config(tools={"math.eval": ToolConfig(builtin="math.eval")}))
+    tool = box.get("math.eval")
+    assert tool is not None
+    for text in ("[" * 100_000 + "]" * 100_000, '{"expression": ' + "[" * 5000 + "]" * 5000 + "}"):
+        result = await box.run(tool, text, None)  # type: ignore[arg-type]
+        assert not result.ok and "not valid JSON" in result.text
