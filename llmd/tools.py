@@ -368,7 +368,7 @@ class Toolbox:
             if cfg.builtin:
                 return ToolResult(True, _encode(_run_builtin(cfg.builtin, args)).decode())
             return await self._http(tool, args, session)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, OverflowError) as e:  # e.g. year 9999 + 14 h: out of range
             return _error(str(e))
 
     async def _http(self, tool: Tool, args: Any, session: aiohttp.ClientSession) -> ToolResult:

@@ -257,3 +257,20 @@ async def test_deeply_nested_arguments_are_the_tools_error() -> None:
     for text in ("[" * 100_000 + "]" * 100_000, '{"expression": ' + "[" * 5000 + "]" * 5000 + "}"):
         result = await box.run(tool, text, None)  # type: ignore[arg-type]
         assert not result.ok and "not valid JSON" in result.text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"time": "9999-12-31T23:59:59+00:00", "to_timezone": "Pacific/Kiritimati"},
+        {"time": "0001-01-01T00:00:00", "from_timezone": "Asia/Tokyo", "to_timezone": "UTC"},
+    ],
+)
+async def test_time_convert_out_of_range_is_the_tools_error(args: dict[str, str]) -> None:
+    """A conversion past year 9999 or before year 1 (OverflowError) is the tool's error for the
+    model to read; it used to leave Toolbox.run and fail the request with a 500."""
+    box = Toolbox(Config(tools={"time.convert": ToolConfig(builtin="time.convert")}))
+    tool = box.get("time.convert")
+    assert tool is not None
+    result = await box.run(tool, json.dumps(args), None)  # type: ignore[arg-type]
+    assert not result.ok and "out of range" in result.text
