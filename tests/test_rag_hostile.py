@@ -1,0 +1,68 @@
+"""Retrieval routes under hostile input (fake llama-server): every bad request is a 400 in
+OpenAI's envelope before any model call (no ledger row, nothing stored), and odd but valid
+input (metadata keys with quotes, backslashes, dots) is taken literally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from llmd.auth import hash_secret
+from tests.fakeproc import FakeProc
+from tests.test_rag import KEY, post, rag_section, rows
+
+
+@pytest.mark.parametrize("store", ["sqlite", "qdrant"])
+async def test_filters_take_metadata_keys_literally(fake: FakeProc, llmd_for, tmp_path: Path, store: str) -> None:
+    """1. two documents whose metadata keys differ only by a quote, a backslash, a dot;
+    2. a filter on each key finds exactly the document holding it (never a store error, a 503,
+    nor the other document); 3. a filter value past 64 bits is a 400 before the embedding call."""
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    odd = {'k"ey': 1, "\\": 3, "a.b": 4, "x'y": 5}
+    async with llmd_for(fake, keys=keys, rag=rag_section(store)) as llmd, aiohttp.ClientSession() as s:
+        base = llmd.url + "/v1/rag/docs"
+        metas = [odd, {"key": 1, "a": {"b": 4}}]
+        body = {"texts": ["odd keys", "plain keys"], "ids": ["odd", "plain"], "metadata": metas}
+        status, got = await post(s, base + "/documents", body)
+        assert status == 200, got
+        for k, v in odd.items():
+            if store == "qdrant" and '"' in k:  # a Qdrant path cannot quote it: a 400, not a 503
+                status, err = await post(s, base + "/search", {"query": "keys", "filter": {k: v}}, "big-quote")
+                assert status == 400 and err["error"]["param"] == "filter", err
+                continue
+            status, hits = await post(s, base + "/search", {"query": "keys", "top_k": 5, "filter": {k: v}})
+            assert status == 200, (k, hits)
+            assert [h["id"] for h in hits["data"]] == ["odd"], k
+        status, hits = await post(s, base + "/search", {"query": "keys", "filter": {"key": 1}})
+        assert [h["id"] for h in hits["data"]] == ["plain"]
+        for route, body in (
+            ("/search", {"query": "keys", "filter": {"n": 2**64}}),
+            ("/chat", {"messages": [{"role": "user", "content": "keys"}], "rag": {"filter": {"n": -(2**63) - 1}}}),
+        ):
+            status, err = await post(s, base + route, body, "big" + route[1:])
+            assert status == 400 and err["error"]["param"] in ("filter", "rag"), err
+        auth = {"Authorization": f"Bearer {KEY}"}
+        async with s.get(base + "/documents", params={"filter": '{"n": 99999999999999999999}'}, headers=auth) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "filter"
+        await llmd.services.ledger.flush()
+    assert not [r for r in rows(tmp_path) if r["request_id"].startswith("big")]
+
+
+async def test_rag_options_must_be_an_object(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
+    """`rag: []`, `false`, `0` or `""` on a grounded chat is a 400 naming `rag` (it was read as
+    the defaults), before any model call; `rag: null` is the defaults."""
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    msgs = [{"role": "user", "content": "q"}]
+    async with llmd_for(fake, keys=keys, rag=rag_section("sqlite")) as llmd, aiohttp.ClientSession() as s:
+        base = llmd.url + "/v1/rag/docs"
+        assert (await post(s, base + "/documents", {"texts": ["q"]}))[0] == 200
+        for n, bad in enumerate(([], False, 0, "")):
+            status, err = await post(s, base + "/chat", {"messages": msgs, "rag": bad, "max_tokens": 2}, f"bad{n}")
+            assert status == 400 and err["error"]["param"] == "rag", (bad, err)
+        status, answer = await post(s, base + "/chat", {"messages": msgs, "rag": None, "max_tokens": 2}, "ok")
+        assert status == 200 and answer["rag"]["sources"], answer
+        await llmd.services.ledger.flush()
+    got = {r["request_id"] for r in rows(tmp_path)}
+    assert {"ok", "ok.e1"} <= got and not [r for r in got if r.startswith("bad")]
