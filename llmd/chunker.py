@@ -13,7 +13,8 @@ CHARS_PER_TOKEN = 4
 
 def chunks(text: str, tokens: int, overlap: int) -> list[str]:
     """``text`` as chunks of at most ``tokens`` (estimated), each starting about ``overlap``
-    tokens before the previous one ended. Blank text has no chunks."""
+    tokens (at most half the previous chunk) before the previous one ended. Blank text has no
+    chunks."""
     size = tokens * CHARS_PER_TOKEN
     back = overlap * CHARS_PER_TOKEN
     text = text.strip()
@@ -29,7 +30,10 @@ def chunks(text: str, tokens: int, overlap: int) -> list[str]:
             out.append(piece)
         if end >= n:
             break
-        nxt = max(end - back, start + 1)
+        # at most half of this chunk goes again: a chunk cut short at a break past its middle,
+        # with an overlap above half a chunk, would otherwise start the next one a word later
+        # (a document became chunks x 50 and as many embeddings)
+        nxt = max(end - min(back, (end - start) // 2), start + 1)
         if back:
             # the overlap starts at a word, not inside one
             space = text.find(" ", nxt, end)
