@@ -4,6 +4,9 @@ input (metadata keys with quotes, backslashes, dots) is taken literally."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -11,7 +14,7 @@ import pytest
 
 from llmd.auth import hash_secret
 from tests.fakeproc import FakeProc
-from tests.test_rag import KEY, post, rag_section, rows
+from tests.test_rag import KEY, ROOT, post, rag_section, rows
 
 
 @pytest.mark.parametrize("store", ["sqlite", "qdrant"])
@@ -66,3 +69,52 @@ async def test_rag_options_must_be_an_object(fake: FakeProc, llmd_for, tmp_path:
         await llmd.services.ledger.flush()
     got = {r["request_id"] for r in rows(tmp_path)}
     assert {"ok", "ok.e1"} <= got and not [r for r in got if r.startswith("bad")]
+
+
+async def _cli(cwd: Path, url: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmd", "rag", *args, "--url", url, "--key", KEY, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_says_what_is_wrong_without_a_traceback(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
+    """The CLI against things that are not llmd (no HTTP, HTML, other JSON) and with files that
+    are not text (NUL bytes, blank) or too large: one line naming the problem (the file, not
+    `texts[i]` of a batch), exit 1, never a Python traceback."""
+    (tmp_path / "zeros.bin").write_bytes(b"\0" * 64)  # valid UTF-8, yet no text
+    (tmp_path / "blank.md").write_text(" \n\n ")
+    (tmp_path / "ok.md").write_text("fine\n")
+    (tmp_path / "big.md").write_text("word " * 100)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(banner)
+        await writer.drain()
+        writer.close()
+
+    cmds = (("ls",), ("ls", "docs"), ("search", "docs", "q"), ("add", "docs", "ok.md"), ("rm", "docs", "x"))
+    for banner, want in (
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "cannot reach llmd"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n<html>", "did not answer JSON"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "unexpected answer"),
+    ):
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            for args in cmds:
+                rc, _, err = await _cli(tmp_path, url, *args)
+                assert rc == 1 and want in err and "Traceback" not in err, (banner, args, err)
+    rc, _, err = await _cli(tmp_path, "localhost:8000", "ls")  # no scheme
+    assert rc == 1 and "cannot reach llmd" in err and "Traceback" not in err, err
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    async with llmd_for(fake, keys=keys, rag=rag_section("sqlite", max_document_bytes=100)) as llmd:
+        for name, want in (("zeros.bin", "zeros.bin: not a text file"), ("blank.md", "blank.md: empty")):
+            rc, _, err = await _cli(tmp_path, llmd.url, "add", "docs", "ok.md", name)
+            assert rc == 1 and want in err, err
+        rc, _, err = await _cli(tmp_path, llmd.url, "add", "docs", "ok.md", "big.md")
+        assert rc == 1 and "big.md is 500 bytes" in err, err
+        rc, out, _ = await _cli(tmp_path, llmd.url, "ls", "docs")
+        assert rc == 0 and out.splitlines()[1:] == []  # the NUL and blank files were refused before sending
