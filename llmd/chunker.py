@@ -51,3 +51,15 @@ def _boundary(text: str, start: int, end: int) -> int:
         if i != -1:
             return i + len(sep)
     return end
+
+
+def tail(text: str, tokens: int) -> str:
+    """The end of ``text``: at most ``tokens`` (estimated), starting at a word when one
+    starts in the first half of it."""
+    text = text.strip()
+    size = tokens * CHARS_PER_TOKEN
+    if len(text) <= size:
+        return text
+    cut = text[-size:]
+    space = cut.find(" ", 0, size // 2)
+    return cut[space + 1 :].strip() if space != -1 else cut.strip()

@@ -29,7 +29,7 @@ from . import envelope
 from .appkeys import CALL, SERVICES
 from .auth import Principal
 from .call import Call
-from .chunker import chunks
+from .chunker import chunks, tail
 from .config import CollectionConfig
 from .errors import ApiError, bad_request, model_not_allowed, upstream_failed
 from .grounding import Sources, grounded, query_of, rag_field
@@ -342,6 +342,10 @@ async def _retrieve(
         raise bad_request(f"'top_k' is at most {coll.max_top_k} on this collection.", param="top_k")
     with store_errors(name, coll):
         store = await services.vectors.get(rt.cfg, coll)
+    # The query embedded is at most one chunk, its end (a message ends with its ask): a longer
+    # one (a pasted log) exceeds what the embeddings model takes in one batch (llama-server:
+    # "input is too large to process", a 500) and failed the whole search or chat.
+    query = tail(query, coll.chunk.tokens)
     t0 = time.monotonic()
     vectors, tokens = await _embed(call, rt, services, p, coll, [query], route, 1)
     t1 = time.monotonic()

@@ -118,3 +118,24 @@ async def test_cli_says_what_is_wrong_without_a_traceback(fake: FakeProc, llmd_f
         assert rc == 1 and "big.md is 500 bytes" in err, err
         rc, out, _ = await _cli(tmp_path, llmd.url, "ls", "docs")
         assert rc == 0 and out.splitlines()[1:] == []  # the NUL and blank files were refused before sending
+
+
+async def test_a_long_query_embeds_its_end_only(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
+    """A query longer than a chunk (a pasted log, then the question) is embedded as its last
+    chunk's worth: llama-server refuses an embedding input past its batch (500 "input is too
+    large to process"), which failed the whole search or grounded chat. The fake counts words:
+    the query embedding call has at most a chunk's words (it had all 3000)."""
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    async with llmd_for(fake, keys=keys, rag=rag_section("sqlite", chunk={"tokens": 64, "overlap": 0})) as llmd:
+        async with aiohttp.ClientSession() as s:
+            base = llmd.url + "/v1/rag/docs"
+            added = {"texts": ["restart the queue", "x y"], "ids": ["q", "x"]}
+            assert (await post(s, base + "/documents", added))[0] == 200
+            log = " ".join(f"line{i}" for i in range(3000))
+            status, hits = await post(s, base + "/search", {"query": log + " restart the queue"}, "long")
+            assert status == 200, hits
+            assert 0 < hits["usage"]["prompt_tokens"] <= 64 * 4 // 2  # words of at most 256 characters
+            short_log = " ".join(f"line{i}" for i in range(600))  # within the fake's context: the chat fits
+            msgs = [{"role": "user", "content": short_log + "\n\nrestart the queue"}]
+            status, answer = await post(s, base + "/chat", {"messages": msgs, "max_tokens": 2}, "longchat")
+            assert status == 200 and 0 < answer["rag"]["usage"]["embedding_tokens"] <= 128, answer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmd.chunker import chunks
+from llmd.chunker import chunks, tail
 from llmd.qdrant import QdrantStore
 from llmd.vectors import DimensionMismatch, Document, SqliteStore, Store
 
@@ -135,3 +135,12 @@ def test_a_large_overlap_does_not_multiply_chunks() -> None:
     seen = [w for c in got for w in c.split()]
     assert seen[0] == "w0" and seen[-1] == "w19999"
     assert set(seen) == set(text.split())
+
+
+def test_tail_is_the_end_of_a_text_from_a_word() -> None:
+    text = " ".join(f"w{i}" for i in range(1000))
+    got = tail(text, 16)  # 64 characters
+    assert len(got) <= 64 and got.endswith("w999") and got.split()[0].startswith("w")
+    assert text.endswith(" " + got)
+    assert tail("  short  ", 16) == "short"
+    assert tail("x" * 100, 16) == "x" * 64  # no word to start at: the characters
