@@ -139,3 +139,22 @@ async def test_a_long_query_embeds_its_end_only(fake: FakeProc, llmd_for, tmp_pa
             msgs = [{"role": "user", "content": short_log + "\n\nrestart the queue"}]
             status, answer = await post(s, base + "/chat", {"messages": msgs, "max_tokens": 2}, "longchat")
             assert status == 200 and 0 < answer["rag"]["usage"]["embedding_tokens"] <= 128, answer
+
+
+def test_a_system_message_of_text_parts_gets_the_sources_as_one_more_part() -> None:
+    """Chat templates such as Gemma's take one system message, first: a conversation whose
+    system message is text parts (as the SDKs may send) keeps one system message, the sources
+    appended as a part (it got a second system message in front)."""
+    from llmd.grounding import INSTRUCTION, grounded
+    from llmd.vectors import Hit
+
+    hits = [Hit("d", 0, "the text", 0.9, {})]
+    parts = [{"type": "text", "text": "Be brief."}]
+    got = grounded([{"role": "system", "content": parts}, {"role": "user", "content": "q"}], hits)
+    assert [m["role"] for m in got] == ["system", "user"]
+    assert got[0]["content"][0] == parts[0] and got[0]["content"][1]["type"] == "text"
+    assert INSTRUCTION in got[0]["content"][1]["text"] and "the text" in got[0]["content"][1]["text"]
+    got = grounded([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], hits)
+    assert [m["role"] for m in got] == ["system", "user"] and got[0]["content"].startswith("Be brief.\n\n")
+    got = grounded([{"role": "user", "content": "q"}], hits)
+    assert [m["role"] for m in got] == ["system", "user"]
