@@ -38,7 +38,9 @@ def query_of(messages: list[Any]) -> str:
         if isinstance(content, str):
             text = content
         elif isinstance(content, list):
-            text = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            # a part's text that is not a string (5, null, a list) is no text: not a TypeError (a 500)
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            text = " ".join(t for t in texts if isinstance(t, str))
         else:
             text = ""
         if text.strip():

@@ -308,6 +308,8 @@ def _documents(body: RagDocumentsBody, coll: CollectionConfig) -> list[Document]
     if len(ids) != n:
         raise bad_request(f"'ids' holds {len(ids)} ids for {n} texts.", param="ids")
     if len(set(ids)) != n:
+        if body.ids is None:  # the default ids are the texts' hashes: say so, not "ids"
+            raise bad_request("Two texts are the same (their default ids are equal): pass 'ids'.", param="texts")
         raise bad_request("'ids' must be unique within a request.", param="ids")
     docs = []
     for i, (text, meta, doc_id) in enumerate(zip(body.texts, metas, ids, strict=True)):

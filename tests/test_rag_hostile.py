@@ -158,3 +158,24 @@ def test_a_system_message_of_text_parts_gets_the_sources_as_one_more_part() -> N
     assert [m["role"] for m in got] == ["system", "user"] and got[0]["content"].startswith("Be brief.\n\n")
     got = grounded([{"role": "user", "content": "q"}], hits)
     assert [m["role"] for m in got] == ["system", "user"]
+
+
+async def test_odd_chat_content_and_duplicate_texts_are_400s(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
+    """A last user message whose text parts hold no string (5, null, a list) is the 400 "needs a
+    last user message with text" (it was a TypeError: a 500), before any model call; two equal
+    texts without ids are a 400 naming `texts` (not `ids`, which the caller did not send)."""
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    async with llmd_for(fake, keys=keys, rag=rag_section("sqlite")) as llmd, aiohttp.ClientSession() as s:
+        base = llmd.url + "/v1/rag/docs"
+        assert (await post(s, base + "/documents", {"texts": ["a b"]}))[0] == 200
+        for n, text in enumerate((5, None, ["x"], {"t": 1})):
+            msgs = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+            status, err = await post(s, base + "/chat", {"messages": msgs, "max_tokens": 2}, f"odd{n}")
+            assert status == 400 and err["error"]["param"] == "messages", (text, err)
+        msgs = [{"role": "user", "content": [{"type": "text", "text": 5}, {"type": "text", "text": "a b"}]}]
+        status, answer = await post(s, base + "/chat", {"messages": msgs, "max_tokens": 2})
+        assert status == 200 and answer["rag"]["sources"], answer
+        status, err = await post(s, base + "/documents", {"texts": ["same", "same"]})
+        assert status == 400 and err["error"]["param"] == "texts" and "pass 'ids'" in err["error"]["message"], err
+        await llmd.services.ledger.flush()
+    assert not [r for r in rows(tmp_path) if r["request_id"].startswith("odd")]
