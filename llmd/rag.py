@@ -213,6 +213,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     rag = doc.pop("rag", None)  # absent or null: the collection's defaults; [] or false are not options
     opts = _body(_encode({} if rag is None else rag), RagOptions, "rag")
     model = _model(rt, principal, doc.get("model") or coll.chat_model, "model")
+    tools = doc.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "server" for t in tools):
+        # the grounded chat is one model call, not toolloop.py's loop: relayed, the upstream refuses them
+        raise bad_request("Server tools are not run on a grounded chat; use /v1/chat/completions.", param="tools")
     query = query_of(doc["messages"])
     where = _filter(opts.filter, coll, "rag")
     hits, embed_tokens, timings = await _retrieve(

@@ -179,3 +179,23 @@ async def test_odd_chat_content_and_duplicate_texts_are_400s(fake: FakeProc, llm
         assert status == 400 and err["error"]["param"] == "texts" and "pass 'ids'" in err["error"]["message"], err
         await llmd.services.ledger.flush()
     assert not [r for r in rows(tmp_path) if r["request_id"].startswith("odd")]
+
+
+async def test_server_tools_on_a_grounded_chat_are_a_400(fake: FakeProc, llmd_for, tmp_path: Path) -> None:
+    """A grounded chat is one model call, not the tool loop: a `{"type": "server"}` tool was
+    relayed as it is to the upstream (which does not know it); now a 400 naming `tools` before
+    any model call. Client function tools are relayed as usual."""
+    keys = [{"id": "k", "sha256": hash_secret(KEY)}]
+    tools = {"clock": {"builtin": "time.now"}}
+    async with llmd_for(fake, keys=keys, rag=rag_section("sqlite"), tools=tools) as llmd, aiohttp.ClientSession() as s:
+        base = llmd.url + "/v1/rag/docs"
+        assert (await post(s, base + "/documents", {"texts": ["a b"]}))[0] == 200
+        msgs = [{"role": "user", "content": "what time is it"}]
+        body = {"messages": msgs, "tools": [{"type": "server", "name": "clock"}], "max_tokens": 2}
+        status, err = await post(s, base + "/chat", body, "srv")
+        assert status == 400 and err["error"]["param"] == "tools", err
+        fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        status, answer = await post(s, base + "/chat", {"messages": msgs, "tools": [fn], "max_tokens": 2})
+        assert status == 200 and "rag" in answer, answer
+        await llmd.services.ledger.flush()
+    assert not [r for r in rows(tmp_path) if r["request_id"].startswith("srv")]
