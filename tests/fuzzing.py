@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import hypothesis
+import numpy  # noqa: F401  (see below)
 import requests
 import schemathesis
 import yaml
@@ -50,6 +51,11 @@ from llmd.routes import ROUTES
 from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
 
 T = TypeVar("T")
+
+# numpy is imported here, before any thread: hypothesis seeds numpy's random for each example
+# once "numpy" is in sys.modules, and when another thread (llmd's, a sender's) was importing it
+# at that moment, hypothesis met a partially initialized module (AttributeError: 'ndarray'),
+# failing a fuzz run now and then.
 
 INFERENCE = frozenset(p for r in ROUTES for p in r.paths)
 ANTHROPIC = frozenset(p for r in ROUTES if r.errors == "anthropic" for p in r.paths)  # Anthropic's error envelope
