@@ -13,7 +13,8 @@ CHARS_PER_TOKEN = 4
 
 def chunks(text: str, tokens: int, overlap: int) -> list[str]:
     """``text`` as chunks of at most ``tokens`` (estimated), each starting about ``overlap``
-    tokens before the previous one ended. Blank text has no chunks."""
+    tokens (at most half the previous chunk) before the previous one ended. Blank text has no
+    chunks."""
     size = tokens * CHARS_PER_TOKEN
     back = overlap * CHARS_PER_TOKEN
     text = text.strip()
@@ -29,7 +30,10 @@ def chunks(text: str, tokens: int, overlap: int) -> list[str]:
             out.append(piece)
         if end >= n:
             break
-        nxt = max(end - back, start + 1)
+        # at most half of this chunk goes again: a chunk cut short at a break past its middle,
+        # with an overlap above half a chunk, would otherwise start the next one a word later
+        # (a document became chunks x 50 and as many embeddings)
+        nxt = max(end - min(back, (end - start) // 2), start + 1)
         if back:
             # the overlap starts at a word, not inside one
             space = text.find(" ", nxt, end)
@@ -47,3 +51,15 @@ def _boundary(text: str, start: int, end: int) -> int:
         if i != -1:
             return i + len(sep)
     return end
+
+
+def tail(text: str, tokens: int) -> str:
+    """The end of ``text``: at most ``tokens`` (estimated), starting at a word when one
+    starts in the first half of it."""
+    text = text.strip()
+    size = tokens * CHARS_PER_TOKEN
+    if len(text) <= size:
+        return text
+    cut = text[-size:]
+    space = cut.find(" ", 0, size // 2)
+    return cut[space + 1 :].strip() if space != -1 else cut.strip()

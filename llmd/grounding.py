@@ -3,7 +3,8 @@
 The template (README "Retrieval"): one system message in front of the conversation, holding
 the instruction and the chunks numbered ``[1]``, ``[2]``... in score order, each headed by its
 document id. A conversation that starts with its own system message keeps it: the block is
-appended to it (chat templates such as Gemma's accept a single system message, first).
+appended to it, as text or as one more text part (chat templates such as Gemma's accept a
+single system message, first).
 
 The answer keeps OpenAI's shape plus a ``rag`` field: the collection, the sources (number,
 document id, chunk, score, metadata) and what retrieval cost. A stream gets the same object
@@ -37,7 +38,9 @@ def query_of(messages: list[Any]) -> str:
         if isinstance(content, str):
             text = content
         elif isinstance(content, list):
-            text = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            # a part's text that is not a string (5, null, a list) is no text: not a TypeError (a 500)
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            text = " ".join(t for t in texts if isinstance(t, str))
         else:
             text = ""
         if text.strip():
@@ -59,8 +62,12 @@ def grounded(messages: list[Any], hits: list[Hit]) -> list[Any]:
     """The conversation with the sources' system message in front (or appended to its own)."""
     block = sources_block(hits)
     first = messages[0] if messages else None
-    if isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str):
-        return [{**first, "content": first["content"] + "\n\n" + block}, *messages[1:]]
+    if isinstance(first, dict) and first.get("role") == "system":
+        content = first.get("content")
+        if isinstance(content, str):
+            return [{**first, "content": content + "\n\n" + block}, *messages[1:]]
+        if isinstance(content, list):  # text parts (the SDKs send them too): one more part
+            return [{**first, "content": [*content, {"type": "text", "text": "\n\n" + block}]}, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
 
 

@@ -170,4 +170,6 @@ def _eq(key: str, value: Any) -> qm.FieldCondition:
 
 
 def _filter(where: Filter, must: list[Any]) -> qm.Filter:
-    return qm.Filter(must=[*must, *(_eq(f"metadata.{k}", v) for k, v in where.items())])
+    # quoted: a key is one top-level metadata key, its dots not a path (rag.py refuses keys
+    # holding `"`, which a Qdrant path cannot quote)
+    return qm.Filter(must=[*must, *(_eq(f'metadata."{k}"', v) for k, v in where.items())])

@@ -29,7 +29,7 @@ from . import envelope
 from .appkeys import CALL, SERVICES
 from .auth import Principal
 from .call import Call
-from .chunker import chunks
+from .chunker import chunks, tail
 from .config import CollectionConfig
 from .errors import ApiError, bad_request, model_not_allowed, upstream_failed
 from .grounding import Sources, grounded, query_of, rag_field
@@ -138,7 +138,7 @@ async def list_documents(request: web.Request) -> web.Response:
         raise bad_request("'limit' must be an integer from 1 to 1000.", param="limit")
     where: Filter = {}
     if "filter" in q:
-        where = _body(q["filter"].encode(), Filter, "filter")  # type: ignore[arg-type]
+        where = _filter(_body(q["filter"].encode(), Filter, "filter"), coll, "filter")  # type: ignore[arg-type]
     with store_errors(name, coll):
         store = await services.vectors.get(rt.cfg, coll)
         docs = await store.documents(name, limit + 1, q.get("after"), where)
@@ -175,8 +175,9 @@ async def search(request: web.Request) -> web.Response:
     body = _body(await read_body(request, rt.cfg.server.max_body_bytes), RagSearchBody)
     if not body.query.strip():
         raise bad_request("'query' must not be empty.", param="query")
+    where = _filter(body.filter, coll, "filter")
     hits, tokens, _ = await _retrieve(
-        request[CALL], rt, services, principal, name, coll, body.query, body.top_k, body.filter or {}, "rag_search"
+        request[CALL], rt, services, principal, name, coll, body.query, body.top_k, where, "rag_search"
     )
     data = [
         {
@@ -209,11 +210,17 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise bad_request("The request body must be a JSON object.")
-    opts = _body(_encode(doc.pop("rag", None) or {}), RagOptions, "rag")
+    rag = doc.pop("rag", None)  # absent or null: the collection's defaults; [] or false are not options
+    opts = _body(_encode({} if rag is None else rag), RagOptions, "rag")
     model = _model(rt, principal, doc.get("model") or coll.chat_model, "model")
+    tools = doc.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "server" for t in tools):
+        # the grounded chat is one model call, not toolloop.py's loop: relayed, the upstream refuses them
+        raise bad_request("Server tools are not run on a grounded chat; use /v1/chat/completions.", param="tools")
     query = query_of(doc["messages"])
+    where = _filter(opts.filter, coll, "rag")
     hits, embed_tokens, timings = await _retrieve(
-        call, rt, services, principal, name, coll, query, opts.top_k, opts.filter or {}, "rag_chat_embed"
+        call, rt, services, principal, name, coll, query, opts.top_k, where, "rag_chat_embed"
     )
     doc["messages"] = grounded(doc["messages"], hits)
     doc["model"] = model
@@ -281,6 +288,18 @@ def _body(raw: bytes, kind: Any, param: str | None = None) -> Any:
         raise bad_request(f"'{param or 'body'}' is not valid JSON.", param=param, code="invalid_json") from None
 
 
+def _filter(where: Filter | None, coll: CollectionConfig, param: str) -> Filter:
+    """A metadata filter the stores can take, checked before any model call: an integer
+    past 64 bits cannot be compared by SQLite or Qdrant, nor can a Qdrant filter path quote a
+    key holding `"` (either would fail the store: a 503 after the embedding call)."""
+    for k, v in (where or {}).items():
+        if coll.store == "qdrant" and '"' in k:
+            raise bad_request(f"filter key '{k}': a qdrant collection cannot filter on keys holding '\"'.", param=param)
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+            raise bad_request(f"filter value of '{k}' is outside the 64-bit integer range.", param=param)
+    return where or {}
+
+
 def _documents(body: RagDocumentsBody, coll: CollectionConfig) -> list[Document]:
     """The request's documents, chunked; every problem a 400 before anything is embedded."""
     n = len(body.texts)
@@ -293,6 +312,8 @@ def _documents(body: RagDocumentsBody, coll: CollectionConfig) -> list[Document]
     if len(ids) != n:
         raise bad_request(f"'ids' holds {len(ids)} ids for {n} texts.", param="ids")
     if len(set(ids)) != n:
+        if body.ids is None:  # the default ids are the texts' hashes: say so, not "ids"
+            raise bad_request("Two texts are the same (their default ids are equal): pass 'ids'.", param="texts")
         raise bad_request("'ids' must be unique within a request.", param="ids")
     docs = []
     for i, (text, meta, doc_id) in enumerate(zip(body.texts, metas, ids, strict=True)):
@@ -327,6 +348,10 @@ async def _retrieve(
         raise bad_request(f"'top_k' is at most {coll.max_top_k} on this collection.", param="top_k")
     with store_errors(name, coll):
         store = await services.vectors.get(rt.cfg, coll)
+    # The query embedded is at most one chunk, its end (a message ends with its ask): a longer
+    # one (a pasted log) exceeds what the embeddings model takes in one batch (llama-server:
+    # "input is too large to process", a 500) and failed the whole search or chat.
+    query = tail(query, coll.chunk.tokens)
     t0 = time.monotonic()
     vectors, tokens = await _embed(call, rt, services, p, coll, [query], route, 1)
     t1 = time.monotonic()

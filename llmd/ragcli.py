@@ -8,8 +8,10 @@ The key comes from ``--key`` or ``$LLMD_API_KEY``; the URL from ``--url`` or the
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -48,7 +50,7 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None) 
         req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read())
+            raw = resp.read()
     except urllib.error.HTTPError as e:
         raw = e.read().decode(errors="replace")
         try:
@@ -56,8 +58,13 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None) 
         except (ValueError, KeyError, TypeError):
             msg = raw[:500]
         raise CliError(f"llmd answered {e.code}: {msg}") from None
-    except OSError as e:
-        raise CliError(f"cannot reach llmd at {base_url(args)}: {e}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # ValueError: a --url urllib cannot open; HTTPException: something not HTTP answered there
+        raise CliError(f"cannot reach llmd at {base_url(args)}: {type(e).__name__}: {e}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise CliError(f"{base_url(args)} did not answer JSON: is it llmd?") from None
 
 
 def pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -81,6 +88,10 @@ def cmd_add(args: argparse.Namespace) -> int:
             raise CliError(f"{name}: not a UTF-8 text file") from None
         except OSError as e:
             raise CliError(f"{name}: {e.strerror}") from None
+        if "\x00" in text:  # valid UTF-8 is not yet text: a file of zeros decodes too
+            raise CliError(f"{name}: not a text file (it holds NUL bytes)")
+        if not text.strip():
+            raise CliError(f"{name}: empty")
         docs.append((name, text))
     coll = urllib.parse.quote(args.collection, safe="")
     chunks = tokens = 0
@@ -89,7 +100,10 @@ def cmd_add(args: argparse.Namespace) -> int:
             part = docs[i : i + FILES_PER_REQUEST]
             body = {"texts": [t for _, t in part], "ids": [n for n, _ in part],
                     "metadata": [{"source": n, **meta} for n, _ in part]}  # fmt: skip
-            got = request(args, "POST", f"/v1/rag/{coll}/documents", body)
+            try:
+                got = request(args, "POST", f"/v1/rag/{coll}/documents", body)
+            except CliError as e:  # llmd names texts[i] of this request: name the file
+                raise CliError(re.sub(r"texts\[(\d+)\]", lambda m, part=part: part[int(m[1])][0], str(e))) from None
             chunks += sum(d["chunks"] for d in got["data"])
             tokens += got["usage"]["prompt_tokens"]
             bar.advance(len(part))
@@ -120,7 +134,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     coll = urllib.parse.quote(args.collection, safe="")
     for doc_id in args.ids:
-        request(args, "DELETE", f"/v1/rag/{coll}/documents/{urllib.parse.quote(doc_id, safe='')}")
+        got = request(args, "DELETE", f"/v1/rag/{coll}/documents/{urllib.parse.quote(doc_id, safe='')}")
+        if got["deleted"] is not True:
+            raise CliError(f"llmd did not delete {doc_id}: {got}")
         print(f"deleted {doc_id}")
     return 0
 
@@ -191,6 +207,10 @@ def run(cmd: Any) -> Any:
             return int(cmd(args))
         except CliError as e:
             print(f"llmd rag: {e}", file=sys.stderr)
+            return 1
+        except (KeyError, TypeError, IndexError) as e:  # JSON, but not the answer of llmd's route
+            print(f"llmd rag: unexpected answer from {base_url(args)} ({type(e).__name__}: {e}): is it llmd?",
+                  file=sys.stderr)  # fmt: skip
             return 1
 
     return wrapped

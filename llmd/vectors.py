@@ -286,11 +286,12 @@ class SqliteStore:
 
 
 def _where(where: Filter) -> tuple[str, list[Any]]:
-    """SQL requiring each metadata key to equal its value (JSON true/false read as 1/0)."""
+    """SQL requiring each top-level metadata key to equal its value (JSON true/false read as
+    1/0). The key is matched by json_each, not spliced into a JSON path: a key holding `"`,
+    `\\` or `.` is just a key, never a path error (a 503) or another key's match."""
     sql = ""
     args: list[Any] = []
     for k, v in where.items():
-        sql += " AND json_extract(d.metadata, ?) = ?"
-        args += ['$."' + k.replace('"', "") + '"', int(v) if isinstance(v, bool) else v]
+        sql += " AND EXISTS (SELECT 1 FROM json_each(d.metadata) m WHERE m.key = ? AND m.value = ?)"
+        args += [k, int(v) if isinstance(v, bool) else v]
     return sql, args
-

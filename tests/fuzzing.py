@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import hypothesis
+import numpy  # noqa: F401  (see below)
 import requests
 import schemathesis
 import yaml
@@ -50,6 +51,11 @@ from llmd.routes import ROUTES
 from tests.fakeproc import FAKE_LLAMA, FakeProc, start_fake
 
 T = TypeVar("T")
+
+# numpy is imported here, before any thread: hypothesis seeds numpy's random for each example
+# once "numpy" is in sys.modules, and when another thread (llmd's, a sender's) was importing it
+# at that moment, hypothesis met a partially initialized module (AttributeError: 'ndarray'),
+# failing a fuzz run now and then.
 
 INFERENCE = frozenset(p for r in ROUTES for p in r.paths)
 ANTHROPIC = frozenset(p for r in ROUTES if r.errors == "anthropic" for p in r.paths)  # Anthropic's error envelope
@@ -71,9 +77,14 @@ IDENTITIES = (
 )  # fmt: skip
 
 
-def fuzz_config(tmp: Path, fake_url: str, max_body_bytes: int = 4096) -> dict[str, Any]:
+def fuzz_config(tmp: Path, fake_url: str, max_body_bytes: int = 4096, rag: bool = False) -> dict[str, Any]:
     upstream = {"backend": "openai", "urls": [fake_url + "/v1"], "slots": 4}
+    # rag: a collection on 'm' (the embedded store beside the ledger), so that the document has
+    # the /v1/rag routes to fuzz (rag.py)
+    docs = {"embedding_model": "m", "chat_model": "m"}
+    extra: dict[str, Any] = {"rag": {"collections": {"docs": docs}}} if rag else {}
     return {
+        **extra,
         "server": {
             "host": "127.0.0.1",
             "port": 0,
@@ -141,9 +152,10 @@ def auth_headers(case: Case, identity: str) -> dict[str, str]:
 class Stack:
     """A fake upstream and llmd, running on their own thread's event loop."""
 
-    def __init__(self, tmp: Path, max_body_bytes: int = 4096) -> None:
+    def __init__(self, tmp: Path, max_body_bytes: int = 4096, rag: bool = False) -> None:
         self.tmp = tmp
         self.max_body_bytes = max_body_bytes
+        self.rag = rag
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
         self.fake: FakeProc | None = None
@@ -169,7 +181,7 @@ class Stack:
         self._stop = asyncio.Event()
         try:
             self.fake = await start_fake(FAKE_LLAMA, "-np", "4", "--embeddings")
-            doc = fuzz_config(self.tmp, self.fake.url, self.max_body_bytes)
+            doc = fuzz_config(self.tmp, self.fake.url, self.max_body_bytes, self.rag)
             self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
             self.daemon = Daemon(configfile.load(self.config_path), self.config_path)
             assert await self.daemon.start()
@@ -252,11 +264,11 @@ def load_schema(base_url: str) -> Any:
     return schemathesis.openapi.from_url(base_url + "/openapi.json")
 
 
-def case_strategy(schema: Any) -> st.SearchStrategy[tuple[Case, str]]:
-    """Any operation, positive or negative, with one of IDENTITIES."""
-    strategies = [
-        op.ok().as_strategy(generation_mode=mode) for op in schema.get_all_operations() for mode in GenerationMode
-    ]
+def case_strategy(schema: Any, only: str = "") -> st.SearchStrategy[tuple[Case, str]]:
+    """Any operation (whose path starts with ``only``), positive or negative, with one of IDENTITIES."""
+    ops = [op.ok() for op in schema.get_all_operations()]
+    ops = [op for op in ops if op.path.startswith(only)]
+    strategies = [op.as_strategy(generation_mode=mode) for op in ops for mode in GenerationMode]
     return st.tuples(st.one_of(strategies), st.sampled_from(IDENTITIES))
 
 
@@ -411,6 +423,7 @@ def fuzz(
     seed: int = 0,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    only: str = "",
 ) -> Findings:
     """Generate and send ``n`` requests (the same ones for a seed; 0: hypothesis's derandomized
     sequence). With ``workers`` > 1, one thread generates (hypothesis is not for threads) and
@@ -442,7 +455,7 @@ def fuzz(
         phases=[Phase.generate],  # no shrinking: findings are collected, not raised
         suppress_health_check=list(HealthCheck),
     )
-    @given(case_strategy(schema))
+    @given(case_strategy(schema, only))
     def generate(item: tuple[Case, str]) -> None:
         todo.put(item)
 

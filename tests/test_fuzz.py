@@ -124,6 +124,35 @@ def test_fuzzing_finds_no_5xx_no_bare_4xx_no_lost_row_and_no_leak(tmp_path: Path
     assert fuzzing.leaks(state) == []
 
 
+def test_fuzzing_the_retrieval_routes(tmp_path: Path) -> None:
+    """The same fuzzing with a rag collection configured, on the /v1/rag routes only (the
+    main run's config has none, so its document has none): 300 generated requests, no llmd
+    5xx, llmd's 4xx in its envelope, conformance, no leak; every ledger row is a model call of
+    a request that was answered (``<id>`` or ``<id>.eN``), and every answered search, chat and
+    add has its rows."""
+    logging.getLogger("llmd.access").setLevel(logging.WARNING)
+    try:
+        with fuzzing.Stack(tmp_path, rag=True) as stack:
+            found = fuzzing.fuzz(stack, 300, only="/v1/rag")
+            state = stack.settle()
+            errors = [r.getMessage() for r in stack.errors]
+    finally:
+        logging.getLogger("llmd.access").setLevel(logging.NOTSET)
+    by_status = found.by_status()
+    assert found.problems == [], "\n\n".join(found.problems[:5])
+    assert not found.conformance, found.conformance_examples
+    assert errors == [] and fuzzing.leaks(state) == []
+    assert by_status[200] > 20 and all(by_status[s] for s in (400, 401, 404)), by_status
+    assert {s.path for s in found.sent} >= {"/v1/rag/{collection}/documents", "/v1/rag/{collection}/search"}
+    rows = fuzzing.ledger_rows(fuzzing.ledger_path(stack))
+    sent = {s.request_id: s for s in found.sent}
+    owners = {rid.split(".e")[0] for rid in rows}
+    assert owners <= set(sent), owners - set(sent)
+    model_calls = ("/search", "/chat", "/chat/completions")
+    answered = {s.request_id for s in found.sent if s.status == 200 and s.path.endswith(model_calls)}
+    assert answered and answered <= owners, answered - owners
+
+
 async def test_a_body_llmd_must_re_encode_but_cannot_is_a_400_before_the_limits(fake: FakeProc, llmd_for) -> None:
     """Found by fuzzing: the envelope decoder skips fields it does not read, so a number out of
     range there (``1e999``) passed it; when llmd then re-encoded the body (an alias, or usage

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmd.chunker import chunks
+from llmd.chunker import chunks, tail
 from llmd.qdrant import QdrantStore
 from llmd.vectors import DimensionMismatch, Document, SqliteStore, Store
 
@@ -120,3 +120,27 @@ def test_chunks_overlap_and_cut_at_word_boundaries() -> None:
         assert b[0] in a  # the next chunk starts inside the previous one
     assert chunks("  \n ", 32, 8) == []
     assert chunks("short", 32, 8) == ["short"]
+
+
+def test_a_large_overlap_does_not_multiply_chunks() -> None:
+    """Paragraphs of 600 characters, chunks of 1024 cut at the paragraph break past the
+    middle, an overlap of 800 (allowed: below chunk.tokens): each chunk still moves on by at
+    least half its length, so the count stays within 4 x text / chunk size (it was ~50x more),
+    and the chunks still cover the text, in order."""
+    words = " ".join(f"w{i}" for i in range(20000))
+    text = "\n\n".join(words[i : i + 600] for i in range(0, len(words), 600))
+    got = chunks(text, 256, 200)
+    assert len(got) <= 4 * len(text) // 1024 + 1
+    assert all(len(c) <= 1024 for c in got)
+    seen = [w for c in got for w in c.split()]
+    assert seen[0] == "w0" and seen[-1] == "w19999"
+    assert set(seen) == set(text.split())
+
+
+def test_tail_is_the_end_of_a_text_from_a_word() -> None:
+    text = " ".join(f"w{i}" for i in range(1000))
+    got = tail(text, 16)  # 64 characters
+    assert len(got) <= 64 and got.endswith("w999") and got.split()[0].startswith("w")
+    assert text.endswith(" " + got)
+    assert tail("  short  ", 16) == "short"
+    assert tail("x" * 100, 16) == "x" * 64  # no word to start at: the characters
