@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -399,3 +400,19 @@ async def test_reload_changing_a_model_under_a_budget(tmp_path: Path, start: Sta
         await wait_for(lambda: [r["slots"] for r in sv.supervisor.status() if r["pid"]] == [3], timeout_s=15)
         assert watch.max_alive == 1
         assert (await chat(session, srv.url, "a"))[0] == 200
+
+
+def test_hostile_budget_and_garbage_gguf_are_config_errors(tmp_path: Path) -> None:
+    """A budget of hundreds of digits and a corrupt GGUF are listed config errors, not crashes."""
+    bad = tmp_path / "b.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+                    + struct.pack("<I", 9) + struct.pack("<IQ", 4, 1 << 63))  # fmt: skip
+    doc = doc_for(tmp_path, {"b": {**model(tmp_path, "b"), "memory": None}}, budget="9" * 400 + "GiB")
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c.yaml", doc))
+    text = str(e.value)
+    assert "server.memory_budget.ram: size is too large" in text
+    doc = doc_for(tmp_path, {"b": {**model(tmp_path, "b"), "memory": None}})
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c2.yaml", doc))
+    assert "models.b.memory: cannot read" in str(e.value)
