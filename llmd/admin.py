@@ -45,7 +45,9 @@ SECURITY_HEADERS = {
 
 EVENTS_TICK_S = 0.5  # how often a stream looks for a change; a snapshot goes out only when one happened
 _STATIC = {"": ("index.html", "text/html"), "app.js": ("app.js", "text/javascript"), "app.css": ("app.css", "text/css")}
-_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# fullmatch, not match + "$": "$" also matches before a trailing newline ("abc\n").
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MONTH_RE = re.compile(r"[0-9]{4}-[0-9]{2}")
 _KEYS_NEW_MAX_BYTES = 4096
 
 
@@ -196,7 +198,7 @@ async def usage_daily(request: web.Request) -> web.Response:
     require_admin(services.runtime, request)
     q = request.query
     month = q.get("month") or current_month()
-    if not re.match(r"^\d{4}-\d{2}$", month):
+    if not _MONTH_RE.fullmatch(month):  # it goes into a Content-Disposition header too
         raise bad_request("month must be YYYY-MM", param="month")
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
@@ -249,7 +251,7 @@ async def keys_new(request: web.Request) -> web.Response:
         raise bad_request('Send a JSON object: {"id": "...", "tier": "..."}.') from None
     key_id = body.get("id") or ""
     tier = body.get("tier") or None
-    if not _KEY_ID_RE.match(key_id):
+    if not _KEY_ID_RE.fullmatch(key_id):
         raise bad_request("id must be 1-64 letters, digits, '.', '_' or '-'", param="id")
     if key_id in {k.id for k in rt.cfg.keys}:
         raise bad_request(f"A key with id '{key_id}' already exists.", param="id")

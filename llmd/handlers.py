@@ -77,7 +77,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     require_admin(services.runtime, request)
     month = request.query.get("month")
-    if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
+    if month is not None and not re.fullmatch(r"[0-9]{4}-[0-9]{2}", month):
         raise bad_request("month must be YYYY-MM", param="month")
     try:
         rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))

@@ -261,3 +261,16 @@ async def test_open_mode_answers_this_host_only(tmp_path: Path, fake: FakeProc) 
                 assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
         async with http.get(llmd.url + "/admin/events", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
             assert r.status == 403
+
+
+async def test_trailing_newlines_are_refused(served) -> None:
+    """"$" in a regex also matches before a final newline: a month or key id ending in one was
+    taken, and the month then went into the CSV's Content-Disposition header (aiohttp refused
+    to write it and dropped the connection)."""
+    llmd, http = served
+    for route in ("/admin/usage/daily?format=csv&month=", "/admin/usage/daily?month=", "/admin/usage?month="):
+        async with http.get(llmd.url + route + "2026-01%0A", headers=bearer(ADMIN)) as r:
+            assert r.status == 400 and r.headers["X-Frame-Options"] == "DENY", route
+            assert (await r.json())["error"]["param"] == "month"
+    async with http.post(llmd.url + "/admin/keys/new", headers=bearer(ADMIN), json={"id": "carol\n"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["param"] == "id"
