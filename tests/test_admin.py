@@ -264,7 +264,7 @@ async def test_open_mode_answers_this_host_only(tmp_path: Path, fake: FakeProc) 
 
 
 async def test_trailing_newlines_are_refused(served) -> None:
-    """"$" in a regex also matches before a final newline: a month or key id ending in one was
+    """A regex's "$" also matches before a final newline: a month or key id ending in one was
     taken, and the month then went into the CSV's Content-Disposition header (aiohttp refused
     to write it and dropped the connection)."""
     llmd, http = served

@@ -416,3 +416,22 @@ def test_hostile_budget_and_garbage_gguf_are_config_errors(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as e:
         configfile.load(write_config(tmp_path / "c2.yaml", doc))
     assert "models.b.memory: cannot read" in str(e.value)
+
+
+async def test_failed_cold_start_answers_503_soon_and_the_next_request_retries(
+    tmp_path: Path, start: Start, session: aiohttp.ClientSession
+) -> None:
+    """A cold model whose process exits while starting: the queued request gets a 503 naming
+    the failed start once the replica backs off (not after queue_timeout_s + start_timeout_s,
+    here 600 s), and a later request waits for the next attempt rather than being refused."""
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a", "--exit-after-s", "0.05", "--load-delay-s", "5")},
+                  routing={"queue_timeout_s": 300})  # fmt: skip
+    doc["launchers"]["llama-server"]["start_timeout_s"] = 300
+    async with start(doc) as srv:
+        for _ in range(2):
+            status, body = await asyncio.wait_for(chat(session, srv.url, "a"), 60)
+            assert status == 503, body
+            assert "Model 'a' failed to start: replica a/0 exited" in body["error"]["message"]
+        await settled(srv)
+        assert rows(tmp_path) == [("a", 503), ("a", 503)]
+        assert srv.services.pools["a"].admission.depth == 0
