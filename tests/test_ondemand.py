@@ -97,6 +97,11 @@ async def get(s: aiohttp.ClientSession, url: str, path: str) -> tuple[int, Any]:
         return r.status, await r.json(content_type=None) if path != "/metrics" else await r.text()
 
 
+async def post_json(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with s.post(url) as r:
+        return r.status, await r.json()
+
+
 def rows(tmp_path: Path) -> list[tuple[str, int]]:
     con = sqlite3.connect(tmp_path / "usage.sqlite3")
     try:
@@ -435,3 +440,6 @@ async def test_failed_cold_start_answers_503_soon_and_the_next_request_retries(
         await settled(srv)
         assert rows(tmp_path) == [("a", 503), ("a", 503)]
         assert srv.services.pools["a"].admission.depth == 0
+        # `llmd load` waits until the model serves: a failed start ends that wait too.
+        status, body = await asyncio.wait_for(post_json(session, srv.url + "/admin/models/a/load"), 60)
+        assert status == 200 and body["state"] == "unready"
