@@ -261,6 +261,11 @@ async def test_open_mode_answers_this_host_only(tmp_path: Path, fake: FakeProc) 
                 assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
         async with http.get(llmd.url + "/admin/events", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
             assert r.status == 403
+        # A hop with a port, or one that is no address at all, is not the proxy itself (loopback):
+        # both were taken for the proxy's own address, and so for a local client.
+        for hop in ("203.0.113.7:4711", "[2001:db8::7]:4711", "unknown", "127.0.0.1, bogus"):
+            async with http.get(llmd.url + "/admin/keys", headers={"X-Forwarded-For": hop}) as r:
+                assert r.status == 403, hop
 
 
 async def test_trailing_newlines_are_refused(served) -> None:
