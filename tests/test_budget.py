@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmd import gguf
-from llmd.budget import COMPUTE_ALLOWANCE, EstimateError, parse_size, replica_bytes, replica_needs
-from llmd.config import ModelConfig
+from llmd import configfile, gguf
+from llmd.budget import COMPUTE_ALLOWANCE, EstimateError, capacity, parse_size, replica_bytes, replica_needs
+from llmd.config import ConfigError, ModelConfig
 
 
 def _str(s: str) -> bytes:
@@ -137,3 +137,12 @@ def test_garbage_gguf_is_a_gguf_error(tmp_path: Path, data: bytes) -> None:
         gguf.kv_shape(str(path))
     with pytest.raises(EstimateError, match="cannot read"):
         replica_bytes(ModelConfig(backend="llama-server", model=str(path)))
+
+
+def test_vram_budget_as_the_readme_writes_it() -> None:
+    """README: ``memory_budget: {ram: 6GiB, vram: {0: 20GiB, 1: 20GiB}}``. YAML reads the GPU
+    indexes as ints, which the decoder refused ("keys must be strings")."""
+    cfg = configfile.parse("server:\n  memory_budget: {ram: 6GiB, vram: {0: 20GiB, '1': 20GiB}}\n")
+    assert capacity(cfg.server.memory_budget) == {"ram": 6 << 30, "gpu0": 20 << 30, "gpu1": 20 << 30}
+    with pytest.raises(ConfigError, match=r"vram\.x: keys must be integers"):
+        configfile.parse("server:\n  memory_budget: {vram: {x: 1GiB}}\n")
