@@ -242,7 +242,11 @@ async def keys_new(request: web.Request) -> web.Response:
     nothing (the key works once the operator adds the YAML and reloads)."""
     rt = request.app[SERVICES].runtime
     require_admin(rt, request)
-    raw = await request.content.read(_KEYS_NEW_MAX_BYTES + 1)  # {"id", "tier"}: tiny, whatever is sent
+    # {"id", "tier"}: tiny, whatever is sent. read(n) returns what has arrived so far (up to n):
+    # loop, or a body split over two TCP segments is cut.
+    raw = b""
+    while len(raw) <= _KEYS_NEW_MAX_BYTES and (chunk := await request.content.read(_KEYS_NEW_MAX_BYTES + 1)):
+        raw += chunk
     try:
         if len(raw) > _KEYS_NEW_MAX_BYTES:
             raise msgspec.DecodeError("too large")

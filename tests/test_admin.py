@@ -5,6 +5,7 @@ llama-server; the ledger is seeded with rows before llmd opens it."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -279,3 +280,23 @@ async def test_trailing_newlines_are_refused(served) -> None:
             assert (await r.json())["error"]["param"] == "month"
     async with http.post(llmd.url + "/admin/keys/new", headers=bearer(ADMIN), json={"id": "carol\n"}) as r:
         assert r.status == 400 and (await r.json())["error"]["param"] == "id"
+
+
+async def test_new_key_body_split_over_segments(served) -> None:
+    """content.read(n) returns what has arrived so far: a body in two TCP segments was cut and
+    refused as not JSON."""
+    llmd, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(llmd.url.rsplit(":", 1)[1]))
+    body = b'{"id": "carol", "tier": "team"}'
+    head = (f"POST /admin/keys/new HTTP/1.1\r\nHost: llmd\r\nAuthorization: Bearer {ADMIN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    writer.write(head.encode() + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the rest as a later segment
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(payload)["id"] == "carol"
