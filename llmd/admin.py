@@ -23,7 +23,7 @@ from aiohttp_sse import sse_response
 
 from .appkeys import CALL, SERVICES
 from .auth import Principal, hash_secret, new_secret
-from .errors import admin_required, bad_request, ledger_unavailable
+from .errors import ApiError, admin_required, bad_request, ledger_unavailable
 from .limits import HOUR, MINUTE
 from .months import current_month
 from .report import format_daily
@@ -174,10 +174,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     once for a replica's state, else looked at every EVENTS_TICK_S). Ends at shutdown so the
     drain does not wait for it; the page reconnects by itself."""
     services = request.app[SERVICES]
-    require_admin(services.runtime, request)
+    rt = services.runtime
+    require_admin(rt, request)
     last = b""
     async with sse_response(request) as resp:
         while not services.draining and resp.is_connected():
+            if services.runtime is not rt:
+                # A reload may have revoked this key or taken its admin flag: a stream opened
+                # before must not outlive it. (Ends the stream; the page reconnects and is refused.)
+                rt = services.runtime
+                try:
+                    require_admin(rt, request)
+                except ApiError:
+                    break
             data = msgspec.json.encode(snapshot(services))
             if data != last:
                 await resp.send(data.decode(), event="snapshot")

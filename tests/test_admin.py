@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from llmd.admin import SECURITY_HEADERS
 from llmd.config import UsageConfig
@@ -300,3 +301,21 @@ async def test_new_key_body_split_over_segments(served) -> None:
     status, _, payload = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 200"), answer[:300]
     assert json.loads(payload)["id"] == "carol"
+
+
+async def test_events_stream_ends_when_a_reload_revokes_its_key(tmp_path: Path, fake: FakeProc) -> None:
+    """An admin key revoked by SIGHUP: a stream it opened before must not go on for ever."""
+    path = config(tmp_path, fake)
+    async with run_llmd(path) as llmd, aiohttp.ClientSession() as http:
+        async with http.get(llmd.url + "/admin/events", headers=bearer(ADMIN)) as r:
+            assert r.status == 200
+            await r.content.readline()  # the first snapshot is under way
+            doc = yaml.safe_load(path.read_text())
+            doc["keys"][0]["revoked"] = True
+            write_config(path, doc)
+            assert await llmd.daemon.reload()
+            async with asyncio.timeout(30):  # a guard: the stream ends at the next tick
+                async for _ in r.content:
+                    pass
+        async with http.get(llmd.url + "/admin/events", headers=bearer(ADMIN)) as r:
+            assert r.status == 401
