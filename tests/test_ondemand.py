@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
 import struct
 import sys
@@ -23,7 +24,7 @@ import pytest
 from llmd import cli, configfile
 from llmd.config import ConfigError
 from llmd.replica import Replica
-from tests.conftest import Llmd, base_config, run_llmd, wait_for, write_config
+from tests.conftest import Llmd, base_config, llmd_process, run_llmd, wait_for, write_config
 from tests.fakeproc import FAKE_LLAMA
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -443,3 +444,23 @@ async def test_failed_cold_start_answers_503_soon_and_the_next_request_retries(
         # `llmd load` waits until the model serves: a failed start ends that wait too.
         status, body = await asyncio.wait_for(post_json(session, srv.url + "/admin/models/a/load"), 60)
         assert status == 200 and body["state"] == "unready"
+
+
+async def test_sigterm_answers_requests_waiting_for_a_cold_start(tmp_path: Path) -> None:
+    """SIGTERM while a request waits for a cold start: it gets a 503 (row rejected_queue), not a
+    dropped connection at the drain deadline recorded as the client's abort."""
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a", "--load-delay-s", "60")})
+    doc["server"]["drain_seconds"] = 5
+    async with llmd_process(write_config(tmp_path / "c.yaml", doc)) as p, aiohttp.ClientSession() as s:
+        waiting = asyncio.create_task(chat(s, p.url, "a"))
+        await wait_for(lambda: any("starting replica 0" in line for line in p.lines))
+        p.proc.send_signal(signal.SIGTERM)
+        status, body = await asyncio.wait_for(waiting, 60)
+        assert status == 503 and "llmd is stopping" in body["error"]["message"]
+        assert await asyncio.wait_for(p.proc.wait(), 60) == 0
+    assert rows(tmp_path) == [("a", 503)]
+    con = sqlite3.connect(tmp_path / "usage.sqlite3")
+    try:
+        assert list(con.execute("select outcome from requests")) == [("rejected_queue",)]
+    finally:
+        con.close()
