@@ -23,7 +23,7 @@ from aiohttp_sse import sse_response
 
 from .appkeys import CALL, SERVICES
 from .auth import Principal, hash_secret, new_secret
-from .errors import admin_required, bad_request, ledger_unavailable
+from .errors import ApiError, admin_required, bad_request, ledger_unavailable
 from .limits import HOUR, MINUTE
 from .months import current_month
 from .report import format_daily
@@ -45,7 +45,9 @@ SECURITY_HEADERS = {
 
 EVENTS_TICK_S = 0.5  # how often a stream looks for a change; a snapshot goes out only when one happened
 _STATIC = {"": ("index.html", "text/html"), "app.js": ("app.js", "text/javascript"), "app.css": ("app.css", "text/css")}
-_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# fullmatch, not match + "$": "$" also matches before a trailing newline ("abc\n").
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MONTH_RE = re.compile(r"[0-9]{4}-[0-9]{2}")
 _KEYS_NEW_MAX_BYTES = 4096
 
 
@@ -172,10 +174,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     once for a replica's state, else looked at every EVENTS_TICK_S). Ends at shutdown so the
     drain does not wait for it; the page reconnects by itself."""
     services = request.app[SERVICES]
-    require_admin(services.runtime, request)
+    rt = services.runtime
+    require_admin(rt, request)
     last = b""
     async with sse_response(request) as resp:
         while not services.draining and resp.is_connected():
+            if services.runtime is not rt:
+                # A reload may have revoked this key or taken its admin flag: a stream opened
+                # before must not outlive it. (Ends the stream; the page reconnects and is refused.)
+                rt = services.runtime
+                try:
+                    require_admin(rt, request)
+                except ApiError:
+                    break
             data = msgspec.json.encode(snapshot(services))
             if data != last:
                 await resp.send(data.decode(), event="snapshot")
@@ -196,7 +207,7 @@ async def usage_daily(request: web.Request) -> web.Response:
     require_admin(services.runtime, request)
     q = request.query
     month = q.get("month") or current_month()
-    if not re.match(r"^\d{4}-\d{2}$", month):
+    if not _MONTH_RE.fullmatch(month):  # it goes into a Content-Disposition header too
         raise bad_request("month must be YYYY-MM", param="month")
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
@@ -240,7 +251,11 @@ async def keys_new(request: web.Request) -> web.Response:
     nothing (the key works once the operator adds the YAML and reloads)."""
     rt = request.app[SERVICES].runtime
     require_admin(rt, request)
-    raw = await request.content.read(_KEYS_NEW_MAX_BYTES + 1)  # {"id", "tier"}: tiny, whatever is sent
+    # {"id", "tier"}: tiny, whatever is sent. read(n) returns what has arrived so far (up to n):
+    # loop, or a body split over two TCP segments is cut.
+    raw = b""
+    while len(raw) <= _KEYS_NEW_MAX_BYTES and (chunk := await request.content.read(_KEYS_NEW_MAX_BYTES + 1)):
+        raw += chunk
     try:
         if len(raw) > _KEYS_NEW_MAX_BYTES:
             raise msgspec.DecodeError("too large")
@@ -249,7 +264,7 @@ async def keys_new(request: web.Request) -> web.Response:
         raise bad_request('Send a JSON object: {"id": "...", "tier": "..."}.') from None
     key_id = body.get("id") or ""
     tier = body.get("tier") or None
-    if not _KEY_ID_RE.match(key_id):
+    if not _KEY_ID_RE.fullmatch(key_id):
         raise bad_request("id must be 1-64 letters, digits, '.', '_' or '-'", param="id")
     if key_id in {k.id for k in rt.cfg.keys}:
         raise bad_request(f"A key with id '{key_id}' already exists.", param="id")

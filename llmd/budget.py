@@ -18,6 +18,7 @@ Sizes in the config are bytes or strings: "6GiB", "1.5G" (G = GiB here, as ops w
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -61,7 +62,10 @@ def parse_size(value: Size) -> int:
     m = _SIZE.match(value)
     if m is None or m.group(2).lower() not in _UNITS:
         raise ValueError(f"expected a size such as 6GiB, 1.5G, 900MB or a number of bytes, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n):  # "999...9G" (hundreds of digits) is inf as a float
+        raise ValueError("size is too large to be a number of bytes")
+    return int(n)
 
 
 def fmt(n: float) -> str:

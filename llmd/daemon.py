@@ -92,6 +92,11 @@ class Daemon:
         log.info("stopping: draining in-flight requests", extra={"drain_seconds": drain})
         self.services.draining = True
         self.services.deadline = deadline
+        # Requests queued for a cold start would be cut at the drain deadline with no answer
+        # (and a client_abort row): the start is not worth finishing now; answer them 503.
+        for name, pool in self.services.pools.items():
+            if self.services.loader.state(name) in ("cold", "starting"):
+                pool.admission.fail_all(f"llmd is stopping: model '{name}' was starting for this request. Retry later.")
         # Stops listening, waits for in-flight handlers up to drain_seconds, then the app's
         # cleanup_ctx closes the services within the same deadline.
         await self._runner.cleanup()

@@ -101,13 +101,19 @@ def _convert(value: Any, t: Any, path: str, errors: list[str]) -> Any:
         (item_t,) = typing.get_args(t)
         return [_convert(v, item_t, _join(path, i), errors) for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
-        _, val_t = typing.get_args(t)
+        key_t, val_t = typing.get_args(t)
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
+            if key_t is int:  # e.g. GPU indexes: YAML gives ints ({0: 20GiB}), quoted ones are strings
+                if isinstance(k, str) and k.isascii() and k.isdigit():
+                    k = int(k)
+                if type(k) is not int:
+                    errors.append(f"{_join(path, str(k))}: keys must be integers")
+                    continue
+            elif not isinstance(k, str):
                 errors.append(f"{_join(path, str(k))}: keys must be strings")
                 continue
-            out[k] = _convert(v, val_t, _join(path, k), errors)
+            out[k] = _convert(v, val_t, _join(path, str(k)), errors)
         return out
     try:
         return msgspec.convert(value, t, strict=False)

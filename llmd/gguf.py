@@ -8,6 +8,7 @@ tokenizer's vocabulary is usually not read at all.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import IO, Any
 
@@ -16,6 +17,7 @@ MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 MAX_STRING = 1 << 20  # a longer "string" means a corrupt or non-GGUF file
+MAX_DEPTH = 4  # arrays of arrays deeper than this mean a corrupt file (and would exhaust the stack)
 
 
 class GGUFError(ValueError):
@@ -29,6 +31,10 @@ def _read(f: IO[bytes], n: int) -> bytes:
     return b
 
 
+def _size(f: IO[bytes]) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
 def _string(f: IO[bytes]) -> str:
     (n,) = struct.unpack("<Q", _read(f, 8))
     if n > MAX_STRING:
@@ -36,7 +42,7 @@ def _string(f: IO[bytes]) -> str:
     return _read(f, n).decode("utf-8", "replace")
 
 
-def _value(f: IO[bytes], vtype: int, keep: bool) -> Any:
+def _value(f: IO[bytes], vtype: int, keep: bool, depth: int = 0) -> Any:
     if vtype in _SCALARS:
         fmt = _SCALARS[vtype]
         return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
@@ -44,10 +50,14 @@ def _value(f: IO[bytes], vtype: int, keep: bool) -> Any:
         return _string(f)
     if vtype == _ARRAY:
         etype, n = struct.unpack("<IQ", _read(f, 12))
+        # Every element takes at least a byte: a longer array is garbage (a huge count would
+        # overflow seek() or loop for ages over a truncated file).
+        if n > _size(f) or depth >= MAX_DEPTH:
+            raise GGUFError("implausible array in GGUF header")
         if etype in _SCALARS and not keep:
             f.seek(struct.calcsize(_SCALARS[etype]) * n, 1)  # skip, e.g. token scores
             return None
-        items = [_value(f, etype, keep) for _ in range(n)]
+        items = [_value(f, etype, keep, depth + 1) for _ in range(n)]
         return items if keep else None
     raise GGUFError(f"unknown GGUF value type {vtype}")
 
@@ -71,6 +81,8 @@ def metadata(path: str, wanted: frozenset[str] | None = None) -> dict[str, Any]:
                 out[key] = value
             if wanted is not None and "general.architecture" in out:
                 arch = out["general.architecture"]
+                if not isinstance(arch, str):
+                    raise GGUFError(f"{path}: general.architecture is not a string")
                 if all(k.replace("{arch}", arch) in out for k in wanted):
                     break
                 wanted = frozenset(k.replace("{arch}", arch) for k in wanted)
@@ -103,17 +115,23 @@ def kv_shape(path: str) -> tuple[int, int, int]:
     def get(name: str) -> Any:
         return meta.get(f"{arch}.{name}")
 
-    layers = get("block_count")
-    heads = get("attention.head_count")
-    embd = get("embedding_length")
-    if not isinstance(layers, int) or not isinstance(embd, int) or not heads:
-        raise GGUFError(f"{path}: no layer count, embedding length or head count for {arch}")
-    if isinstance(heads, list):  # per-layer head counts (some architectures): take the largest
-        heads = max(heads)
-    kv_heads = get("attention.head_count_kv") or heads
-    if isinstance(kv_heads, list):
-        kv_heads = max(kv_heads)
-    k_len = get("attention.key_length") or embd // heads
-    v_len = get("attention.value_length") or embd // heads
+    def count(name: str, default: int | None = None) -> int:
+        """A positive integer value (per-layer lists, as some architectures give for head
+        counts: the largest); ``default`` when absent or 0; GGUFError for anything else."""
+        v = get(name)
+        if isinstance(v, list) and v:
+            v = max(v) if all(type(x) is int for x in v) else None
+        if not v and default is not None:
+            return default
+        if type(v) is not int or v <= 0:
+            raise GGUFError(f"{path}: no usable {arch}.{name} ({v!r})")
+        return v
+
+    layers, heads, embd = count("block_count"), count("attention.head_count"), count("embedding_length")
+    kv_heads = count("attention.head_count_kv", heads)
+    k_len = count("attention.key_length", embd // heads)
+    v_len = count("attention.value_length", embd // heads)
     ctx = get("context_length") or 0
-    return int(layers), int(kv_heads) * (int(k_len) + int(v_len)), int(ctx)
+    if type(ctx) is not int or ctx < 0:
+        raise GGUFError(f"{path}: no usable {arch}.context_length ({ctx!r})")
+    return layers, kv_heads * (k_len + v_len), ctx

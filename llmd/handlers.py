@@ -77,7 +77,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     require_admin(services.runtime, request)
     month = request.query.get("month")
-    if month is not None and not re.match(r"^\d{4}-\d{2}$", month):
+    if month is not None and not re.fullmatch(r"[0-9]{4}-[0-9]{2}", month):
         raise bad_request("month must be YYYY-MM", param="month")
     try:
         rows = await services.ledger.report(month=month, key=request.query.get("key"), model=request.query.get("model"))
@@ -114,7 +114,8 @@ async def admin_load(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         end = loop.time() + loader.start_budget(model)
         # Polled: replica state changes reach the loader through no event it could wait on.
-        while loader.state(name) != "ready" and loop.time() < end:  # noqa: ASYNC110
+        # "unready" is a failed start (the replica backs off): answer now, not after the budget.
+        while loader.state(name) in ("cold", "starting") and loop.time() < end:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return web.json_response({"model": name, "state": loader.state(name)})
 

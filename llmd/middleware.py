@@ -124,10 +124,24 @@ def client_ip(request: web.Request, trusted: list[ipaddress.IPv4Network | ipaddr
     if not any(addr in net for net in trusted):
         return peer  # only a trusted proxy may tell us who the client is
     for hop in reversed([h.strip() for h in xff.split(",") if h.strip()]):
-        try:
-            a = ipaddress.ip_address(hop)
-        except ValueError:
-            return peer
+        a = _hop_address(hop)
+        if a is None:
+            # Not the trusted proxy's own peer: never fall back to the proxy's address, which
+            # is loopback for nginx and would pass as a local client (open-mode /admin).
+            return "unknown"
         if not any(a in net for net in trusted):
-            return hop
+            return str(a)
     return peer
+
+
+def _hop_address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An X-Forwarded-For hop's address: bare, or as some proxies write it, ``1.2.3.4:5678``
+    or ``[2001:db8::1]:5678``; None when it is neither."""
+    if hop.startswith("["):
+        hop = hop[1:].split("]", 1)[0]
+    elif hop.count(":") == 1:
+        hop = hop.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(hop)
+    except ValueError:
+        return None

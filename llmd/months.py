@@ -11,7 +11,8 @@ import calendar
 import re
 import time
 
-_MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+# fullmatch and [0-9]: "$" passes "2025-01\n" and \d passes other scripts' digits.
+_MONTH_RE = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def month_of(ts: float) -> str:
@@ -28,7 +29,7 @@ def current_month() -> str:
 
 def check_month(month: str) -> str:
     """``month`` itself if it is a valid ``YYYY-MM``; else ValueError with a message for users."""
-    if not _MONTH_RE.match(month):
+    if not _MONTH_RE.fullmatch(month):
         raise ValueError(f"month must look like 2025-01, got {month!r}")
     return month
 

@@ -53,6 +53,22 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._replies(data)
+        except (hiredis.ProtocolError, IndexError) as e:
+            # Not RESP, or a reply nobody asked for: nothing later on this stream can be matched
+            # to its call. Close it; the pending calls fail as StoreErrors and the next connects anew.
+            self.fail(f"malformed reply from Redis: {type(e).__name__}: {e or 'unexpected reply'}")
+
+    def fail(self, why: str) -> None:
+        self.lost = True
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(StoreError(why))
+        self.close()
+
+    def _replies(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             fut = self.waiters.popleft()
@@ -116,6 +132,7 @@ class RespClient:
             if self._conn is not None and not self._conn.lost:
                 return self._conn
             loop = asyncio.get_running_loop()
+            conn = None
             try:
                 async with asyncio.timeout(self.timeout_s):
                     if self.path is not None:
@@ -128,6 +145,8 @@ class RespClient:
                     if self.db:
                         await conn.call(("SELECT", self.db))
             except (OSError, TimeoutError) as e:
+                if conn is not None:  # AUTH or SELECT refused, or no answer: not kept, so closed
+                    conn.close()
                 raise StoreError(f"cannot connect: {type(e).__name__}: {e}") from e
             self._conn = conn
             self.connections += 1

@@ -189,7 +189,27 @@ class Services:
             pool.balancer.forget(replica.name)  # a new process has an empty prompt cache
         if replica.state is ReplicaState.READY:
             replica.note_ready()
+        if replica.state is ReplicaState.BACKOFF:
+            self._start_failed(replica, pool)
         pool.admission.dispatch()
+
+    def _start_failed(self, replica: Replica, pool: Pool) -> None:
+        """An on-demand model's start failed (bad binary, exit or timeout while starting, or a
+        crash): its queued requests get a 503 now instead of waiting out queue_timeout_s plus
+        start_timeout_s for a replica that is backing off. The next request waits for the
+        restart llmd tries anyway (and fails at once again if that one fails too)."""
+        model = self.runtime.cfg.models.get(replica.model)
+        if model is None or not model.on_demand or pool.admission.depth == 0:
+            return
+        alive = (ReplicaState.READY, ReplicaState.STARTING)
+        if any(r.state in alive for r in self.supervisor.replicas(replica.model)):
+            return  # another replica may still serve them
+        log.warning("model %s: start failed; failing %d queued requests", replica.model, pool.admission.depth,
+                    extra={"model": replica.model, "replica": replica.name})  # fmt: skip
+        pool.admission.fail_all(
+            f"Model '{replica.model}' failed to start: replica {replica.name} exited or was not healthy in time "
+            "(llmd's log has its output); llmd retries it after a backoff."
+        )
 
     async def reload(self, cfg: Config) -> None:
         """Build aside, reconcile replicas, swap. Any exception before the swap leaves the old

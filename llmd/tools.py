@@ -389,7 +389,11 @@ class Toolbox:
         try:
             async with asyncio.timeout(cfg.timeout_s):
                 async with session.request(cfg.method, url, **kwargs) as r:
-                    body = await r.content.read(limit + 1)
+                    # read(n) returns what has arrived (up to n): loop, or a result that
+                    # comes in several segments or chunks is cut after the first.
+                    body = b""
+                    while len(body) <= limit and (chunk := await r.content.read(limit + 1 - len(body))):
+                        body += chunk
                     status = r.status
         except TimeoutError:
             return _error(f"timed out after {cfg.timeout_s:g}s")

@@ -5,6 +5,7 @@ llama-server; the ledger is seeded with rows before llmd opens it."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from llmd.admin import SECURITY_HEADERS
 from llmd.config import UsageConfig
@@ -261,3 +263,59 @@ async def test_open_mode_answers_this_host_only(tmp_path: Path, fake: FakeProc) 
                 assert r.status == 403 and (await r.json())["error"]["code"] == "admin_required"
         async with http.get(llmd.url + "/admin/events", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
             assert r.status == 403
+        # A hop with a port, or one that is no address at all, is not the proxy itself (loopback):
+        # both were taken for the proxy's own address, and so for a local client.
+        for hop in ("203.0.113.7:4711", "[2001:db8::7]:4711", "unknown", "127.0.0.1, bogus"):
+            async with http.get(llmd.url + "/admin/keys", headers={"X-Forwarded-For": hop}) as r:
+                assert r.status == 403, hop
+
+
+async def test_trailing_newlines_are_refused(served) -> None:
+    """A regex's "$" also matches before a final newline: a month or key id ending in one was
+    taken, and the month then went into the CSV's Content-Disposition header (aiohttp refused
+    to write it and dropped the connection)."""
+    llmd, http = served
+    for route in ("/admin/usage/daily?format=csv&month=", "/admin/usage/daily?month=", "/admin/usage?month="):
+        async with http.get(llmd.url + route + "2026-01%0A", headers=bearer(ADMIN)) as r:
+            assert r.status == 400 and r.headers["X-Frame-Options"] == "DENY", route
+            assert (await r.json())["error"]["param"] == "month"
+    async with http.post(llmd.url + "/admin/keys/new", headers=bearer(ADMIN), json={"id": "carol\n"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["param"] == "id"
+
+
+async def test_new_key_body_split_over_segments(served) -> None:
+    """content.read(n) returns what has arrived so far: a body in two TCP segments was cut and
+    refused as not JSON."""
+    llmd, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(llmd.url.rsplit(":", 1)[1]))
+    body = b'{"id": "carol", "tier": "team"}'
+    head = (f"POST /admin/keys/new HTTP/1.1\r\nHost: llmd\r\nAuthorization: Bearer {ADMIN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    writer.write(head.encode() + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the rest as a later segment
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(payload)["id"] == "carol"
+
+
+async def test_events_stream_ends_when_a_reload_revokes_its_key(tmp_path: Path, fake: FakeProc) -> None:
+    """An admin key revoked by SIGHUP: a stream it opened before must not go on for ever."""
+    path = config(tmp_path, fake)
+    async with run_llmd(path) as llmd, aiohttp.ClientSession() as http:
+        async with http.get(llmd.url + "/admin/events", headers=bearer(ADMIN)) as r:
+            assert r.status == 200
+            await r.content.readline()  # the first snapshot is under way
+            doc = yaml.safe_load(path.read_text())
+            doc["keys"][0]["revoked"] = True
+            write_config(path, doc)
+            assert await llmd.daemon.reload()
+            async with asyncio.timeout(30):  # a guard: the stream ends at the next tick
+                async for _ in r.content:
+                    pass
+        async with http.get(llmd.url + "/admin/events", headers=bearer(ADMIN)) as r:
+            assert r.status == 401

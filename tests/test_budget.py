@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmd import gguf
-from llmd.budget import COMPUTE_ALLOWANCE, EstimateError, parse_size, replica_bytes, replica_needs
-from llmd.config import ModelConfig
+from llmd import configfile, gguf
+from llmd.budget import COMPUTE_ALLOWANCE, EstimateError, capacity, parse_size, replica_bytes, replica_needs
+from llmd.config import ConfigError, ModelConfig
 
 
 def _str(s: str) -> bytes:
@@ -91,3 +91,58 @@ def test_replica_estimate_from_file_and_args(tmp_path: Path) -> None:
         replica_bytes(ModelConfig(backend="vllm", model="/nowhere"))
     with pytest.raises(EstimateError, match="cannot read"):
         replica_bytes(ModelConfig(backend="llama-server", model=str(tmp_path / "missing.gguf")))
+
+
+def test_hostile_sizes_are_value_errors() -> None:
+    # Hundreds of digits parse as float inf: a clear ValueError, not OverflowError.
+    for bad in ("9" * 400 + "G", "1e999GiB", "NaN", "inf", "-1"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def _header(kv: bytes, n_kv: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + kv
+
+
+def _kv(key: str, vtype: int, raw: bytes) -> bytes:
+    return _str(key) + struct.pack("<I", vtype) + raw
+
+
+_ARCH = _kv("general.architecture", 8, _str("llama"))
+_DIMS = _kv("llama.block_count", 4, struct.pack("<I", 2)) + _kv("llama.embedding_length", 4, struct.pack("<I", 64))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # a scalar array claiming 2^63 elements (seek() would overflow)
+        _header(_ARCH + _kv("x", 9, struct.pack("<IQ", 4, 1 << 63)), 2),
+        # a string array claiming 2^40 elements over a short file
+        _header(_ARCH + _kv("x", 9, struct.pack("<IQ", 8, 1 << 40)), 2),
+        # arrays nested thousands deep (would exhaust the stack)
+        _header(_str("general.architecture") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000, 1),
+        # general.architecture that is not a string
+        _header(_kv("general.architecture", 4, struct.pack("<I", 7)), 1),
+        # per-layer head counts of 0 (division by zero), a head count that is a string
+        _header(_ARCH + _DIMS + _kv("llama.attention.head_count", 9, struct.pack("<IQII", 4, 2, 0, 0)), 4),
+        _header(_ARCH + _DIMS + _kv("llama.attention.head_count", 8, _str("x")), 4),
+        # truncated after the version
+        b"GGUF" + struct.pack("<I", 3),
+    ],
+)
+def test_garbage_gguf_is_a_gguf_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(gguf.GGUFError):
+        gguf.kv_shape(str(path))
+    with pytest.raises(EstimateError, match="cannot read"):
+        replica_bytes(ModelConfig(backend="llama-server", model=str(path)))
+
+
+def test_vram_budget_as_the_readme_writes_it() -> None:
+    """README: ``memory_budget: {ram: 6GiB, vram: {0: 20GiB, 1: 20GiB}}``. YAML reads the GPU
+    indexes as ints, which the decoder refused ("keys must be strings")."""
+    cfg = configfile.parse("server:\n  memory_budget: {ram: 6GiB, vram: {0: 20GiB, '1': 20GiB}}\n")
+    assert capacity(cfg.server.memory_budget) == {"ram": 6 << 30, "gpu0": 20 << 30, "gpu1": 20 << 30}
+    with pytest.raises(ConfigError, match=r"vram\.x: keys must be integers"):
+        configfile.parse("server:\n  memory_budget: {vram: {x: 1GiB}}\n")

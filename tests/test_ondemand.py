@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from llmd import cli, configfile
 from llmd.config import ConfigError
 from llmd.replica import Replica
-from tests.conftest import Llmd, base_config, run_llmd, wait_for, write_config
+from tests.conftest import Llmd, base_config, llmd_process, run_llmd, wait_for, write_config
 from tests.fakeproc import FAKE_LLAMA
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -94,6 +96,11 @@ async def chat(s: aiohttp.ClientSession, url: str, model: str, **body: Any) -> t
 async def get(s: aiohttp.ClientSession, url: str, path: str) -> tuple[int, Any]:
     async with s.get(url + path) as r:
         return r.status, await r.json(content_type=None) if path != "/metrics" else await r.text()
+
+
+async def post_json(s: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with s.post(url) as r:
+        return r.status, await r.json()
 
 
 def rows(tmp_path: Path) -> list[tuple[str, int]]:
@@ -399,3 +406,61 @@ async def test_reload_changing_a_model_under_a_budget(tmp_path: Path, start: Sta
         await wait_for(lambda: [r["slots"] for r in sv.supervisor.status() if r["pid"]] == [3], timeout_s=15)
         assert watch.max_alive == 1
         assert (await chat(session, srv.url, "a"))[0] == 200
+
+
+def test_hostile_budget_and_garbage_gguf_are_config_errors(tmp_path: Path) -> None:
+    """A budget of hundreds of digits and a corrupt GGUF are listed config errors, not crashes."""
+    bad = tmp_path / "b.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+                    + struct.pack("<I", 9) + struct.pack("<IQ", 4, 1 << 63))  # fmt: skip
+    doc = doc_for(tmp_path, {"b": {**model(tmp_path, "b"), "memory": None}}, budget="9" * 400 + "GiB")
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c.yaml", doc))
+    text = str(e.value)
+    assert "server.memory_budget.ram: size is too large" in text
+    doc = doc_for(tmp_path, {"b": {**model(tmp_path, "b"), "memory": None}})
+    with pytest.raises(ConfigError) as e:
+        configfile.load(write_config(tmp_path / "c2.yaml", doc))
+    assert "models.b.memory: cannot read" in str(e.value)
+
+
+async def test_failed_cold_start_answers_503_soon_and_the_next_request_retries(
+    tmp_path: Path, start: Start, session: aiohttp.ClientSession
+) -> None:
+    """A cold model whose process exits while starting: the queued request gets a 503 naming
+    the failed start once the replica backs off (not after queue_timeout_s + start_timeout_s,
+    here 600 s), and a later request waits for the next attempt rather than being refused."""
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a", "--exit-after-s", "0.05", "--load-delay-s", "5")},
+                  routing={"queue_timeout_s": 300})  # fmt: skip
+    doc["launchers"]["llama-server"]["start_timeout_s"] = 300
+    async with start(doc) as srv:
+        for _ in range(2):
+            status, body = await asyncio.wait_for(chat(session, srv.url, "a"), 60)
+            assert status == 503, body
+            assert "Model 'a' failed to start: replica a/0 exited" in body["error"]["message"]
+        await settled(srv)
+        assert rows(tmp_path) == [("a", 503), ("a", 503)]
+        assert srv.services.pools["a"].admission.depth == 0
+        # `llmd load` waits until the model serves: a failed start ends that wait too.
+        status, body = await asyncio.wait_for(post_json(session, srv.url + "/admin/models/a/load"), 60)
+        assert status == 200 and body["state"] == "unready"
+
+
+async def test_sigterm_answers_requests_waiting_for_a_cold_start(tmp_path: Path) -> None:
+    """SIGTERM while a request waits for a cold start: it gets a 503 (row rejected_queue), not a
+    dropped connection at the drain deadline recorded as the client's abort."""
+    doc = doc_for(tmp_path, {"a": model(tmp_path, "a", "--load-delay-s", "60")})
+    doc["server"]["drain_seconds"] = 5
+    async with llmd_process(write_config(tmp_path / "c.yaml", doc)) as p, aiohttp.ClientSession() as s:
+        waiting = asyncio.create_task(chat(s, p.url, "a"))
+        await wait_for(lambda: any("starting replica 0" in line for line in p.lines))
+        p.proc.send_signal(signal.SIGTERM)
+        status, body = await asyncio.wait_for(waiting, 60)
+        assert status == 503 and "llmd is stopping" in body["error"]["message"]
+        assert await asyncio.wait_for(p.proc.wait(), 60) == 0
+    assert rows(tmp_path) == [("a", 503)]
+    con = sqlite3.connect(tmp_path / "usage.sqlite3")
+    try:
+        assert list(con.execute("select outcome from requests")) == [("rejected_queue",)]
+    finally:
+        con.close()

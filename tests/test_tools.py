@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 
 from llmd import configfile
-from llmd.config import Config, ConfigError, ToolConfig
+from llmd.config import Config, ConfigError, ToolConfig, ToolLoopConfig
 from llmd.tools import MathError, Toolbox, math_eval, validate
 from tests.conftest import base_config, run_llmd, wait_for, write_config
 from tests.fakeproc import FakeProc
@@ -44,9 +44,20 @@ async def tool_server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         await asyncio.sleep(5)
         return web.json_response({})
 
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for part in (b'{"tickets": ', b'["T-1", ', b'"T-2"]}'):
+            await resp.write(part)
+            await asyncio.sleep(0.05)  # each part its own chunk on the wire
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
     app.router.add_post("/search", search)
     app.router.add_post("/slow", slow)
+    app.router.add_post("/chunked", chunked)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -188,6 +199,18 @@ async def test_builtins_run_and_fail_as_tool_errors() -> None:
     assert not r.ok and "__import__ is not allowed" in json.loads(r.text)["error"]
     r = await box.run(calc, "not json", session)
     assert not r.ok and json.loads(r.text) == {"error": "arguments are not valid JSON"}
+
+
+async def test_http_tool_result_in_several_chunks_is_read_whole(tool_server) -> None:
+    """content.read(n) returns what has arrived so far: a result sent in chunks was cut
+    after the first one, and the model saw '{"tickets": '."""
+    url, _ = tool_server
+    tool = ToolConfig(url=url + "/chunked", parameters=TICKETS)
+    cfg = Config(tools={"t": tool}, tool_loop=ToolLoopConfig(allowed_hosts=[url.split("/")[2]]))
+    box = Toolbox(cfg)
+    async with aiohttp.ClientSession() as session:
+        r = await box.run(box.tools["t"], '{"q": "x"}', session)
+    assert r.ok and json.loads(r.text) == {"tickets": ["T-1", "T-2"]}
 
 
 def test_config_refuses_disallowed_host_and_unknown_tier(tmp_path: Path) -> None:
