@@ -18,6 +18,8 @@ import msgspec
 from .months import check_month
 from .schema import BUSY_TIMEOUT_MS, LedgerError
 
+CACHE_HITS_VERSION = 2  # the migration that added monthly.cache_hits (schema.MIGRATIONS)
+
 
 class ReportRow(msgspec.Struct, kw_only=True):
     month: str
@@ -32,7 +34,9 @@ class ReportRow(msgspec.Struct, kw_only=True):
     cache_hits: int = 0  # requests the completion cache answered (their tokens cost no model time)
 
 
-def report_query(month: str | None = None, key: str | None = None, model: str | None = None) -> tuple[str, list[str]]:
+def report_query(
+    month: str | None = None, key: str | None = None, model: str | None = None, hits: bool = True
+) -> tuple[str, list[str]]:
     """The SQL and parameters of a report: one row per (month, key, model), every month when
     ``month`` is None. It reads only the rollup; with a month or a key, through an index."""
     where: list[str] = []
@@ -47,7 +51,8 @@ def report_query(month: str | None = None, key: str | None = None, model: str | 
         where.append("model = ?")
         params.append(model)
     sql = (
-        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors, cache_hits "
+        "SELECT month, key_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, errors, "
+        f"{'cache_hits' if hits else '0'} "
         f"FROM monthly {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY month, key_id, model"
     )
     return sql, params
@@ -119,7 +124,6 @@ def report_file(
     path: str, month: str | None = None, key: str | None = None, model: str | None = None
 ) -> list[ReportRow]:
     """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
-    sql, params = report_query(month, key, model)
     p = Path(path)
     if not p.is_file():
         raise LedgerError(f"usage ledger {path}: no such file")
@@ -127,8 +131,11 @@ def report_file(
         with contextlib.closing(
             sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         ) as db:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 return []  # created but never migrated: nothing recorded yet
+            # Read-only: a file an older llmd wrote (not migrated yet) has no cache_hits column.
+            sql, params = report_query(month, key, model, hits=version >= CACHE_HITS_VERSION)
             return report_rows(db.execute(sql, params).fetchall())
     except sqlite3.Error as e:
         raise LedgerError(f"usage ledger {path}: {e}") from e

@@ -290,6 +290,27 @@ async def test_forward_migration_keeps_rows(tmp_path: Path, monkeypatch: pytest.
     assert query(cfg.path, "SELECT requests FROM monthly") == [(2,)]
 
 
+async def test_report_file_reads_a_ledger_an_older_llmd_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llmd usage` opens the file read-only (no migration): a v1 file, written before the
+    completion cache's columns, still reports, with cache_hits 0."""
+    cfg = make_cfg(tmp_path)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    led = Ledger(cfg)
+    await led.open()  # the v1 schema, as the first llmd made it
+    await led.close()
+    monkeypatch.undo()
+    db = sqlite3.connect(cfg.path)
+    db.execute("INSERT INTO monthly (key_id, month, model, requests, prompt_tokens, completion_tokens, "
+               "cached_tokens, errors) VALUES ('dev', '2025-01', 'm1', 1, 10, 2, 0, 0)")  # fmt: skip
+    db.commit()
+    db.close()
+    assert query(cfg.path, "PRAGMA user_version") == [(1,)]
+    (r,) = report_file(cfg.path, month="2025-01")
+    assert (r.key_id, r.requests, r.total_tokens, r.cache_hits) == ("dev", 1, 12, 0)
+
+
 async def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path)
     led = Ledger(cfg)
