@@ -124,6 +124,8 @@ def report_file(
     path: str, month: str | None = None, key: str | None = None, model: str | None = None
 ) -> list[ReportRow]:
     """A report straight from the file, read-only; safe while llmd writes it (WAL)."""
+    if month is not None:
+        check_month(month)  # a bad month is the caller's error before the file's
     p = Path(path)
     if not p.is_file():
         raise LedgerError(f"usage ledger {path}: no such file")
