@@ -174,33 +174,13 @@ def _sqlite_rows(path: str, instance: str) -> list[tuple[Any, ...]]:
             names = [c for c in REQUEST_COLUMNS if c in have]
     except sqlite3.Error as e:
         raise LedgerError(f"usage ledger {path}: {e}") from e
+    fields = set(UsageRow.__struct_fields__)  # every column but `month` (derived from ts)
     out = []
     for r in rows:
-        d = dict(zip(names, r, strict=True))
-        row = UsageRow(
-            ts=d["ts"],
-            request_id=d["request_id"],
-            key_id=d["key_id"],
-            tier=d["tier"],
-            model=d["model"],
-            replica=d["replica"],
-            route=d["route"],
-            status=d["status"],
-            stream=bool(d["stream"]),
-            outcome=d["outcome"],
-            prompt_tokens=d["prompt_tokens"],
-            completion_tokens=d["completion_tokens"],
-            cached_tokens=d["cached_tokens"],
-            ttft_ms=d["ttft_ms"],
-            duration_ms=d["duration_ms"],
-            client_ip=d["client_ip"],
-            token_method=d["token_method"],
-            cache=d.get("cache", ""),
-            upstream_tokens=d.get("upstream_tokens"),
-            quota_exempt_tokens=d.get("quota_exempt_tokens", 0),
-            instance=d.get("instance") or instance,
-        )
-        out.append(row_params(row))
+        d = {k: v for k, v in zip(names, r, strict=True) if k in fields}
+        d["stream"] = bool(d["stream"])
+        d["instance"] = d.get("instance") or instance
+        out.append(row_params(UsageRow(**d)))
     return out
 
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import logging
 import os
 import signal
-import socket
 import subprocess
 from collections import deque
 from collections.abc import Callable
@@ -32,8 +30,10 @@ import aiohttp
 import msgspec
 
 from llmd.childlog import ChildLog
-from llmd.launchers import LOOPBACK, LaunchSpec, parse_metrics
+from llmd.launchers import LaunchSpec
+from llmd.probe import probe, read_slots, scrape_metrics
 from llmd.replica import Replica, ReplicaState
+from llmd.spawn import child_setup, death_signal, describe_exit, free_port
 
 log = logging.getLogger("llmd.process")
 
@@ -52,59 +52,11 @@ class ProcOutcome(enum.Enum):
 
 child_log = logging.getLogger("llmd.replica")
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MAX_LOG_LINE = 4096  # longer lines are split: a runaway child must not build huge records
 START_POLL_S = 0.1  # health poll while loading: READY promptly after llama-server's 503s
 BIND_ATTEMPTS = 3  # a port picked free may be taken before the child binds it
 REAP_TIMEOUT_S = 10.0  # after SIGKILL; only a process stuck in the kernel takes longer
 _BIND_ERRORS = ("address already in use", "couldn't bind", "could not bind")
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago: bind port 0, read it, close.
-
-    Another process may take it before the child binds it; the caller retries with a new
-    one when the child dies of that.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def death_signal(backend: str) -> int:
-    """The signal a child gets when llmd dies. SIGKILL for llama-server (one process). vLLM's
-    API server must shut its EngineCore and worker processes down itself: killed outright it
-    leaves them running, reparented to pid 1 and holding memory (vllm-project/vllm#55510), so
-    it gets SIGTERM, on which its own shutdown takes the whole group down in under a second."""
-    return signal.SIGTERM if backend == "vllm" else signal.SIGKILL
-
-
-def _child_setup(parent_pid: int, cpus: tuple[int, ...] | None, sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """The function the child runs between fork and exec (works under uvloop too)."""
-    # Resolve prctl in the parent: dlopen/dlsym after fork in a threaded process can deadlock.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def setup() -> None:
-        prctl(PR_SET_PDEATHSIG, sig)
-        # If llmd died between fork and prctl, no signal will come: the child was already
-        # re-parented. Exit instead of running orphaned.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class ManagedProcess:
@@ -249,7 +201,7 @@ class ManagedProcess:
             log.error(
                 "%s: %s while starting; last output:\n%s",
                 self.replica.name,
-                _describe_exit(self._exit.result() if self._exit else None),
+                describe_exit(self._exit.result() if self._exit else None),
                 tail,
                 extra={"replica": self.replica.name},
             )
@@ -265,7 +217,7 @@ class ManagedProcess:
             return ProcOutcome.FAILED
         if outcome is ProcOutcome.STOP:
             return ProcOutcome.STOP
-        self.replica.slots = await self._read_slots(spec)
+        self.replica.slots = await read_slots(self._session, spec, self.replica.name)
         self.replica.failures = 0
         self.replica.ejected_until = 0.0
         # STARTING -> READY
@@ -281,7 +233,7 @@ class ManagedProcess:
             stderr=asyncio.subprocess.PIPE,
             env=spec.env,
             start_new_session=True,  # own process group: stop signals reach its helpers too
-            preexec_fn=_child_setup(os.getpid(), spec.cpus, death_signal(spec.backend)),
+            preexec_fn=child_setup(os.getpid(), spec.cpus, death_signal(spec.backend)),
         )
         # Only the port: update() may have brought new settings while this spawned.
         self.spec = msgspec.structs.replace(self.spec, port=spec.port)
@@ -315,7 +267,7 @@ class ManagedProcess:
             if self._exit.done():
                 return ProcOutcome.EXITED
             # 503 (llama-server: "Loading model") and refused connections mean: not yet.
-            if await self._probe(spec, timeout_s=1.0) == 200:
+            if await probe(self._session, spec, timeout_s=1.0) == 200:
                 return ProcOutcome.READY
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -340,12 +292,12 @@ class ManagedProcess:
                 log.error(
                     "%s: %s; last output:\n%s",
                     self.replica.name,
-                    _describe_exit(self._exit.result()),
+                    describe_exit(self._exit.result()),
                     "\n".join(self._tail),
                     extra={"replica": self.replica.name},
                 )
                 return ProcOutcome.CRASHED
-            status = await self._probe(spec, timeout_s=max(1.0, min(5.0, spec.health_interval_s)))
+            status = await probe(self._session, spec, timeout_s=max(1.0, min(5.0, spec.health_interval_s)))
             if status == 200:
                 failed_checks = 0
                 if self.replica.failures or self.replica.ejected_until:
@@ -353,7 +305,9 @@ class ManagedProcess:
                     self.replica.failures = 0
                     self.replica.ejected_until = 0.0
                     self._notify()
-                await self._scrape_metrics(spec)
+                metrics = await scrape_metrics(self._session, spec, self.replica.name)
+                if metrics is not None:
+                    self.replica.backend_metrics = metrics
                 continue
             failed_checks += 1
             log.warning(
@@ -366,63 +320,6 @@ class ManagedProcess:
             )
             if failed_checks >= spec.health_failures:
                 return ProcOutcome.UNHEALTHY
-
-    # --- HTTP ----------------------------------------------------------------------------------
-
-    async def _probe(self, spec: LaunchSpec, timeout_s: float) -> int | None:
-        """GET the health route: its status, or None when nothing answered."""
-        try:
-            async with self._session.get(
-                spec.origin + spec.health_path,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-                raise_for_status=False,
-            ) as resp:
-                await resp.read()
-                return resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return None
-
-    async def _read_slots(self, spec: LaunchSpec) -> int:
-        """llama-server's /props total_slots; otherwise (or if /props fails) the spec's."""
-        if spec.props_path is None:
-            return spec.slots
-        try:
-            async with self._session.get(
-                spec.origin + spec.props_path,
-                timeout=aiohttp.ClientTimeout(total=5.0),
-                raise_for_status=True,
-            ) as resp:
-                body = await resp.read()
-            slots = msgspec.json.decode(body).get("total_slots")
-            if isinstance(slots, int) and slots > 0:
-                return slots
-            raise ValueError(f"total_slots is {slots!r}")
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError, msgspec.DecodeError) as e:
-            log.warning(
-                "%s: cannot read slots from %s (%s); assuming %d",
-                self.replica.name,
-                spec.props_path,
-                e,
-                spec.slots,
-                extra={"replica": self.replica.name},
-            )
-            return spec.slots
-
-    async def _scrape_metrics(self, spec: LaunchSpec) -> None:
-        if spec.metrics_path is None:
-            return
-        try:
-            async with self._session.get(
-                spec.origin + spec.metrics_path,
-                timeout=aiohttp.ClientTimeout(total=5.0),
-                raise_for_status=True,
-            ) as resp:
-                text = await resp.text()
-        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError) as e:
-            # Load signals are advisory: a failed scrape is not a failed health check.
-            log.debug("%s: metrics scrape failed: %s", self.replica.name, e, extra={"replica": self.replica.name})
-            return
-        self.replica.backend_metrics = parse_metrics(text)
 
     # --- the child -----------------------------------------------------------------------------
 
@@ -499,7 +396,7 @@ class ManagedProcess:
             "%s: pid %d %s",
             self.replica.name,
             proc.pid,
-            _describe_exit(proc.returncode),
+            describe_exit(proc.returncode),
             extra={"replica": self.replica.name},
         )
         self._proc = None
