@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .envelope import Envelope
-from .meter import ANTHROPIC, NATIVE, OPENAI, RESPONSES, ZERO, Meter
+from .meter import ANTHROPIC, OPENAI, RESPONSES, ZERO, Meter
+from .nativemeter import NATIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from llmd.errors import ApiError, overloaded
 from llmd.exchange import Exchange
 from llmd.launchers import LLAMA_SERVER_ROUTES, REMOTE_DEFAULT_ROUTES, VLLM_ROUTES
 from llmd.legacy import LEGACY_FUNCTIONS
-from llmd.meter import ANTHROPIC, NATIVE, RESPONSES, ZERO
+from llmd.meter import ANTHROPIC, RESPONSES, ZERO
+from llmd.nativemeter import NATIVE
 from llmd.routes import BY_NAME, BY_PATH, ROUTES
 from tests.conftest import base_config, write_config
 
